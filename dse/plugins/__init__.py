@@ -1,0 +1,1 @@
+"""Adapters that wrap the plain libraries as registered evaluators (see dse.registry)."""

@@ -1,0 +1,39 @@
+"""Shared test fixtures: reference data location, single-threaded torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    """Directory of trusted reference outputs: $DSE_REFERENCE_DIR or ../shared/reference."""
+    env = os.environ.get("DSE_REFERENCE_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "reference"
+
+
+def reference_files(pattern: str) -> list[Path]:
+    """All reference files matching ``pattern`` (e.g. ``"mx_vectors*.json"``).
+
+    Fails the test session when none exist: a reference test never silently skips.
+    """
+    files = sorted(reference_dir().glob(pattern))
+    if not files:
+        raise FileNotFoundError(
+            f"no reference file {pattern!r} in {reference_dir()} (set DSE_REFERENCE_DIR)"
+        )
+    return files
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread() -> None:
+    """One torch thread: 2 threads measured 3-6x slower on the 2-core CI machines."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return
+    torch.set_num_threads(1)
