@@ -1,0 +1,389 @@
+"""One dataflow stage per layer: shapes, folding, initiation interval and resources.
+
+Model (fpgaConvNet semantics, re-derived; see docs/dataflow.md):
+
+* A convolution stage has ``coarse_in * coarse_group`` input streams,
+  ``coarse_out * coarse_group`` output streams and ``fine * coarse_in * coarse_out *
+  coarse_group`` multipliers. ``coarse_in`` divides C/g, ``coarse_out`` divides F/g,
+  ``coarse_group`` divides g, ``fine`` is in 1..kh*kw.
+* Dense II (cycles per image) = max(rows_out*cols_out*(C/(ci*cg))*(F/(co*g))*ceil(K/fine),
+  padded input words/(ci*cg), output words/(co*cg)), K = kh*kw. With ``fine`` dividing K the
+  first term is MACs/(fine*ci*co*cg).
+* Sparse (k*k > 1): a window with n zero products costs ceil((K-n)/fine) cycles, all-zero
+  windows are skipped; channels are dealt to the ci*cg streams in snake order of expected
+  rate; the slowest stream sets the pace. 1x1 and fully connected: per-channel average
+  sparsity, capped at 1 - 1/(streams per cluster).
+* Non-weight stages (pool, global pool, eltwise add/mul, concat) move words at
+  ``coarse`` words per cycle (``coarse_in`` is the channel parallelism).
+
+Everything is vectorised over design points: folding arguments are integer arrays of one
+shape; results have that shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simulators.dataflow.sparsity import PointwiseAvg, Sparsity, WindowHist
+
+WEIGHT_OPS = ("conv", "linear")
+OPS = ("conv", "linear", "pool", "gap", "add", "mul", "concat")
+
+# Xilinx BRAM18 aspect ratios: width (bits) -> depth (words).
+_BRAM18_DEPTH = {1: 16384, 2: 8192, 4: 4096, 9: 2048, 18: 1024, 36: 512}
+_BRAM18_WIDTHS = np.array(sorted(_BRAM18_DEPTH))
+_BRAM18_DEPTHS = np.array([_BRAM18_DEPTH[w] for w in sorted(_BRAM18_DEPTH)])
+ACC_BITS = 32
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Shape of one stage. Units: rows/cols in pixels, channels/filters in feature maps.
+
+    Attributes:
+        name: qualified name (the torch module's name where it came from a module).
+        op: one of ``conv``, ``linear``, ``pool``, ``gap``, ``add``, ``mul``, ``concat``.
+        rows, cols, channels: input feature map (a linear layer: rows = tokens, cols = 1).
+        filters: output channels (equals ``channels`` for pool/gap/add/mul).
+        kernel: (kh, kw); stride: (sh, sw); pad: (top, left, bottom, right).
+        groups: convolution groups (``channels`` for depthwise).
+        inputs: names of the stages feeding this one ("" or empty = network input).
+    """
+
+    name: str
+    op: str
+    rows: int
+    cols: int
+    channels: int
+    filters: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    groups: int = 1
+    inputs: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op: expected one of {OPS}, got {self.op!r}")
+        for f in ("rows", "cols", "channels", "filters", "groups"):
+            if int(getattr(self, f)) < 1:
+                raise ValueError(f"{f}: expected a positive integer, got {getattr(self, f)}")
+        if self.channels % self.groups or self.filters % self.groups:
+            raise ValueError(f"groups: expected a divisor of channels and filters, got {self.groups}")
+        if self.rows_out < 1 or self.cols_out < 1:
+            raise ValueError(f"kernel: {self.kernel} larger than the padded input of {self.name}")
+
+    @property
+    def window(self) -> int:
+        """Products per window, kh*kw."""
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def rows_out(self) -> int:
+        """Output rows."""
+        if self.op == "gap":
+            return 1
+        return (self.rows + self.pad[0] + self.pad[2] - self.kernel[0]) // self.stride[0] + 1
+
+    @property
+    def cols_out(self) -> int:
+        """Output columns."""
+        if self.op == "gap":
+            return 1
+        return (self.cols + self.pad[1] + self.pad[3] - self.kernel[1]) // self.stride[1] + 1
+
+    @property
+    def in_words(self) -> int:
+        """Padded input words per image (one word = one activation)."""
+        return (self.rows + self.pad[0] + self.pad[2]) * (self.cols + self.pad[1] + self.pad[3]) * self.channels
+
+    @property
+    def out_words(self) -> int:
+        """Output words per image."""
+        return self.rows_out * self.cols_out * self.filters
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per image (0 for non-weight stages)."""
+        if self.op not in WEIGHT_OPS:
+            return 0
+        return self.rows_out * self.cols_out * self.filters * (self.channels // self.groups) * self.window
+
+    @property
+    def weights(self) -> int:
+        """Weight count (0 for non-weight stages)."""
+        if self.op not in WEIGHT_OPS:
+            return 0
+        return self.filters * (self.channels // self.groups) * self.window
+
+    def feasible(self, field_name: str) -> list[int]:
+        """Feasible values of one folding field (``coarse_in``, ``coarse_out``, ``coarse_group``, ``fine``)."""
+        if self.op not in WEIGHT_OPS:
+            return {"coarse_in": divisors(self.channels), "coarse_out": [1],
+                    "coarse_group": [1], "fine": [1]}[field_name]
+        return {
+            "coarse_in": divisors(self.channels // self.groups),
+            "coarse_out": divisors(self.filters // self.groups),
+            "coarse_group": divisors(self.groups),
+            "fine": list(range(1, self.window + 1)),
+        }[field_name]
+
+
+def divisors(n: int) -> list[int]:
+    """Sorted divisors of ``n``."""
+    small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
+    return sorted(set(small + [n // i for i in small]))
+
+
+def bram18_array(depth: np.ndarray | int, width: np.ndarray | int, fifo: bool) -> np.ndarray:
+    """BRAM18 blocks for a ``depth`` x ``width``-bit array (Xilinx UltraScale+ aspect ratios).
+
+    Small arrays go to LUTRAM (0 BRAM): a memory below 1024 bits, a FIFO of at most 1024 bits
+    or at most 32 words. Wider than 36 bits: ceil(width/36) columns of 512-deep blocks.
+    """
+    d = np.asarray(depth, dtype=np.int64)
+    w = np.asarray(width, dtype=np.int64)
+    bits = d * w
+    small = (d == 0) | (w == 0) | ((bits <= 1024) if fifo else (bits < 1024))
+    if fifo:
+        small |= d <= 32
+    wc = np.minimum(w, 36)
+    idx = np.clip(np.searchsorted(_BRAM18_WIDTHS, wc, side="left"), 0, len(_BRAM18_WIDTHS) - 1)
+    bw = _BRAM18_WIDTHS[idx]
+    bd = _BRAM18_DEPTHS[idx]
+    n = (-(-w // bw)) * (-(-d // bd))
+    return np.where(small, 0, n)
+
+
+def dsp_per_multiplier(act_bits: int, weight_bits: int) -> float:
+    """DSP48 slices per multiplier: ceil(a/18)*ceil(w/27), halved when both operands <= 8
+    bits and quartered when both <= 4 bits (packing several products into one DSP)."""
+    base = math.ceil(act_bits / 18) * math.ceil(weight_bits / 27)
+    if act_bits <= 4 and weight_bits <= 4:
+        return base * 0.25
+    if act_bits <= 8 and weight_bits <= 8:
+        return base * 0.5
+    return float(base)
+
+
+def _window_cycle_table(hist: np.ndarray, window: int, streams: int) -> np.ndarray:
+    """Mean cycles per window of the slowest stream, for every fine in 1..window.
+
+    Returns an array (window + 1,) indexed by ``fine`` (entry 0 unused). Channels are
+    ordered by expected rate (at that fine) and dealt to ``streams`` streams in snake order.
+    """
+    channels = hist.shape[0]
+    out = np.zeros(window + 1)
+    nzero = np.arange(window + 1)
+    for fine in range(1, window + 1):
+        cyc_bin = np.ceil((window - nzero) / fine)  # bin n = n zero products; all-zero bin costs 0
+        with np.errstate(divide="ignore"):  # an all-zero channel has infinite rate
+            rate = 1.0 / np.sum(cyc_bin * hist, axis=1)
+        order = np.argsort(rate).reshape(channels // streams, streams)
+        order[1::2, :] = order[1::2, ::-1]
+        ws = hist[order.reshape(-1)].reshape(channels // streams, streams, window + 1).mean(axis=0)
+        acc = np.zeros(streams)
+        for j in range(window):  # sequential sum, bins with j zero products
+            acc = acc + math.ceil((window - j) / fine) * ws[:, j]
+        out[fine] = acc.max()
+    return out
+
+
+def _pointwise_cycle(avg: np.ndarray, streams: int, clusters: int) -> float:
+    """Share of dense cycles a 1x1 stage needs: 1 - average sparsity of its slowest cluster,
+    the sparsity capped at 1 - 1/(streams per cluster)."""
+    channels = avg.shape[0]
+    per_stream = avg.reshape(channels // streams, streams)
+    groups = np.arange(streams).reshape(clusters, -1)
+    cluster_sparsity = [np.mean(np.array([per_stream[:, i] for i in g])) for g in groups]
+    capped = np.minimum(cluster_sparsity, 1 - (1 / (streams // clusters)))
+    return float(np.max(np.subtract(1, capped)))
+
+
+@dataclass(eq=False)
+class LayerModel:
+    """A :class:`Layer` bound to its numerics, sparsity and weight storage.
+
+    Attributes:
+        layer: the shape.
+        act_bits, weight_bits: operand widths in bits.
+        sparsity: None for the dense engine, else a :class:`WindowHist` (k*k > 1) or
+            :class:`PointwiseAvg` (1x1 / linear). A sparse engine keeps one weight array
+            per multiplier (no data packing), as fpgaConvNet's sparse layers do.
+        stream_weights: weights streamed from off-chip instead of held in BRAM.
+        clusters: 1x1 sparse engines: groups of input streams sharing the multipliers.
+    """
+
+    layer: Layer
+    act_bits: int = 16
+    weight_bits: int = 16
+    sparsity: Sparsity | None = None
+    stream_weights: bool = False
+    clusters: int = 1
+    _tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for f in ("act_bits", "weight_bits"):
+            if not 1 <= int(getattr(self, f)) <= 64:
+                raise ValueError(f"{f}: expected an operand width in 1..64 bits, got {getattr(self, f)}")
+        sp, ly = self.sparsity, self.layer
+        if sp is None:
+            return
+        if ly.op not in WEIGHT_OPS:
+            raise ValueError(f"sparsity: layer {ly.name} ({ly.op}) has no weights to skip")
+        if sp.channels != ly.channels:
+            raise ValueError(f"sparsity: expected {ly.channels} channels for {ly.name}, got {sp.channels}")
+        if ly.window > 1 and not isinstance(sp, WindowHist):
+            raise ValueError(f"sparsity: {ly.name} has a {ly.kernel} window; expected kind window_hist")
+        if ly.window == 1 and not isinstance(sp, PointwiseAvg):
+            raise ValueError(f"sparsity: {ly.name} is 1x1/linear; expected kind pointwise_avg")
+        if isinstance(sp, WindowHist) and sp.window != ly.window:
+            raise ValueError(f"sparsity: expected {ly.window + 1} histogram bins for {ly.name}")
+        if self.clusters < 1:
+            raise ValueError(f"clusters: expected a positive integer, got {self.clusters}")
+
+    # -- sparse cycle tables ---------------------------------------------------------
+    def _table(self, streams: int) -> np.ndarray:
+        tab = self._tables.get(streams)
+        if tab is None:
+            sp = self.sparsity
+            if isinstance(sp, WindowHist):
+                tab = _window_cycle_table(sp.hist, self.layer.window, streams)
+            else:
+                assert isinstance(sp, PointwiseAvg)
+                if streams % self.clusters:
+                    raise ValueError(f"clusters: {self.clusters} does not divide {streams} input streams of {self.layer.name}")
+                tab = np.array([_pointwise_cycle(sp.avg, streams, self.clusters)])
+            self._tables[streams] = tab
+        return tab
+
+    def _cycles_per_window(self, streams_in: np.ndarray, fine: np.ndarray) -> np.ndarray:
+        out = np.empty(streams_in.shape)
+        for s in np.unique(streams_in):
+            m = streams_in == s
+            tab = self._table(int(s))
+            out[m] = tab[fine[m]] if isinstance(self.sparsity, WindowHist) else tab[0]
+        return out
+
+    # -- folding ------------------------------------------------------------------------
+    def check(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> None:
+        """Raise ValueError when a folding is infeasible for this layer."""
+        ly = self.layer
+        if ly.op in WEIGHT_OPS:
+            limits = (("coarse_in", ci, ly.channels // ly.groups), ("coarse_out", co, ly.filters // ly.groups),
+                      ("coarse_group", cg, ly.groups))
+            for name, v, n in limits:
+                if np.any(v < 1) or np.any(n % v):
+                    raise ValueError(f"{name}: expected a divisor of {n} for layer {ly.name}, got {np.unique(v[(v < 1) | (n % np.maximum(v, 1) != 0)]).tolist()}")
+            if np.any(fine < 1) or np.any(fine > ly.window):
+                raise ValueError(f"fine: expected 1..{ly.window} for layer {ly.name}")
+        else:
+            if np.any(ci < 1) or np.any(ly.channels % ci):
+                raise ValueError(f"coarse_in: expected a divisor of {ly.channels} for layer {ly.name}")
+
+    def evaluate(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray,
+                 check: bool = True) -> dict[str, np.ndarray]:
+        """II and resources for foldings given as integer arrays of one shape.
+
+        Returns ``ii_cycles`` (int64, cycles per image), ``dsp``, ``bram18``, ``lut``, ``ff``
+        (int64 each), arrays of the folding's shape.
+        """
+        ci, co, cg, fine = (np.asarray(a, dtype=np.int64) for a in (ci, co, cg, fine))
+        ci, co, cg, fine = np.broadcast_arrays(ci, co, cg, fine)
+        if check:
+            self.check(ci, co, cg, fine)
+        ly = self.layer
+        if ly.op not in WEIGHT_OPS:
+            return self._evaluate_stream(ci)
+        si, so = ci * cg, co * cg
+        K = ly.window
+        ro_co = ly.rows_out * ly.cols_out
+        if self.sparsity is None:
+            compute = ro_co * (ly.channels // si) * (ly.filters // (co * ly.groups)) * (-(-K // fine))
+            ii = np.maximum(compute, np.maximum(-(-ly.in_words // si), -(-ly.out_words // so)))
+        else:
+            workload = ro_co * (ly.channels / si) * (ly.filters / (co * ly.groups))
+            compute_f = workload * self._cycles_per_window(si, fine)
+            ii = np.ceil(np.maximum(compute_f, np.maximum(ly.in_words / si, ly.out_words / so))).astype(np.int64)
+        mults = fine * ci * co * cg
+        dsp_unit = math.ceil(self.act_bits / 18) * math.ceil(self.weight_bits / 27)
+        pack = 4 if (self.act_bits <= 4 and self.weight_bits <= 4) else 2 if (self.act_bits <= 8 and self.weight_bits <= 8) else 1
+        dsp = -(-(mults * dsp_unit) // pack)
+        bram = self._bram18(ci, co, cg, fine)
+        lut, ff = self._logic(ci, co, cg, fine)
+        return {"ii_cycles": ii.astype(np.int64), "dsp": dsp, "bram18": bram, "lut": lut, "ff": ff}
+
+    def _sliding_window_bram(self, streams: np.ndarray, per_array_streams: np.ndarray) -> np.ndarray:
+        ly = self.layer
+        kh, kw = ly.kernel
+        if kh * kw == 1:
+            return np.zeros_like(streams)
+        chans = ly.channels // streams
+        cols_p = ly.cols + ly.pad[1] + ly.pad[3]
+        line = bram18_array(chans * cols_p, (kh - 1) * per_array_streams * self.act_bits, fifo=True)
+        win = kh * bram18_array(chans, (kw - 1) * per_array_streams * self.act_bits, fifo=True)
+        return line + win
+
+    def _bram18(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> np.ndarray:
+        ly = self.layer
+        si = ci * cg
+        arrays = fine * ci * co * cg
+        depth = -(-(ly.weights) // arrays)
+        packed = self.sparsity is None
+        if packed:  # one wide array, all streams packed side by side
+            sw = self._sliding_window_bram(si, si)
+            if self.stream_weights:
+                depth = np.minimum(depth, 512)
+            wb = bram18_array(depth, self.weight_bits * arrays, fifo=False)
+        else:  # one narrow array per multiplier and one window per stream
+            sw = self._sliding_window_bram(si, np.ones_like(si)) * si
+            if self.stream_weights:
+                depth = np.minimum(depth, 512)
+            wb = bram18_array(depth, self.weight_bits, fifo=False) * arrays
+        return sw + wb
+
+    def _logic(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Own LUT/FF model (docs/dataflow.md): control + per-multiplier operand and adder
+        logic + window registers + the sparse engine's zero-skip crossbar."""
+        ly = self.layer
+        si, so = ci * cg, co * cg
+        mults = fine * ci * co * cg
+        a, w = self.act_bits, self.weight_bits
+        win = ly.window
+        lut = 250 + mults * (a + w + ACC_BITS // 2) + si * (win * a // 2) + so * ACC_BITS
+        ff = 300 + mults * (a + w + ACC_BITS) + si * win * a + so * ACC_BITS
+        if self.sparsity is not None:
+            sel = max(1, math.ceil(math.log2(win + 1)))
+            lut = lut + mults * (a + w) * sel // 2
+            ff = ff + si * win * (a + w)
+        if self.stream_weights:
+            lut = lut + 400 + arrays_bits(mults, w) // 8
+        return lut.astype(np.int64), ff.astype(np.int64)
+
+    def _evaluate_stream(self, coarse: np.ndarray) -> dict[str, np.ndarray]:
+        """Pool, global pool, eltwise and concat stages: ``coarse`` words per cycle."""
+        ly = self.layer
+        n_in = 2 if ly.op in ("add", "mul") else 1
+        ii = np.maximum(-(-(ly.in_words) // coarse), -(-ly.out_words // coarse)).astype(np.int64)
+        dsp = np.zeros_like(coarse)
+        if ly.op == "mul":
+            unit = math.ceil(self.act_bits / 18) * math.ceil(self.act_bits / 27)
+            pack = 2 if self.act_bits <= 8 else 1
+            dsp = -(-(coarse * unit) // pack)
+        if ly.op == "pool":
+            bram = self._sliding_window_bram(coarse, coarse)
+        else:
+            bram = np.zeros_like(coarse)
+        a = self.act_bits
+        lut = 60 + coarse * (n_in * a + (ly.window * a // 2 if ly.op == "pool" else 0) + (ACC_BITS if ly.op == "gap" else 0))
+        ff = 80 + coarse * (n_in * a + (ly.window * a if ly.op == "pool" else 0) + (ACC_BITS if ly.op == "gap" else 0))
+        return {"ii_cycles": ii, "dsp": dsp.astype(np.int64), "bram18": bram.astype(np.int64),
+                "lut": lut.astype(np.int64), "ff": ff.astype(np.int64)}
+
+
+def arrays_bits(mults: np.ndarray, weight_bits: int) -> np.ndarray:
+    """Weight bits fetched per cycle by ``mults`` multipliers."""
+    return mults * weight_bits

@@ -1,0 +1,150 @@
+"""Exactness of the dataflow layer model against fpgaConvNet's own numbers, and its laws."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simulators.dataflow.layers import Layer, LayerModel, divisors
+from simulators.dataflow.sparsity import PointwiseAvg, binomial_hist, synthetic
+from tests.conftest import reference_files
+
+
+def _records() -> list[tuple[str, dict]]:
+    out = []
+    for path in reference_files("fpgaconvnet_layers*.json"):
+        data = json.loads(path.read_text())
+        for i, rec in enumerate(data["results"]):
+            out.append((f"{path.name}:{i}:{rec['layer']}", rec))
+    return out
+
+
+RECORDS = _records()
+
+
+def _model(rec: dict) -> LayerModel:
+    s = rec["shape"]
+    k, p = s["k"], s["pad"]
+    layer = Layer(rec["layer"], "conv", s["rows"], s["cols"], s["channels"], s["filters"],
+                  kernel=(k, k), stride=(s["stride"], s["stride"]), pad=(p, p, p, p),
+                  groups=s["groups"])
+    width = rec["width"]  # "w16a16"
+    wbits, abits = (int(x) for x in width[1:].split("a"))
+    sp = rec["sparsity"]
+    sparsity = None
+    if sp is not None:
+        if sp["kind"] == "window_hist_binomial":
+            if not sp.get("skip_all_zero_window", True):
+                raise AssertionError("record without all-zero window skipping: not modelled")
+            sparsity = binomial_hist(k * k, sp["p_zero_product"], s["channels"])
+        elif sp["kind"] == "pointwise_avg":
+            sparsity = PointwiseAvg(np.full(s["channels"], sp["p_zero_product"]))
+        else:
+            raise AssertionError(f"unknown sparsity kind {sp['kind']!r}")
+    return LayerModel(layer, act_bits=abits, weight_bits=wbits, sparsity=sparsity)
+
+
+def _eval(rec: dict) -> dict[str, int]:
+    f = rec["folding"]
+    r = _model(rec).evaluate(np.array([f["coarse_in"]]), np.array([f["coarse_out"]]),
+                             np.array([f["coarse_group"]]), np.array([f["fine"]]))
+    return {k: int(v[0]) for k, v in r.items()}
+
+
+@pytest.mark.parametrize("rec", [r for _, r in RECORDS], ids=[i for i, _ in RECORDS])
+def test_reference_exact(rec: dict) -> None:
+    """Latency (integer cycles), DSP and BRAM18 equal fpgaConvNet's for every record."""
+    got = _eval(rec)
+    assert got["ii_cycles"] == rec["latency_cycles_per_image"]
+    assert got["dsp"] == rec["resources"]["DSP"]
+    assert got["bram18"] == rec["resources"]["BRAM"]
+    assert rec["resources"].get("URAM", 0) == 0  # no URAM in the model: records must not use it
+
+
+def test_reference_images_per_s() -> None:
+    for path in reference_files("fpgaconvnet_layers*.json"):
+        data = json.loads(path.read_text())
+        f_hz = data["freq_mhz_for_images_per_s"] * 1e6
+        for rec in data["results"]:
+            assert f_hz / _eval(rec)["ii_cycles"] == pytest.approx(rec["images_per_s_if_bottleneck"], rel=1e-12)
+
+
+CONV3 = Layer("c3", "conv", 28, 28, 32, 48, kernel=(3, 3), pad=(1, 1, 1, 1))
+CONV1 = Layer("c1", "conv", 14, 14, 48, 96)
+DW = Layer("dw", "conv", 28, 28, 32, 32, kernel=(3, 3), stride=(2, 2), pad=(1, 1, 1, 1), groups=32)
+
+
+def _all_foldings(layer: Layer) -> tuple[np.ndarray, ...]:
+    grids = np.meshgrid(*(layer.feasible(f) for f in ("coarse_in", "coarse_out", "coarse_group", "fine")),
+                        indexing="ij")
+    return tuple(g.reshape(-1) for g in grids)
+
+
+@pytest.mark.parametrize("layer", [CONV3, CONV1, DW], ids=lambda x: x.name)
+def test_dense_equals_sparse_at_zero(layer: Layer) -> None:
+    fold = _all_foldings(layer)
+    dense = LayerModel(layer).evaluate(*fold)["ii_cycles"]
+    sparse = LayerModel(layer, sparsity=synthetic(layer.window, layer.channels, 1.0)).evaluate(*fold)["ii_cycles"]
+    np.testing.assert_array_equal(dense, sparse)
+
+
+@pytest.mark.parametrize("layer", [CONV3, CONV1, DW], ids=lambda x: x.name)
+def test_more_sparsity_never_slower(layer: Layer) -> None:
+    fold = _all_foldings(layer)
+    prev = None
+    for density in (1.0, 0.8, 0.6, 0.4, 0.2, 0.05, 0.0):
+        ii = LayerModel(layer, sparsity=synthetic(layer.window, layer.channels, density)).evaluate(*fold)["ii_cycles"]
+        if prev is not None:
+            assert np.all(ii <= prev)
+        prev = ii
+
+
+def test_more_sparsity_never_slower_heterogeneous() -> None:
+    """Per-channel histograms: raising one channel's zero share never slows the layer."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.0, 0.8, CONV3.channels)
+    fold = _all_foldings(CONV3)
+    from simulators.dataflow.sparsity import WindowHist
+    def hist(pp: np.ndarray) -> WindowHist:
+        return WindowHist(np.vstack([binomial_hist(9, float(x), 1).hist for x in pp]))
+    base = LayerModel(CONV3, sparsity=hist(p)).evaluate(*fold)["ii_cycles"]
+    for c in (0, 7, 31):
+        q = p.copy()
+        q[c] = min(1.0, q[c] + 0.3)
+        more = LayerModel(CONV3, sparsity=hist(q)).evaluate(*fold)["ii_cycles"]
+        assert np.all(more <= base)
+
+
+@pytest.mark.parametrize("density", [None, 1.0, 0.5, 0.1])
+@pytest.mark.parametrize("layer", [CONV3, CONV1, DW], ids=lambda x: x.name)
+def test_more_folding_never_slower_never_fewer_dsp(layer: Layer, density: float | None) -> None:
+    sp = None if density is None else synthetic(layer.window, layer.channels, density)
+    model = LayerModel(layer, act_bits=8, weight_bits=8, sparsity=sp)
+    fields = ("coarse_in", "coarse_out", "coarse_group", "fine")
+    base = _all_foldings(layer)
+    r0 = model.evaluate(*base)
+    for i, name in enumerate(fields):
+        feas = layer.feasible(name)
+        # next larger feasible value of one field (a divisor multiple for coarse, +1 for fine)
+        up = []
+        for v in base[i]:
+            larger = [x for x in feas if x > v and (name == "fine" or x % v == 0)]
+            up.append(larger[0] if larger else v)
+        fold = list(base)
+        fold[i] = np.array(up)
+        r1 = model.evaluate(*fold)
+        assert np.all(r1["ii_cycles"] <= r0["ii_cycles"]), name
+        assert np.all(r1["dsp"] >= r0["dsp"]), name
+
+
+def test_bad_folding_is_rejected() -> None:
+    with pytest.raises(ValueError, match="coarse_in"):
+        LayerModel(CONV3).evaluate(np.array([3]), np.array([1]), np.array([1]), np.array([1]))
+    with pytest.raises(ValueError, match="fine"):
+        LayerModel(CONV3).evaluate(np.array([1]), np.array([1]), np.array([1]), np.array([10]))
+
+
+def test_divisors() -> None:
+    assert divisors(12) == [1, 2, 3, 4, 6, 12]
