@@ -1,0 +1,135 @@
+"""Pareto fronts and the hypervolume of a study (the project's one implementation).
+
+Everything is computed in *minimisation* space: maximised objectives are negated. The
+hypervolume is moocore's exact algorithm (WFG-style, O(n log n) in 2-D and 3-D); points
+that do not strictly dominate the reference point contribute nothing.
+
+Reference point: an objective's ``ref`` from the spec when given (in the objective's own
+units and direction); otherwise the worst value seen so far among feasible complete
+trials plus 10% of the observed range. A spec without ``ref`` therefore has a reference
+point that moves as the search explores; give ``ref`` on every objective for a
+hypervolume history that is comparable across steps and studies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import moocore
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from dse.spec import Spec
+
+
+def hypervolume(points: np.ndarray, ref: Sequence[float] | np.ndarray) -> float:
+    """Hypervolume dominated by ``points`` (rows, minimisation) and bounded by ``ref``.
+
+    Points that do not strictly dominate ``ref`` in every coordinate are ignored.
+    Returns 0.0 for no points.
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, len(ref))
+    r = np.asarray(ref, dtype=float)
+    pts = pts[np.all(pts < r, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    return float(moocore.hypervolume(pts, ref=r))
+
+
+def nondominated_mask(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of ``points`` (minimisation)."""
+    pts = np.asarray(points, dtype=float)
+    if len(pts) == 0:
+        return np.zeros(0, dtype=bool)
+    if pts.shape[1] == 1:
+        return pts[:, 0] == pts[:, 0].min()
+    return np.asarray(moocore.is_nondominated(pts), dtype=bool)
+
+
+def signs(spec: Spec) -> np.ndarray:
+    """+1 for minimised objectives, -1 for maximised ones."""
+    return np.array([1.0 if o.direction == "minimize" else -1.0 for o in spec.objectives])
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """A trial is feasible when every constraint violation is <= 0."""
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
+def feasible_values(trials: Sequence[FrozenTrial], spec: Spec) -> tuple[list[FrozenTrial], np.ndarray]:
+    """Feasible COMPLETE trials and their objective values in minimisation space."""
+    good = [t for t in trials if t.state == TrialState.COMPLETE and t.values and is_feasible(t)]
+    n_obj = len(spec.objectives)
+    vals = np.array([t.values for t in good], dtype=float).reshape(-1, n_obj) * signs(spec)
+    return good, vals
+
+
+def reference_point(spec: Spec, values_min: np.ndarray) -> np.ndarray | None:
+    """The reference point in minimisation space (see the module docstring).
+
+    Returns ``None`` when an objective has no ``ref`` and there are no values yet.
+    """
+    s = signs(spec)
+    ref = np.empty(len(spec.objectives))
+    for i, o in enumerate(spec.objectives):
+        if o.ref is not None:
+            ref[i] = o.ref * s[i]
+        elif len(values_min) == 0:
+            return None
+        else:
+            hi, lo = values_min[:, i].max(), values_min[:, i].min()
+            ref[i] = hi + 0.1 * (hi - lo) + (1e-12 if hi == lo else 0.0) + 1e-9 * abs(hi)
+    return ref
+
+
+def pareto_trials(trials: Sequence[FrozenTrial], spec: Spec) -> list[FrozenTrial]:
+    """Feasible COMPLETE trials on the Pareto front (ties kept), in trial order."""
+    good, vals = feasible_values(trials, spec)
+    if not good:
+        return []
+    mask = nondominated_mask(vals)
+    return [t for t, m in zip(good, mask, strict=True) if m]
+
+
+def study_hypervolume(trials: Sequence[FrozenTrial], spec: Spec) -> float:
+    """Hypervolume of the feasible front of ``trials`` (0.0 when there is none)."""
+    _, vals = feasible_values(trials, spec)
+    ref = reference_point(spec, vals)
+    if ref is None or len(vals) == 0:
+        return 0.0
+    return hypervolume(vals[nondominated_mask(vals)], ref)
+
+
+class FrontTracker:
+    """Incremental Pareto front + hypervolume for the driver's progress reports."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.n_obj = len(spec.objectives)
+        self.front = np.empty((0, self.n_obj))
+        self.lo = np.full(self.n_obj, np.inf)
+        self.hi = np.full(self.n_obj, -np.inf)
+
+    def add(self, values: Sequence[float]) -> None:
+        """Add one feasible complete trial's objective values (in the objectives' directions)."""
+        v = np.asarray(values, dtype=float) * signs(self.spec)
+        self.lo = np.minimum(self.lo, v)
+        self.hi = np.maximum(self.hi, v)
+        if len(self.front) and np.any(np.all(self.front <= v, axis=1) & np.any(self.front < v, axis=1)):
+            return  # dominated
+        keep = ~(np.all(v <= self.front, axis=1) & np.any(v < self.front, axis=1))
+        self.front = np.vstack([self.front[keep], v])
+
+    @property
+    def size(self) -> int:
+        """Number of points on the current front."""
+        return len(self.front)
+
+    def hypervolume(self) -> float:
+        """Hypervolume of the current front (reference point as in the module docstring)."""
+        if not len(self.front):
+            return 0.0
+        ref = reference_point(self.spec, np.vstack([self.lo, self.hi]))
+        return 0.0 if ref is None else hypervolume(self.front, ref)

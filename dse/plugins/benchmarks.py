@@ -1,0 +1,173 @@
+"""Standard multi-objective test problems (ZDT1, ZDT2, DTLZ2) as evaluators.
+
+They have known true Pareto fronts, so samplers, the hypervolume and the driver can be
+tested against ground truth independent of the project's simulators.
+
+Parameters are ``<prefix>.0 ... <prefix>.<n_vars-1>`` (default prefix ``x``), each in
+[0, 1]; metrics are ``f1 ... fM`` (dimensionless, all minimised). Options:
+
+* ``n_vars`` (int >= 2): number of decision variables (ZDT default 30; DTLZ2 default
+  ``n_obj + 9``, i.e. k = 10).
+* ``n_obj`` (int >= 2, DTLZ2 only): number of objectives (default 3).
+* ``prefix`` (str): the parameter-name prefix.
+* ``delay_s`` (float >= 0): seconds to sleep per evaluation (orchestration benchmarks).
+
+References: Zitzler, Deb, Thiele, "Comparison of multiobjective evolutionary algorithms:
+empirical results", Evol. Comput. 8(2), 2000; Deb, Thiele, Laumanns, Zitzler, "Scalable
+test problems for evolutionary multiobjective optimization", 2005.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dse.registry import EvalContext
+
+_OPTIONS = ("n_vars", "n_obj", "prefix", "delay_s")
+
+
+def _check(options: Mapping[str, Any], problem: str) -> dict[str, Any]:
+    """Validate options; return them with defaults filled in."""
+    allowed = _OPTIONS if problem == "dtlz2" else tuple(k for k in _OPTIONS if k != "n_obj")
+    for k in options:
+        if k not in allowed:
+            raise ValueError(f"{problem} option {k!r} is unknown; expected one of {', '.join(allowed)}")
+    n_obj = options.get("n_obj", 3 if problem == "dtlz2" else 2)
+    if isinstance(n_obj, bool) or not isinstance(n_obj, int) or n_obj < 2:
+        raise ValueError(f"{problem} option n_obj: expected an integer >= 2, got {n_obj!r}")
+    n_vars = options.get("n_vars", n_obj + 9 if problem == "dtlz2" else 30)
+    minimum = n_obj if problem == "dtlz2" else 2
+    if isinstance(n_vars, bool) or not isinstance(n_vars, int) or n_vars < minimum:
+        raise ValueError(f"{problem} option n_vars: expected an integer >= {minimum}, got {n_vars!r}")
+    prefix = options.get("prefix", "x")
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"{problem} option prefix: expected a non-empty string, got {prefix!r}")
+    delay_s = options.get("delay_s", 0.0)
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float) or delay_s < 0:
+        raise ValueError(f"{problem} option delay_s: expected a number >= 0, got {delay_s!r}")
+    return {"n_vars": n_vars, "n_obj": n_obj, "prefix": prefix, "delay_s": float(delay_s)}
+
+
+def zdt1_objectives(x: np.ndarray) -> np.ndarray:
+    """ZDT1 objectives ``[f1, f2]`` of one point ``x`` in [0, 1]^n (n >= 2)."""
+    f1 = x[0]
+    g = 1.0 + 9.0 * float(np.mean(x[1:]))
+    return np.array([f1, g * (1.0 - math.sqrt(f1 / g))])
+
+
+def zdt2_objectives(x: np.ndarray) -> np.ndarray:
+    """ZDT2 objectives ``[f1, f2]`` of one point ``x`` in [0, 1]^n (n >= 2)."""
+    f1 = x[0]
+    g = 1.0 + 9.0 * float(np.mean(x[1:]))
+    return np.array([f1, g * (1.0 - (f1 / g) ** 2)])
+
+
+def dtlz2_objectives(x: np.ndarray, n_obj: int) -> np.ndarray:
+    """DTLZ2 objectives ``[f1 .. f_n_obj]`` of one point ``x`` in [0, 1]^n (n >= n_obj)."""
+    g = float(np.sum((x[n_obj - 1 :] - 0.5) ** 2))
+    angles = x[: n_obj - 1] * (math.pi / 2.0)
+    f = np.empty(n_obj)
+    for m in range(n_obj):  # f_{m+1}
+        val = 1.0 + g
+        val *= float(np.prod(np.cos(angles[: n_obj - 1 - m])))
+        if m > 0:
+            val *= math.sin(angles[n_obj - 1 - m])
+        f[m] = val
+    return f
+
+
+def true_front(problem: str, n_points: int = 1000, n_obj: int = 2) -> np.ndarray:
+    """Points on the true Pareto front, shape ``(n_points, n_obj)`` (DTLZ2: a sample).
+
+    Args:
+        problem: ``"zdt1"``, ``"zdt2"`` or ``"dtlz2"``.
+        n_points: number of points (DTLZ2 with 3+ objectives: about that many).
+        n_obj: objectives (DTLZ2 only).
+    """
+    if problem in ("zdt1", "zdt2"):
+        f1 = np.linspace(0.0, 1.0, n_points)
+        f2 = 1.0 - np.sqrt(f1) if problem == "zdt1" else 1.0 - f1**2
+        return np.stack([f1, f2], axis=1)
+    if problem == "dtlz2":
+        rng = np.random.default_rng(0)
+        v = np.abs(rng.standard_normal((n_points, n_obj)))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    raise ValueError(f"problem: expected 'zdt1', 'zdt2' or 'dtlz2', got {problem!r}")
+
+
+def true_hypervolume(problem: str, ref: float | list[float], n_obj: int = 2) -> float:
+    """Exact hypervolume of the true Pareto front for reference point ``ref`` (minimisation).
+
+    ``ref`` must dominate-bound the front: every coordinate >= 1 (the front lies in
+    [0, 1]^M). DTLZ2 takes one value used for every coordinate.
+    """
+    if problem in ("zdt1", "zdt2"):
+        r1, r2 = (ref, ref) if isinstance(ref, int | float) else ref
+        if r1 < 1 or r2 < 1:
+            raise ValueError(f"ref: expected every coordinate >= 1, got {ref!r}")
+        # integral over f1 in [0, 1] of (r2 - f2(f1)) plus the strip f1 in [1, r1].
+        area = r2 - 1.0 + (2.0 / 3.0 if problem == "zdt1" else 1.0 / 3.0)
+        return area + (r1 - 1.0) * r2
+    if problem == "dtlz2":
+        if not isinstance(ref, int | float):
+            raise ValueError(f"ref: expected one number for DTLZ2, got {ref!r}")
+        if ref < 1:
+            raise ValueError(f"ref: expected >= 1, got {ref!r}")
+        ball = math.pi ** (n_obj / 2.0) / math.gamma(n_obj / 2.0 + 1.0)
+        return float(ref) ** n_obj - ball / 2.0**n_obj
+    raise ValueError(f"problem: expected 'zdt1', 'zdt2' or 'dtlz2', got {problem!r}")
+
+
+class BenchmarkProblem:
+    """A warm evaluator for one test problem; see the module docstring for options."""
+
+    def __init__(self, problem: str, options: Mapping[str, Any]) -> None:
+        opts = _check(options, problem)
+        self.problem = problem
+        self.n_vars: int = opts["n_vars"]
+        self.n_obj: int = opts["n_obj"]
+        self.delay_s: float = opts["delay_s"]
+        self.names = [f"{opts['prefix']}.{i}" for i in range(self.n_vars)]
+
+    def evaluate(self, params: Mapping[str, Any], upstream: Mapping[str, Any]) -> dict[str, Any]:
+        """Objectives ``f1..fM`` of the point given by ``params`` (values in [0, 1])."""
+        try:
+            x = np.array([float(params[n]) for n in self.names])
+        except KeyError as e:
+            raise ValueError(f"parameter {e.args[0]!r} missing; expected {self.names}") from None
+        if np.any(x < 0) or np.any(x > 1):
+            raise ValueError(f"parameters {self.names[0]}..: expected values in [0, 1]")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.problem == "zdt1":
+            f = zdt1_objectives(x)
+        elif self.problem == "zdt2":
+            f = zdt2_objectives(x)
+        else:
+            f = dtlz2_objectives(x, self.n_obj)
+        return {f"f{i + 1}": float(v) for i, v in enumerate(f)}
+
+
+def zdt1(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
+    """Factory of the ZDT1 evaluator (2 objectives, convex front f2 = 1 - sqrt(f1))."""
+    return BenchmarkProblem("zdt1", options)
+
+
+def zdt2(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
+    """Factory of the ZDT2 evaluator (2 objectives, concave front f2 = 1 - f1^2)."""
+    return BenchmarkProblem("zdt2", options)
+
+
+def dtlz2(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
+    """Factory of the DTLZ2 evaluator (n_obj objectives, front: unit sphere, f >= 0)."""
+    return BenchmarkProblem("dtlz2", options)
+
+
+zdt1.validate_options = lambda options: _check(options, "zdt1")  # type: ignore[attr-defined]
+zdt2.validate_options = lambda options: _check(options, "zdt2")  # type: ignore[attr-defined]
+dtlz2.validate_options = lambda options: _check(options, "dtlz2")  # type: ignore[attr-defined]

@@ -1,0 +1,767 @@
+"""Study specs: TOML files describing one search, read with tomllib and validated up front.
+
+A spec is checked completely before anything is created: every problem becomes one line
+``<file>: <field>: expected ..., got ...`` and :func:`load_spec` raises :class:`SpecError`
+carrying all of them. The schema is documented in ``docs/driver.md``.
+
+The search space is kept as a list of :class:`Param` in a dependency order (a parameter
+with a ``when`` condition comes after the parameters it refers to). :func:`sample_params`
+samples it define-by-run on an Optuna trial: a conditional parameter is only suggested (and
+so only exists in the trial) when its condition holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from dse import registry
+
+SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random", "qmc")
+DIRECTIONS = ("minimize", "maximize")
+OPS = ("<=", ">=")
+CHILD_RUNS = ("all", "pareto")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+PARAM_KEY_RE = re.compile(r"^[A-Za-z0-9_*?\[\]-]+$")
+
+_SECTIONS = ("study", "objectives", "constraints", "space", "evaluators", "ray", "tracking")
+_STUDY_KEYS = (
+    "name",
+    "seed",
+    "sampler",
+    "n_trials",
+    "timeout_s",
+    "storage",
+    "enqueue",
+    "sampler_options",
+    "max_failed",
+)
+_OBJ_KEYS = ("metric", "direction", "ref")
+_CON_KEYS = ("metric", "op", "bound")
+_LEAF_KEYS = ("choices", "type", "low", "high", "step", "log", "value", "when")
+_EVAL_KEYS = ("name", "options", "resources")
+_RES_KEYS = ("num_cpus", "num_gpus", "memory")
+_RAY_KEYS = ("address", "workers")
+_TRACK_KEYS = ("enabled", "uri", "child_runs", "artifact_every")
+
+
+class SpecError(ValueError):
+    """A spec failed validation; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space parameter.
+
+    Attributes:
+        name: dotted name (``quant.weights``).
+        kind: ``"categorical"``, ``"int"``, ``"float"`` or ``"fixed"``.
+        choices: the choices of a categorical parameter.
+        low, high, step, log: the range of an int/float parameter.
+        value: the value of a fixed parameter.
+        when: condition: parameter name -> allowed values; all must hold.
+    """
+
+    name: str
+    kind: str
+    choices: tuple[Any, ...] = ()
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+    value: Any = None
+    when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def distribution(self) -> BaseDistribution | None:
+        """The Optuna distribution of this parameter (``None`` for a fixed one)."""
+        if self.kind == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return IntDistribution(
+                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)  # type: ignore[arg-type]
+            )
+        if self.kind == "float":
+            return FloatDistribution(
+                float(self.low), float(self.high), log=self.log, step=self.step  # type: ignore[arg-type]
+            )
+        return None
+
+    def active(self, params: Mapping[str, Any]) -> bool:
+        """Whether this parameter exists given the already-sampled ``params``."""
+        return all(k in params and params[k] in vals for k, vals in self.when.items())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An objective: a metric and its direction; ``ref`` is the hypervolume reference."""
+
+    metric: str
+    direction: str = "minimize"
+    ref: float | None = None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A constraint ``metric op bound``; told to Optuna as ``violation <= 0``."""
+
+    metric: str
+    op: str
+    bound: float
+
+    @property
+    def key(self) -> str:
+        """The Optuna constraint key (``fits_memory>=1.0``)."""
+        return f"{self.metric}{self.op}{self.bound:g}"
+
+    def violation(self, value: float) -> float:
+        """Amount by which ``value`` violates the constraint (<= 0 means feasible)."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """One ``[[evaluators]]`` entry: a registered name, its options and actor resources."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Spec:
+    """A validated study spec.
+
+    Attributes:
+        path: the file it was read from (``None`` when built from a dict).
+        text: the spec's TOML text (stored with the study, so resume needs no file).
+        name, seed, sampler, n_trials, timeout_s, storage: the ``[study]`` fields.
+        enqueue: baseline points, each a dict of parameter values.
+        sampler_options: extra keyword arguments of the Optuna sampler (extension).
+        max_failed: stop after this many FAIL trials (extension; default n_trials).
+        objectives, constraints, params, evaluators: the corresponding sections.
+        address, workers: the ``[ray]`` fields.
+        tracking, tracking_uri, child_runs, artifact_every: the ``[tracking]`` fields.
+    """
+
+    name: str
+    objectives: list[Objective]
+    params: list[Param]
+    evaluators: list[EvaluatorSpec]
+    path: Path | None = None
+    text: str = ""
+    seed: int = 0
+    sampler: str = "nsga2"
+    n_trials: int = 100
+    timeout_s: float | None = None
+    storage: str | None = None
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    max_failed: int | None = None
+    constraints: list[Constraint] = field(default_factory=list)
+    address: str = "local"
+    workers: int = 2
+    tracking: bool = True
+    tracking_uri: str | None = None
+    child_runs: str = "all"
+    artifact_every: int = 50
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions, one per objective."""
+        return [o.direction for o in self.objectives]
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the searched (non-fixed) parameters."""
+        return [p.name for p in self.params if p.kind != "fixed"]
+
+    def fixed_params(self) -> dict[str, Any]:
+        """Unconditional fixed parameters (conditional ones are added by sample_params)."""
+        return {p.name: p.value for p in self.params if p.kind == "fixed" and not p.when}
+
+    def actor_resources(self) -> dict[str, float]:
+        """Ray resources of one actor holding every evaluator: max CPUs/GPUs, summed memory."""
+        cpus = max((e.resources.get("num_cpus", 1.0) for e in self.evaluators), default=1.0)
+        gpus = max((e.resources.get("num_gpus", 0.0) for e in self.evaluators), default=0.0)
+        mem = sum(e.resources.get("memory", 0.0) for e in self.evaluators)
+        out: dict[str, float] = {"num_cpus": float(cpus), "num_gpus": float(gpus)}
+        if mem:
+            out["memory"] = float(mem)
+        return out
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        """The seeded Optuna sampler named by ``study.sampler``."""
+        cls = _sampler_class(self.sampler)
+        kwargs = dict(self.sampler_options)
+        if self.sampler == "qmc":
+            kwargs.setdefault("scramble", True)
+        return cls(seed=self.seed, **kwargs)
+
+
+def _sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:
+    return {
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "nsga3": optuna.samplers.NSGAIIISampler,
+        "tpe": optuna.samplers.TPESampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }[name]
+
+
+def sample_params(trial: optuna.trial.BaseTrial, spec: Spec) -> dict[str, Any]:
+    """Sample the spec's space on ``trial`` define-by-run; returns all active parameters.
+
+    Conditional parameters whose condition does not hold are neither suggested nor
+    returned. Fixed parameters are returned but not told to Optuna.
+    """
+    params: dict[str, Any] = {}
+    for p in spec.params:
+        if p.when and not p.active(params):
+            continue
+        if p.kind == "fixed":
+            params[p.name] = p.value
+        elif p.kind == "categorical":
+            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            params[p.name] = trial.suggest_int(
+                p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log  # type: ignore[arg-type]
+            )
+        else:
+            params[p.name] = trial.suggest_float(
+                p.name, float(p.low), float(p.high), step=p.step, log=p.log  # type: ignore[arg-type]
+            )
+    return params
+
+
+def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    """Add the active fixed parameters to a trial's sampled ``params`` (in space order)."""
+    out: dict[str, Any] = {}
+    for p in spec.params:
+        if p.when and not p.active(out):
+            continue
+        if p.kind == "fixed":
+            out[p.name] = p.value
+        elif p.name in params:
+            out[p.name] = params[p.name]
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, *, check_options: bool = True) -> Spec:
+    """Read and validate a spec file.
+
+    Args:
+        path: the TOML file.
+        check_options: also call each evaluator factory's ``validate_options`` (imports
+            the plugin module).
+
+    Raises:
+        SpecError: every problem found, one line each, naming the file and the field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"{path}: cannot read the file: {e.strerror or e}"]) from None
+    return parse_spec(text, source=str(path), check_options=check_options, path=path)
+
+
+def parse_spec(
+    text: str, *, source: str = "<spec>", check_options: bool = True, path: Path | None = None
+) -> Spec:
+    """Parse and validate spec TOML ``text``; ``source`` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError([f"{source}: invalid TOML: {e}"]) from None
+    v = _Validator(source)
+    spec = v.spec(data, check_options=check_options)
+    if v.errors:
+        raise SpecError(v.errors)
+    assert spec is not None
+    spec.text = text
+    spec.path = path
+    return spec
+
+
+_MISSING = object()
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _show(x: Any) -> str:
+    return repr(x) if not isinstance(x, dict) else "a table"
+
+
+class _Validator:
+    """Collects one-line errors while building a :class:`Spec`."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def err(self, fld: str, msg: str) -> None:
+        self.errors.append(f"{self.source}: {fld}: {msg}")
+
+    def unknown(self, table: Mapping[str, Any], allowed: Sequence[str], prefix: str) -> None:
+        for k in table:
+            if k not in allowed:
+                self.err(f"{prefix}{k}", f"unknown field; expected one of: {', '.join(allowed)}")
+
+    def table(self, data: Mapping[str, Any], key: str, fld: str) -> dict[str, Any]:
+        val = data.get(key, {})
+        if not isinstance(val, dict):
+            self.err(fld, f"expected a table, got {_show(val)}")
+            return {}
+        return val
+
+    def array_of_tables(self, data: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+        val = data.get(key, [])
+        if not isinstance(val, list) or not all(isinstance(x, dict) for x in val):
+            self.err(key, f"expected an array of tables ([[{key}]]), got {_show(val)}")
+            return []
+        return val
+
+    def get_str(
+        self, t: Mapping[str, Any], key: str, fld: str, default: Any = _MISSING,
+        choices: Sequence[str] | None = None,
+    ) -> str | None:
+        val = t.get(key, default)
+        if val is _MISSING:
+            self.err(fld, "required field missing; expected a string")
+            return None
+        if val is None:
+            return None
+        if not isinstance(val, str):
+            self.err(fld, f"expected a string, got {_show(val)}")
+            return None
+        if choices is not None and val not in choices:
+            self.err(fld, f"expected one of {', '.join(choices)}, got {val!r}")
+            return None
+        return val
+
+    def get_int(
+        self, t: Mapping[str, Any], key: str, fld: str, default: Any, minimum: int | None = None
+    ) -> int | None:
+        val = t.get(key, default)
+        if val is None:
+            return None
+        if not _is_int(val):
+            self.err(fld, f"expected an integer, got {_show(val)}")
+            return None
+        if minimum is not None and val < minimum:
+            self.err(fld, f"expected an integer >= {minimum}, got {val}")
+            return None
+        return val
+
+    def get_num(
+        self, t: Mapping[str, Any], key: str, fld: str, default: Any = _MISSING,
+        positive: bool = False, nonneg: bool = False,
+    ) -> float | None:
+        val = t.get(key, default)
+        if val is _MISSING:
+            self.err(fld, "required field missing; expected a number")
+            return None
+        if val is None:
+            return None
+        if not _is_num(val):
+            self.err(fld, f"expected a finite number, got {_show(val)}")
+            return None
+        if positive and val <= 0:
+            self.err(fld, f"expected a number > 0, got {val}")
+            return None
+        if nonneg and val < 0:
+            self.err(fld, f"expected a number >= 0, got {val}")
+            return None
+        return float(val)
+
+    def get_bool(self, t: Mapping[str, Any], key: str, fld: str, default: bool) -> bool:
+        val = t.get(key, default)
+        if not isinstance(val, bool):
+            self.err(fld, f"expected true or false, got {_show(val)}")
+            return default
+        return val
+
+    # ------------------------------------------------------------------ sections
+
+    def spec(self, data: dict[str, Any], *, check_options: bool) -> Spec | None:
+        self.unknown(data, _SECTIONS, "")
+        if "study" not in data:
+            self.err("study", "required section missing; expected a [study] table with a name")
+        study = self.table(data, "study", "study")
+        self.unknown(study, _STUDY_KEYS, "study.")
+        name = self.get_str(study, "name", "study.name") if "study" in data else None
+        if name is not None and not NAME_RE.match(name):
+            self.err("study.name", f"expected letters, digits, '_', '.', '-' only, got {name!r}")
+            name = None
+        seed = self.get_int(study, "seed", "study.seed", 0, minimum=0)
+        n_trials = self.get_int(study, "n_trials", "study.n_trials", 100, minimum=1)
+        timeout_s = self.get_num(study, "timeout_s", "study.timeout_s", None, positive=True)
+        storage = self.get_str(study, "storage", "study.storage", None)
+        max_failed = self.get_int(study, "max_failed", "study.max_failed", None, minimum=0)
+
+        objectives = self.objectives(data)
+        default_sampler = "nsga2" if len(objectives) > 1 else "tpe"
+        sampler = self.get_str(study, "sampler", "study.sampler", default_sampler, SAMPLERS)
+        sampler_options = self.table(study, "sampler_options", "study.sampler_options")
+        if sampler and sampler_options:
+            self.check_sampler_options(sampler, sampler_options)
+
+        constraints = self.constraints(data)
+        params = self.space(data)
+        enqueue = self.enqueue(study, params)
+        evaluators = self.evaluators(data, check_options)
+
+        ray_t = self.table(data, "ray", "ray")
+        self.unknown(ray_t, _RAY_KEYS, "ray.")
+        address = self.get_str(ray_t, "address", "ray.address", "local")
+        workers = self.get_int(ray_t, "workers", "ray.workers", 2, minimum=1)
+
+        tr = self.table(data, "tracking", "tracking")
+        self.unknown(tr, _TRACK_KEYS, "tracking.")
+        enabled = self.get_bool(tr, "enabled", "tracking.enabled", True)
+        uri = self.get_str(tr, "uri", "tracking.uri", None)
+        child_runs = self.get_str(tr, "child_runs", "tracking.child_runs", "all", CHILD_RUNS)
+        every = self.get_int(tr, "artifact_every", "tracking.artifact_every", 50, minimum=1)
+
+        if self.errors or name is None:
+            return None
+        return Spec(
+            name=name,
+            objectives=objectives,
+            params=params,
+            evaluators=evaluators,
+            seed=seed or 0,
+            sampler=sampler or default_sampler,
+            n_trials=n_trials or 100,
+            timeout_s=timeout_s,
+            storage=storage,
+            enqueue=enqueue,
+            sampler_options=sampler_options,
+            max_failed=max_failed,
+            constraints=constraints,
+            address=address or "local",
+            workers=workers or 2,
+            tracking=enabled,
+            tracking_uri=uri,
+            child_runs=child_runs or "all",
+            artifact_every=every or 50,
+        )
+
+    def check_sampler_options(self, sampler: str, opts: Mapping[str, Any]) -> None:
+        sig = inspect.signature(_sampler_class(sampler).__init__)
+        allowed = [
+            p.name
+            for p in sig.parameters.values()
+            if p.name not in ("self", "seed")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        simple = (int, float, str, bool)
+        for k, val in opts.items():
+            if k not in allowed:
+                self.err(
+                    f"study.sampler_options.{k}",
+                    f"unknown option of the {sampler} sampler; expected one of: {', '.join(allowed)}",
+                )
+            elif not isinstance(val, simple):
+                self.err(f"study.sampler_options.{k}", f"expected a number, string or bool, got {_show(val)}")
+
+    def objectives(self, data: Mapping[str, Any]) -> list[Objective]:
+        items = self.array_of_tables(data, "objectives")
+        if not items and "objectives" not in data:
+            self.err("objectives", "required; expected at least one [[objectives]] table")
+        elif not items:
+            self.err("objectives", "expected at least one [[objectives]] table")
+        out: list[Objective] = []
+        seen: set[str] = set()
+        for i, t in enumerate(items):
+            pre = f"objectives[{i}]."
+            self.unknown(t, _OBJ_KEYS, pre)
+            metric = self.get_str(t, "metric", pre + "metric")
+            direction = self.get_str(t, "direction", pre + "direction", "minimize", DIRECTIONS)
+            ref = self.get_num(t, "ref", pre + "ref", None)
+            if metric is not None and metric in seen:
+                self.err(pre + "metric", f"expected each objective metric once, got {metric!r} twice")
+            if metric is not None:
+                seen.add(metric)
+                out.append(Objective(metric, direction or "minimize", ref))
+        return out
+
+    def constraints(self, data: Mapping[str, Any]) -> list[Constraint]:
+        out: list[Constraint] = []
+        for i, t in enumerate(self.array_of_tables(data, "constraints")):
+            pre = f"constraints[{i}]."
+            self.unknown(t, _CON_KEYS, pre)
+            metric = self.get_str(t, "metric", pre + "metric")
+            op = self.get_str(t, "op", pre + "op", _MISSING, OPS)
+            bound = self.get_num(t, "bound", pre + "bound")
+            if metric is not None and op is not None and bound is not None:
+                out.append(Constraint(metric, op, bound))
+        return out
+
+    def space(self, data: Mapping[str, Any]) -> list[Param]:
+        if "space" not in data:
+            self.err("space", "required section missing; expected [space.*] tables of parameters")
+            return []
+        root = self.table(data, "space", "space")
+        raw: list[tuple[str, dict[str, Any]]] = []
+        self.collect(root, "", raw)
+        if not raw and isinstance(data.get("space"), dict):
+            self.err("space", "expected at least one parameter")
+        params: dict[str, Param] = {}
+        pending_when: dict[str, Any] = {}
+        for name, leaf in raw:
+            p = self.leaf(name, leaf)
+            if p is not None:
+                params[name] = p
+                if "when" in leaf:
+                    pending_when[name] = leaf["when"]
+        # conditions, after every parameter is known
+        for name, when in pending_when.items():
+            fld = f"space.{name}.when"
+            if not isinstance(when, dict) or not when:
+                self.err(fld, f"expected a table of parameter name -> list of values, got {_show(when)}")
+                params.pop(name)
+                continue
+            cond: dict[str, tuple[Any, ...]] = {}
+            for ref, vals in when.items():
+                if ref == name:
+                    self.err(f"{fld}.{ref}", "expected another parameter, got the parameter itself")
+                    continue
+                target = params.get(ref)
+                if target is None:
+                    self.err(f"{fld}.{ref}", "expected the name of a parameter in [space], got an unknown name")
+                    continue
+                if target.kind not in ("categorical", "fixed"):
+                    self.err(f"{fld}.{ref}", f"expected a categorical or fixed parameter, got a {target.kind} one")
+                    continue
+                if not isinstance(vals, list) or not vals:
+                    self.err(f"{fld}.{ref}", f"expected a non-empty list of values, got {_show(vals)}")
+                    continue
+                allowed = target.choices if target.kind == "categorical" else (target.value,)
+                bad = [x for x in vals if x not in allowed]
+                if bad:
+                    self.err(f"{fld}.{ref}", f"expected values among {list(allowed)!r}, got {bad!r}")
+                    continue
+                cond[ref] = tuple(vals)
+            p = params[name]
+            params[name] = Param(**{**p.__dict__, "when": cond})
+        return self.order(params, [n for n, _ in raw])
+
+    def order(self, params: dict[str, Param], declared: list[str]) -> list[Param]:
+        """Topological order (conditions before the conditioned), declaration order otherwise."""
+        done: list[Param] = []
+        placed: set[str] = set()
+        remaining = [n for n in declared if n in params]
+        while remaining:
+            progressed = False
+            for n in list(remaining):
+                if all(d in placed for d in params[n].when):
+                    done.append(params[n])
+                    placed.add(n)
+                    remaining.remove(n)
+                    progressed = True
+            if not progressed:
+                self.err(f"space.{remaining[0]}.when", f"expected no cycle of conditions, got one among {remaining!r}")
+                break
+        return done
+
+    def collect(self, t: Mapping[str, Any], prefix: str, out: list[tuple[str, dict[str, Any]]]) -> None:
+        for k, val in t.items():
+            name = f"{prefix}{k}"
+            if not PARAM_KEY_RE.match(k):
+                self.err(f"space.{name}", "expected a parameter name of letters, digits, '_', '-' or glob characters")
+                continue
+            if not isinstance(val, dict):
+                self.err(
+                    f"space.{name}",
+                    f"expected a table with choices, type (int/float) or value, got {_show(val)}",
+                )
+            elif any(key in val for key in ("choices", "type", "value")):
+                out.append((name, val))
+            elif not val or any(key in val for key in _LEAF_KEYS):
+                self.err(f"space.{name}", "expected a table with choices, type (int/float) or value")
+            else:
+                self.collect(val, name + ".", out)
+
+    def leaf(self, name: str, t: dict[str, Any]) -> Param | None:
+        pre = f"space.{name}."
+        n_err = len(self.errors)
+        self.unknown(t, _LEAF_KEYS, pre)
+        kinds = [k for k in ("choices", "type", "value") if k in t]
+        if len(kinds) > 1:
+            self.err(f"space.{name}", f"expected exactly one of choices, type, value, got {' and '.join(kinds)}")
+            return None
+        if "value" in t:
+            val = t["value"]
+            if not isinstance(val, str | int | float | bool):
+                self.err(pre + "value", f"expected a string, number or bool, got {_show(val)}")
+            for k in ("low", "high", "step", "log"):
+                if k in t:
+                    self.err(pre + k, "not allowed with value; expected only value (and when)")
+            return None if len(self.errors) > n_err else Param(name, "fixed", value=val)
+        if "choices" in t:
+            ch = t["choices"]
+            if not isinstance(ch, list) or not ch:
+                self.err(pre + "choices", f"expected a non-empty list, got {_show(ch)}")
+                return None
+            if not all(isinstance(x, str | int | float | bool) for x in ch):
+                self.err(pre + "choices", "expected strings, numbers or bools only")
+                return None
+            if len(set(map(repr, ch))) != len(ch):
+                self.err(pre + "choices", f"expected distinct values, got {ch!r}")
+            for k in ("low", "high", "step", "log"):
+                if k in t:
+                    self.err(pre + k, "not allowed with choices; expected only choices (and when)")
+            return None if len(self.errors) > n_err else Param(name, "categorical", choices=tuple(ch))
+        kind = t["type"]
+        if kind not in ("int", "float"):
+            self.err(pre + "type", f"expected 'int' or 'float', got {_show(kind)}")
+            return None
+        is_int = kind == "int"
+        check = _is_int if is_int else _is_num
+        what = "an integer" if is_int else "a finite number"
+        vals: dict[str, Any] = {}
+        for k in ("low", "high"):
+            if k not in t:
+                self.err(pre + k, f"required for type = {kind!r}; expected {what}")
+            elif not check(t[k]):
+                self.err(pre + k, f"expected {what}, got {_show(t[k])}")
+            else:
+                vals[k] = t[k]
+        log = t.get("log", False)
+        if not isinstance(log, bool):
+            self.err(pre + "log", f"expected true or false, got {_show(log)}")
+            log = False
+        step = t.get("step")
+        if step is not None and (not check(step) or step <= 0):
+            self.err(pre + "step", f"expected {what} > 0, got {_show(step)}")
+            step = None
+        if len(vals) == 2:
+            low, high = vals["low"], vals["high"]
+            if low > high:
+                self.err(pre + "high", f"expected high >= low ({low}), got {high}")
+            if log and low <= 0:
+                self.err(pre + "low", f"expected low > 0 with log = true, got {low}")
+            if log and step is not None and not (is_int and step == 1):
+                self.err(pre + "step", "not allowed with log = true; expected no step")
+            if is_int and step is not None and low <= high and (high - low) % step:
+                self.err(pre + "step", f"expected (high - low) divisible by step {step}, got {high} - {low}")
+        if len(self.errors) > n_err:
+            return None
+        return Param(name, kind, low=vals["low"], high=vals["high"], step=step, log=log)
+
+    def enqueue(self, study: Mapping[str, Any], params: list[Param]) -> list[dict[str, Any]]:
+        items = study.get("enqueue", [])
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            self.err("study.enqueue", f"expected an array of tables ([[study.enqueue]]), got {_show(items)}")
+            return []
+        by_name = {p.name: p for p in params}
+        out: list[dict[str, Any]] = []
+        for i, point in enumerate(items):
+            flat = _flatten(point)
+            pre = f"study.enqueue[{i}]."
+            ok = True
+            for k, val in flat.items():
+                p = by_name.get(k)
+                if p is None:
+                    self.err(pre + k, "expected the name of a parameter in [space], got an unknown name")
+                    ok = False
+                elif p.kind == "fixed":
+                    if val != p.value:
+                        self.err(pre + k, f"expected the fixed value {p.value!r}, got {val!r}")
+                        ok = False
+                elif not _in_distribution(p, val):
+                    self.err(pre + k, f"expected a value in the parameter's range/choices, got {val!r}")
+                    ok = False
+            if ok:
+                out.append({k: v for k, v in flat.items() if by_name[k].kind != "fixed"})
+        return out
+
+    def evaluators(self, data: Mapping[str, Any], check_options: bool) -> list[EvaluatorSpec]:
+        items = self.array_of_tables(data, "evaluators")
+        if not items:
+            self.err("evaluators", "required; expected at least one [[evaluators]] table")
+        out: list[EvaluatorSpec] = []
+        known = registry.names()
+        for i, t in enumerate(items):
+            pre = f"evaluators[{i}]."
+            self.unknown(t, _EVAL_KEYS, pre)
+            name = self.get_str(t, "name", pre + "name")
+            options = self.table(t, "options", pre + "options")
+            res = self.table(t, "resources", pre + "resources")
+            self.unknown(res, _RES_KEYS, pre + "resources.")
+            resources: dict[str, float] = {}
+            for k in _RES_KEYS:
+                if k in res:
+                    val = self.get_num(res, k, f"{pre}resources.{k}", nonneg=True)
+                    if val is not None:
+                        resources[k] = val
+            if name is None:
+                continue
+            if name not in known:
+                self.err(pre + "name", f"expected a registered evaluator ({', '.join(known)}), got {name!r}")
+                continue
+            if check_options:
+                try:
+                    factory = registry.get(name)
+                except Exception as e:  # noqa: BLE001 - a plugin that cannot import
+                    self.err(pre + "name", f"expected an importable evaluator, got {type(e).__name__}: {e}")
+                    continue
+                validate = getattr(factory, "validate_options", None)
+                if validate is not None:
+                    try:
+                        validate(dict(options))
+                    except (ValueError, TypeError, KeyError) as e:
+                        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        self.err(pre + "options", msg)
+            out.append(EvaluatorSpec(name, dict(options), resources))
+        return out
+
+
+def _flatten(t: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables to dotted names (``{"hw": {"mlen": 1}}`` -> ``hw.mlen``)."""
+    out: dict[str, Any] = {}
+    for k, v in t.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _in_distribution(p: Param, val: Any) -> bool:
+    if p.kind == "categorical":
+        return val in p.choices
+    if isinstance(val, bool) or not isinstance(val, int | float):
+        return False
+    if p.kind == "int" and not isinstance(val, int):
+        return False
+    return bool(p.low <= val <= p.high)  # type: ignore[operator]
