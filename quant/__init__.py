@@ -1,8 +1,13 @@
 """quant: number formats, bit accounting, LQER, KV-cache quantization, sparsity masks.
 
-A plain library (torch + numpy only). See docs/quant.md.
+A plain library (torch + numpy only; nothing of ``dse``). See docs/quant.md.
+
+Entry points: ``get_format(name)``, ``multiplier_cost(a, b)``, ``QuantConfig`` /
+``SparsityConfig`` (``from_params``), ``quantize_model``, ``apply_sparsity``, and the
+modules ``QMatmul`` / ``KVQuant`` a model uses for its attention matmuls and KV cache.
 """
 
+from quant.config import SALIENCES, QuantConfig, SparsityConfig
 from quant.formats import (
     FAMILIES,
     BlockFormat,
@@ -14,15 +19,52 @@ from quant.formats import (
     get_format,
     multiplier_cost,
 )
+from quant.model import (
+    KVQuant,
+    QConv2d,
+    QLinear,
+    QMatmul,
+    QuantReport,
+    calibrate_input_scales,
+    lqer_factors,
+    quantize_model,
+    run_batch,
+)
+from quant.sparsity import (
+    ActThreshold,
+    SparsityReport,
+    activation_sparsity,
+    apply_sparsity,
+    prunable_modules,
+    salience_scores,
+)
 
 __all__ = [
     "FAMILIES",
+    "SALIENCES",
+    "ActThreshold",
     "BlockFormat",
     "FloatFormat",
     "Format",
     "IntFormat",
+    "KVQuant",
     "LogFormat",
     "MinifloatFormat",
+    "QConv2d",
+    "QLinear",
+    "QMatmul",
+    "QuantConfig",
+    "QuantReport",
+    "SparsityConfig",
+    "SparsityReport",
+    "activation_sparsity",
+    "apply_sparsity",
+    "calibrate_input_scales",
     "get_format",
+    "lqer_factors",
     "multiplier_cost",
+    "prunable_modules",
+    "quantize_model",
+    "run_batch",
+    "salience_scores",
 ]

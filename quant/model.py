@@ -1,0 +1,403 @@
+"""Model transforms: quantized Linear/Conv2d wrappers, attention-matmul and KV-cache modules,
+LQER low-rank error correction, and ``quantize_model``.
+
+Use inside a model (the project's own transformers)::
+
+    class Attention(nn.Module):
+        def __init__(self, ...):
+            self.qk = quant.QMatmul()      # scores = self.qk(q, k.transpose(-2, -1))
+            self.pv = quant.QMatmul()      # out = self.pv(probs, v)
+            self.k_cache = quant.KVQuant() # k = self.k_cache(k) where K is written
+            self.v_cache = quant.KVQuant() # v = self.v_cache(v)
+
+Both are exact identities until ``quantize_model`` sets their formats (``quant.attn`` /
+``quant.kv``), so a model that uses them costs nothing in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quant.config import QuantConfig
+from quant.formats import Format, get_format
+
+__all__ = [
+    "QMatmul",
+    "KVQuant",
+    "QLinear",
+    "QConv2d",
+    "QuantReport",
+    "quantize_model",
+    "lqer_factors",
+    "calibrate_input_scales",
+    "run_batch",
+]
+
+FP32 = get_format("fp32")
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a calibration batch: a tensor, a tuple/list (positional) or a dict."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+class QMatmul(nn.Module):
+    """``a @ b`` with both inputs fake-quantized along the reduction axis.
+
+    ``a`` is quantized along its last axis, ``b`` along its second-to-last (``b``'s
+    reduction axis in ``a @ b``), so blocks follow the contraction as on hardware. Identity
+    (plain ``a @ b``) until ``quantize_model`` sets ``fmt`` from ``quant.attn`` (or a
+    ``quant.layer.<pattern>.acts`` override naming this module). Use it for QK^T and PV.
+    """
+
+    def __init__(self, fmt: Format | str = FP32) -> None:
+        super().__init__()
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.fmt.is_identity:
+            return a @ b
+        return self.fmt.quantize(a, -1) @ self.fmt.quantize(b, -2)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"fmt={self.fmt.name}"
+
+
+class KVQuant(nn.Module):
+    """Quantize K or V as written to the cache (``quant.kv``), along the head dim (last axis).
+
+    Identity until ``quantize_model`` sets ``fmt``. Call it on each new K (and V) slice
+    before it is stored / used, e.g. ``k = self.k_cache(k)``: every token's vector is
+    quantized once on write (row-local blocks), as a low-bit KV cache does.
+    """
+
+    def __init__(self, fmt: Format | str = FP32) -> None:
+        super().__init__()
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x if self.fmt.is_identity else self.fmt.quantize(x, -1)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"fmt={self.fmt.name}"
+
+
+class _KVOutputHook:
+    """Forward hook quantizing a module's output with the KV format (HF k_proj / v_proj)."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+
+    def __call__(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return self.fmt.quantize(out, -1)
+
+
+def calibrate_input_scales(
+    model: nn.Module, calib: Iterable[Any], names: set[str]
+) -> dict[str, torch.Tensor]:
+    """Mean |x| per input feature of the named Linear modules over the calibration batches.
+
+    Returns ``{name: tensor(in_features)}`` (float32). ``model`` is run under ``no_grad``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def make(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1]).abs()
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if name in names:
+            hooks.append(mod.register_forward_pre_hook(make(name)))
+    try:
+        with torch.no_grad():
+            for batch in calib:
+                run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def lqer_factors(
+    weight: torch.Tensor,
+    weight_q: torch.Tensor,
+    rank: int,
+    act_scale: torch.Tensor | None = None,
+    fmt: Format = FP32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LQER factors ``A (in, k)``, ``B (k, out)`` with ``X A B ~= X (W - Wq)^T``.
+
+    SVD of the activation-scaled error ``E S = U Sigma V^T`` (``E = W - Wq``, ``S =
+    diag(act_scale)``, the calibrated mean |x| per input feature; ones if None), truncated to
+    rank k: ``A = S^-1 V_k``, ``B = Sigma_k U_k^T``, then A and B are fake-quantized in
+    ``fmt`` along their reduction axis (axis 0 of both). At full rank with fp32 factors,
+    ``A B = E^T`` to float tolerance (the SVD runs in float64).
+    """
+    e = (weight.detach() - weight_q.detach()).double()
+    n_in = e.shape[1]
+    s = torch.ones(n_in, dtype=torch.float64) if act_scale is None else act_scale.double()
+    s = s.clamp(min=1e-8 * max(float(s.max()), 1e-30))
+    u, sig, vh = torch.linalg.svd(e * s, full_matrices=False)
+    k = min(rank, sig.numel())
+    a = (vh[:k].T / s[:, None]).float()
+    b = (sig[:k, None] * u[:, :k].T).float()
+    return fmt.quantize(a, 0), fmt.quantize(b, 0)
+
+
+def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Keep forward hooks (e.g. sparsity activation thresholds) when a module is wrapped."""
+    dst._forward_pre_hooks.update(src._forward_pre_hooks)
+    dst._forward_hooks.update(src._forward_hooks)
+    for bname, buf in src.named_buffers(recurse=False):
+        if bname not in dst._buffers:
+            dst.register_buffer(bname, buf)
+
+
+class QLinear(nn.Module):
+    """``nn.Linear`` with a quantized weight, fake-quantized inputs and optional LQER.
+
+    The weight is quantized once at construction along the reduction axis (in_features);
+    inputs are fake-quantized per forward along their last axis. Forward:
+    ``Xq Wq^T + b`` plus, with LQER rank k > 0, ``(Xq A) B``.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        w_fmt: Format,
+        a_fmt: Format,
+        lqer_rank: int = 0,
+        lqer_fmt: Format = FP32,
+        act_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.w_fmt, self.a_fmt = w_fmt, a_fmt
+        w = linear.weight.detach()
+        wq = w_fmt.quantize(w, -1)
+        self.weight = nn.Parameter(wq.clone(), requires_grad=False)
+        self.bias = linear.bias
+        self.lqer_rank = int(lqer_rank)
+        self.lqer_A: torch.Tensor | None
+        self.lqer_B: torch.Tensor | None
+        if self.lqer_rank > 0:
+            a, b = lqer_factors(w, wq, self.lqer_rank, act_scale, lqer_fmt)
+            self.register_buffer("lqer_A", a.to(w.dtype))
+            self.register_buffer("lqer_B", b.to(w.dtype))
+        else:
+            self.lqer_A = self.lqer_B = None
+        _copy_hooks(linear, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        xq = self.a_fmt.quantize(x, -1)
+        y = nn.functional.linear(xq, self.weight, self.bias)
+        if self.lqer_A is not None and self.lqer_B is not None:
+            y = y + (xq @ self.lqer_A) @ self.lqer_B
+        return y
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt.name}, "
+                f"a={self.a_fmt.name}, lqer_rank={self.lqer_rank}")
+
+
+class QConv2d(nn.Module):
+    """``nn.Conv2d`` with quantized weight and inputs, blocks along input channels (axis 1).
+
+    The weight ``(out, in/groups, kh, kw)`` is quantized once along axis 1; the input
+    ``(N, C, H, W)`` per forward along axis 1 (channels), i.e. along the reduction axis of
+    the im2col GEMM, channel-major.
+    """
+
+    def __init__(self, conv: nn.Conv2d, w_fmt: Format, a_fmt: Format) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
+        self._rpad = conv._reversed_padding_repeated_twice
+        self.w_fmt, self.a_fmt = w_fmt, a_fmt
+        self.weight = nn.Parameter(w_fmt.quantize(conv.weight.detach(), 1).clone(),
+                                   requires_grad=False)
+        self.bias = conv.bias
+        _copy_hooks(conv, self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        xq = self.a_fmt.quantize(x, 1)
+        pad: Any = self.padding
+        if self.padding_mode != "zeros":
+            xq = nn.functional.pad(xq, self._rpad, mode=self.padding_mode)
+            pad = 0
+        return nn.functional.conv2d(xq, self.weight, self.bias, self.stride, pad,
+                                    self.dilation, self.groups)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, "
+                f"w={self.w_fmt.name}, a={self.a_fmt.name}")
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_model`` did.
+
+    Attributes:
+        quant_ratio_params: share of Linear/Conv2d weight elements stored in a format with
+            fewer than 32 bits (denominator: all Linear/Conv2d weight elements).
+        quant_ratio_matmuls: share of matmuls (Linear, Conv2d, QMatmul) whose operands are
+            all in formats with fewer than 32 bits.
+        avg_weight_bits: element-weighted mean storage bits of Linear/Conv2d weights
+            (incl. shared scales, LQER factors added to their layer's bits).
+        avg_act_bits: mean bits of matmul input activations, one entry per matmul
+            operand that is an activation (Linear/Conv input, both QMatmul inputs).
+        kv_bits: bits per element of the KV cache format (32.0 when fp32).
+        memory_density: 32 / avg_weight_bits.
+        per_layer: ``{module name: {...}}`` JSON-able details per module.
+    """
+
+    quant_ratio_params: float = 0.0
+    quant_ratio_matmuls: float = 0.0
+    avg_weight_bits: float = 32.0
+    avg_act_bits: float = 32.0
+    kv_bits: float = 32.0
+    memory_density: float = 1.0
+    per_layer: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar fields as a flat metric dict (names as in docs/params.md)."""
+        return {
+            "quant_ratio_params": self.quant_ratio_params,
+            "quant_ratio_matmuls": self.quant_ratio_matmuls,
+            "avg_weight_bits": self.avg_weight_bits,
+            "avg_act_bits": self.avg_act_bits,
+            "kv_bits": self.kv_bits,
+            "memory_density": self.memory_density,
+        }
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize_model(
+    model: nn.Module, config: QuantConfig, calib: Iterable[Any] | None = None
+) -> tuple[nn.Module, QuantReport]:
+    """Return a quantized deep copy of ``model`` and a report; ``model`` is not touched.
+
+    * every ``nn.Linear`` becomes a ``QLinear`` (weight format ``config.weight_format(name)``,
+      input format ``config.act_format(name)``, LQER rank ``config.lqer_rank``), every
+      ``nn.Conv2d`` a ``QConv2d``; modules whose formats are both fp32 (and no LQER) are left
+      as they are;
+    * every ``QMatmul`` gets ``config.matmul_format(name)`` (``quant.attn`` by default),
+      every ``KVQuant`` gets ``config.kv``;
+    * if the model has no ``KVQuant`` and ``config.kv`` is not fp32, the outputs of modules
+      matching ``config.kv_proj_patterns`` (HF ``k_proj``/``v_proj``) are quantized with
+      ``config.kv`` by a forward hook.
+
+    ``calib`` (an iterable of batches: tensor, tuple or dict, fed as in ``run_batch``) is
+    used by LQER for the per-input-feature activation scales; without it the scales are 1
+    (plain SVD of the weight error).
+    """
+    new = copy.deepcopy(model)
+    new.eval()
+    mods = dict(new.named_modules())
+    linears = {n for n, m in mods.items() if isinstance(m, nn.Linear)}
+    scales: dict[str, torch.Tensor] = {}
+    if config.lqer_rank > 0 and calib is not None:
+        scales = calibrate_input_scales(new, calib, linears)
+
+    report = QuantReport(kv_bits=config.kv.bits_per_element())
+    w_elems = w_low = 0
+    w_bits_sum = 0.0
+    act_bits: list[float] = []
+    n_mm = n_mm_low = 0
+    has_kvq = any(isinstance(m, KVQuant) for m in mods.values())
+
+    for name, mod in mods.items():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            wf, af = config.weight_format(name), config.act_format(name)
+            is_lin = isinstance(mod, nn.Linear)
+            rank = config.lqer_rank if (is_lin and not wf.is_identity) else 0
+            axis = -1 if is_lin else 1
+            shape = tuple(mod.weight.shape)
+            n = mod.weight.numel()
+            bits = wf.bits_per_element(shape, axis)
+            lqer_bits = 0.0
+            if rank > 0:
+                k = min(rank, shape[0], shape[1])
+                lqer_bits = (config.lqer_format.tensor_bytes((shape[1], k), 0)
+                             + config.lqer_format.tensor_bytes((k, shape[0]), 0)) * 8.0 / n
+            if not (wf.is_identity and af.is_identity and rank == 0):
+                if is_lin:
+                    q: nn.Module = QLinear(mod, wf, af, rank, config.lqer_format,
+                                           scales.get(name))
+                else:
+                    q = QConv2d(mod, wf, af)
+                if name:
+                    _set_child(new, name, q)
+                else:  # the model itself is a Linear / Conv2d
+                    new = q
+            w_elems += n
+            w_bits_sum += (bits + lqer_bits) * n
+            if bits < 32:
+                w_low += n
+            a_bits = af.bits_per_element()
+            act_bits.append(a_bits)
+            n_mm += 1
+            n_mm_low += int(bits < 32 and a_bits < 32)
+            report.per_layer[name] = {
+                "kind": "linear" if is_lin else "conv2d",
+                "weight_format": wf.name, "act_format": af.name,
+                "weight_bits": bits, "act_bits": a_bits, "params": n,
+                "lqer_rank": rank, "lqer_bits": lqer_bits,
+                "weight_bytes": wf.tensor_bytes(shape, axis),
+            }
+        elif isinstance(mod, QMatmul):
+            f = config.matmul_format(name)
+            mod.fmt = f
+            b = f.bits_per_element()
+            act_bits += [b, b]
+            n_mm += 1
+            n_mm_low += int(b < 32)
+            report.per_layer[name] = {"kind": "matmul", "act_format": f.name, "act_bits": b}
+        elif isinstance(mod, KVQuant):
+            mod.fmt = config.kv
+            report.per_layer[name] = {"kind": "kv", "kv_format": config.kv.name,
+                                      "kv_bits": report.kv_bits}
+
+    if not has_kvq and not config.kv.is_identity and config.kv_proj_patterns:
+        from fnmatch import fnmatchcase
+
+        for name, mod in list(new.named_modules()):
+            if name and any(fnmatchcase(name, p) for p in config.kv_proj_patterns):
+                mod.register_forward_hook(_KVOutputHook(config.kv))
+                report.per_layer.setdefault(name, {})["kv_output_format"] = config.kv.name
+
+    if w_elems:
+        report.quant_ratio_params = w_low / w_elems
+        report.avg_weight_bits = w_bits_sum / w_elems
+    if n_mm:
+        report.quant_ratio_matmuls = n_mm_low / n_mm
+    if act_bits:
+        report.avg_act_bits = sum(act_bits) / len(act_bits)
+    report.memory_density = 32.0 / report.avg_weight_bits if report.avg_weight_bits else math.inf
+    return new, report
