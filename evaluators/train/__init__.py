@@ -1,0 +1,1 @@
+"""Seeded, deterministic training scripts for the shipped models (run on purpose)."""

@@ -1,0 +1,129 @@
+"""Image-classification evaluators: the shipped glyph CNN / ViT and the digits CNN.
+
+Metrics: ``accuracy`` (top-1, fraction), ``loss_nats`` (mean cross entropy, nats/image),
+``kl_to_fp_nats`` (mean KL(p_fp || p_candidate) of the class distributions, nats),
+``act_sparsity``; beside them ``layer_sparsity`` (per Conv2d/Linear zero-product
+statistics on calibration images, see :mod:`evaluators.sparsity_stats`) for the
+dataflow simulator.
+
+Data: the committed glyph test set (fonts never seen in training) or the digits test
+split; calibration images come from the training distribution (``glyph_calib.npz`` /
+the digits training split).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evaluators.base import AccuracyEvaluator, ActSparsityMeter
+from evaluators.data import WEIGHTS_DIR, digits_splits, glyph_test_set
+from evaluators.models import load_model, state_digest
+from evaluators.sparsity_stats import layer_sparsity
+
+#: evaluator kind -> (weights file, data set name)
+VISION_KINDS: dict[str, tuple[str, str]] = {
+    "glyph_cnn": ("glyph_cnn.safetensors", "glyphs"),
+    "glyph_vit": ("glyph_vit.safetensors", "glyphs"),
+    "digits": ("digits_cnn.safetensors", "digits"),
+}
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+class VisionEvaluator(AccuracyEvaluator):
+    """A shipped image classifier on its held-out test images.
+
+    Args:
+        kind: ``glyph_cnn`` | ``glyph_vit`` | ``digits``.
+        weights: override of the shipped ``.safetensors`` file.
+        budget_images: test images at the ``full`` level (default: all; glyphs 1152,
+            digits 540); proxy_images: images at the ``proxy`` level (default 128).
+        sparsity_images: calibration images for ``layer_sparsity`` and the transforms
+            (default 64); batch: images per forward pass.
+        Other arguments: see :class:`evaluators.base.AccuracyEvaluator`.
+    """
+
+    def __init__(
+        self, kind: str = "glyph_cnn", weights: str | os.PathLike[str] | None = None, *,
+        budget_images: int | None = None, proxy_images: int = 128, sparsity_images: int = 64,
+        batch: int = 512, cache_dir: str | os.PathLike[str] | None = None,
+        fidelity: str = "full", gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
+    ) -> None:
+        if kind not in VISION_KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(VISION_KINDS)}, got {kind!r}")
+        self.name = kind
+        wfile, data = VISION_KINDS[kind]
+        path = Path(weights) if weights is not None else WEIGHTS_DIR / wfile
+        if not path.is_file():
+            raise ValueError(f"weights: no such file {path}")
+        model, _ = load_model(path)
+        if data == "glyphs":
+            x, y = glyph_test_set("test")
+            cx, cy = glyph_test_set("calib")
+        else:
+            cx, cy, x, y = digits_splits(seed=0)
+        n_max = len(y)
+        budget = n_max if budget_images is None else budget_images
+        for opt, v, hi in (("budget_images", budget, n_max), ("proxy_images", proxy_images, n_max),
+                           ("sparsity_images", sparsity_images, len(cy)),
+                           ("batch", batch, 1 << 20)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi):
+                raise ValueError(f"{opt}: expected an integer in [1, {hi}], got {v!r}")
+        proxy = min(proxy_images, budget)
+        identity = {"evaluator": kind, "model": state_digest(model)[:16],
+                    "data": f"{data}:{_digest(x, y)}", "budget_images": budget,
+                    "proxy_images": proxy, "sparsity_images": sparsity_images}
+        super().__init__(model, identity, cache_dir, fidelity, gate_kl_nats, num_threads, seed)
+        self.images = torch.from_numpy(x[:budget])
+        self.labels = torch.from_numpy(y[:budget])
+        self.calib_images = torch.from_numpy(cx[:sparsity_images])
+        self.calib_labels = torch.from_numpy(cy[:sparsity_images])
+        self.n_images = {"proxy": proxy, "full": budget}
+        self.batch = batch
+        with torch.no_grad():
+            self._ref_logp = self._logp(self.model, budget)
+
+    def calibration_inputs(self) -> list[torch.Tensor]:
+        return [self.calib_images]
+
+    def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(batch), self.calib_labels[: batch.shape[0]])
+
+    def _logp(self, model: nn.Module, n: int) -> torch.Tensor:
+        parts = [model(self.images[i : min(n, i + self.batch)]).float().log_softmax(-1)
+                 for i in range(0, n, self.batch)]
+        return torch.cat(parts)
+
+    def _measure(self, model: nn.Module, level: str) -> dict[str, Any]:
+        n = self.n_images[level]
+        meter = ActSparsityMeter(model)
+        try:
+            lq = self._logp(model, n)
+        finally:
+            meter.close()
+        lp = self._ref_logp[:n]
+        y = self.labels[:n]
+        return {
+            "accuracy": float((lq.argmax(-1) == y).double().mean()),
+            "loss_nats": float(-lq.gather(1, y[:, None]).mean()),
+            "kl_to_fp_nats": max(0.0, float((lp.exp() * (lp - lq)).sum(-1).mean())),
+            "act_sparsity": meter.overall(),
+            "_act_sparsity_layers": meter.per_layer(),
+        }
+
+    def _extra_info(self, model: nn.Module) -> dict[str, Any]:
+        return {"layer_sparsity": layer_sparsity(model, self.calib_images)}
