@@ -31,6 +31,7 @@ from simulators.dataflow.sparsity import PointwiseAvg, Sparsity, WindowHist
 
 WEIGHT_OPS = ("conv", "linear")
 OPS = ("conv", "linear", "pool", "gap", "add", "mul", "concat")
+WEIGHT_MEMORIES = ("bram", "uram", "auto", "stream")
 
 # Xilinx BRAM18 aspect ratios: width (bits) -> depth (words).
 _BRAM18_DEPTH = {1: 16384, 2: 8192, 4: 4096, 9: 2048, 18: 1024, 36: 512}
@@ -158,6 +159,13 @@ def bram18_array(depth: np.ndarray | int, width: np.ndarray | int, fifo: bool) -
     return np.where(small, 0, n)
 
 
+def uram_array(depth: np.ndarray | int, width: np.ndarray | int) -> np.ndarray:
+    """URAM288 blocks (72 bits x 4096 words each) for a ``depth`` x ``width``-bit array."""
+    d = np.asarray(depth, dtype=np.int64)
+    w = np.asarray(width, dtype=np.int64)
+    return np.where((d == 0) | (w == 0), 0, (-(-w // 72)) * (-(-d // 4096)))
+
+
 def dsp_per_multiplier(act_bits: int, weight_bits: int) -> float:
     """DSP48 slices per multiplier: ceil(a/18)*ceil(w/27), halved when both operands <= 8
     bits and quartered when both <= 4 bits (packing several products into one DSP)."""
@@ -176,19 +184,19 @@ def _window_cycle_table(hist: np.ndarray, window: int, streams: int) -> np.ndarr
     ordered by expected rate (at that fine) and dealt to ``streams`` streams in snake order.
     """
     channels = hist.shape[0]
-    out = np.zeros(window + 1)
+    fines = np.arange(1, window + 1)
     nzero = np.arange(window + 1)
-    for fine in range(1, window + 1):
-        cyc_bin = np.ceil((window - nzero) / fine)  # bin n = n zero products; all-zero bin costs 0
-        with np.errstate(divide="ignore"):  # an all-zero channel has infinite rate
-            rate = 1.0 / np.sum(cyc_bin * hist, axis=1)
-        order = np.argsort(rate).reshape(channels // streams, streams)
-        order[1::2, :] = order[1::2, ::-1]
-        ws = hist[order.reshape(-1)].reshape(channels // streams, streams, window + 1).mean(axis=0)
-        acc = np.zeros(streams)
-        for j in range(window):  # sequential sum, bins with j zero products
-            acc = acc + math.ceil((window - j) / fine) * ws[:, j]
-        out[fine] = acc.max()
+    cyc = np.ceil((window - nzero)[None, :] / fines[:, None])  # (F, K+1); bin n = n zero products
+    with np.errstate(divide="ignore"):  # an all-zero channel has infinite rate
+        rate = 1.0 / np.sum(cyc[:, None, :] * hist[None, :, :], axis=2)  # (F, C)
+    order = np.argsort(rate, axis=1).reshape(window, channels // streams, streams)
+    order[:, 1::2, :] = order[:, 1::2, ::-1]
+    ws = hist[order.reshape(window, -1)].reshape(window, channels // streams, streams, window + 1).mean(axis=1)
+    acc = np.zeros((window, streams))
+    for j in range(window):  # sequential sum over bins with j zero products (all-zero bin costs 0)
+        acc = acc + cyc[:, j][:, None] * ws[:, :, j]
+    out = np.zeros(window + 1)
+    out[1:] = acc.max(axis=1)
     return out
 
 
@@ -213,7 +221,9 @@ class LayerModel:
         sparsity: None for the dense engine, else a :class:`WindowHist` (k*k > 1) or
             :class:`PointwiseAvg` (1x1 / linear). A sparse engine keeps one weight array
             per multiplier (no data packing), as fpgaConvNet's sparse layers do.
-        stream_weights: weights streamed from off-chip instead of held in BRAM.
+        weight_memory: ``bram`` (default), ``uram``, ``auto`` (per design point, from the
+            ``use_uram`` argument of :meth:`evaluate`) or ``stream`` (weights streamed from
+            off-chip each image through a double buffer).
         clusters: 1x1 sparse engines: groups of input streams sharing the multipliers.
     """
 
@@ -221,7 +231,7 @@ class LayerModel:
     act_bits: int = 16
     weight_bits: int = 16
     sparsity: Sparsity | None = None
-    stream_weights: bool = False
+    weight_memory: str = "bram"
     clusters: int = 1
     _tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -229,6 +239,8 @@ class LayerModel:
         for f in ("act_bits", "weight_bits"):
             if not 1 <= int(getattr(self, f)) <= 64:
                 raise ValueError(f"{f}: expected an operand width in 1..64 bits, got {getattr(self, f)}")
+        if self.weight_memory not in WEIGHT_MEMORIES:
+            raise ValueError(f"weight_memory: expected one of {WEIGHT_MEMORIES}, got {self.weight_memory!r}")
         sp, ly = self.sparsity, self.layer
         if sp is None:
             return
@@ -285,14 +297,18 @@ class LayerModel:
                 raise ValueError(f"coarse_in: expected a divisor of {ly.channels} for layer {ly.name}")
 
     def evaluate(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray,
-                 check: bool = True) -> dict[str, np.ndarray]:
+                 check: bool = True, use_uram: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """II and resources for foldings given as integer arrays of one shape.
+
+        ``use_uram`` (bool array, default False) places the weights in URAM for points
+        where ``weight_memory == "auto"``.
 
         Returns ``ii_cycles`` (int64, cycles per image), ``dsp``, ``bram18``, ``lut``, ``ff``
         (int64 each), arrays of the folding's shape.
         """
         ci, co, cg, fine = (np.asarray(a, dtype=np.int64) for a in (ci, co, cg, fine))
         ci, co, cg, fine = np.broadcast_arrays(ci, co, cg, fine)
+        use_uram = np.zeros(ci.shape, dtype=bool) if use_uram is None else np.broadcast_to(np.asarray(use_uram, dtype=bool), ci.shape)
         if check:
             self.check(ci, co, cg, fine)
         ly = self.layer
@@ -312,9 +328,9 @@ class LayerModel:
         dsp_unit = math.ceil(self.act_bits / 18) * math.ceil(self.weight_bits / 27)
         pack = 4 if (self.act_bits <= 4 and self.weight_bits <= 4) else 2 if (self.act_bits <= 8 and self.weight_bits <= 8) else 1
         dsp = -(-(mults * dsp_unit) // pack)
-        bram = self._bram18(ci, co, cg, fine)
+        bram, uram = self._memory(ci, co, cg, fine, use_uram)
         lut, ff = self._logic(ci, co, cg, fine)
-        return {"ii_cycles": ii.astype(np.int64), "dsp": dsp, "bram18": bram, "lut": lut, "ff": ff}
+        return {"ii_cycles": ii.astype(np.int64), "dsp": dsp, "bram18": bram, "uram": uram, "lut": lut, "ff": ff}
 
     def _sliding_window_bram(self, streams: np.ndarray, per_array_streams: np.ndarray) -> np.ndarray:
         ly = self.layer
@@ -327,7 +343,9 @@ class LayerModel:
         win = kh * bram18_array(chans, (kw - 1) * per_array_streams * self.act_bits, fifo=True)
         return line + win
 
-    def _bram18(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> np.ndarray:
+    def _memory(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray,
+                use_uram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(BRAM18, URAM) blocks: sliding-window line/window buffers + weight memory."""
         ly = self.layer
         si = ci * cg
         arrays = fine * ci * co * cg
@@ -335,15 +353,21 @@ class LayerModel:
         packed = self.sparsity is None
         if packed:  # one wide array, all streams packed side by side
             sw = self._sliding_window_bram(si, si)
-            if self.stream_weights:
-                depth = np.minimum(depth, 512)
-            wb = bram18_array(depth, self.weight_bits * arrays, fifo=False)
+            width, n_arrays = self.weight_bits * arrays, np.ones_like(arrays)
         else:  # one narrow array per multiplier and one window per stream
             sw = self._sliding_window_bram(si, np.ones_like(si)) * si
-            if self.stream_weights:
-                depth = np.minimum(depth, 512)
-            wb = bram18_array(depth, self.weight_bits, fifo=False) * arrays
-        return sw + wb
+            width, n_arrays = np.full_like(arrays, self.weight_bits), arrays
+        zero = np.zeros_like(arrays)
+        if self.weight_memory == "stream":  # double-buffered 512-word tiles of streamed weights
+            return sw + bram18_array(np.minimum(depth, 1024), width, fifo=False) * n_arrays, zero
+        bram = bram18_array(depth, width, fifo=False) * n_arrays
+        if self.weight_memory == "bram":
+            return sw + bram, zero
+        uram = uram_array(depth, width) * n_arrays
+        if self.weight_memory == "uram":
+            return sw, uram
+        # auto: the folding says, per design point
+        return sw + np.where(use_uram, 0, bram), np.where(use_uram, uram, 0)
 
     def _logic(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Own LUT/FF model (docs/dataflow.md): control + per-multiplier operand and adder
@@ -359,8 +383,8 @@ class LayerModel:
             sel = max(1, math.ceil(math.log2(win + 1)))
             lut = lut + mults * (a + w) * sel // 2
             ff = ff + si * win * (a + w)
-        if self.stream_weights:
-            lut = lut + 400 + arrays_bits(mults, w) // 8
+        if self.weight_memory == "stream":
+            lut = lut + 400 + mults * w // 8
         return lut.astype(np.int64), ff.astype(np.int64)
 
     def _evaluate_stream(self, coarse: np.ndarray) -> dict[str, np.ndarray]:
@@ -381,9 +405,4 @@ class LayerModel:
         lut = 60 + coarse * (n_in * a + (ly.window * a // 2 if ly.op == "pool" else 0) + (ACC_BITS if ly.op == "gap" else 0))
         ff = 80 + coarse * (n_in * a + (ly.window * a if ly.op == "pool" else 0) + (ACC_BITS if ly.op == "gap" else 0))
         return {"ii_cycles": ii, "dsp": dsp.astype(np.int64), "bram18": bram.astype(np.int64),
-                "lut": lut.astype(np.int64), "ff": ff.astype(np.int64)}
-
-
-def arrays_bits(mults: np.ndarray, weight_bits: int) -> np.ndarray:
-    """Weight bits fetched per cycle by ``mults`` multipliers."""
-    return mults * weight_bits
+                "uram": np.zeros_like(ii), "lut": lut.astype(np.int64), "ff": ff.astype(np.int64)}

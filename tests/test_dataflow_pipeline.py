@@ -1,0 +1,185 @@
+"""Pipeline, networks, tracing and the folding optimiser of the dataflow simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from simulators.dataflow.devices import get_device
+from simulators.dataflow.layers import Layer
+from simulators.dataflow.networks import NETWORKS, get_network, mobilenetv2, resnet18
+from simulators.dataflow.optimiser import optimise
+from simulators.dataflow.pipeline import RESOURCES, Folding, Network, Pipeline, random_foldings
+from simulators.dataflow.sparsity import synthetic
+from simulators.dataflow.trace import trace
+
+
+def _sparse(net: Network, density: float) -> dict:
+    return {ly.name: synthetic(ly.window, ly.channels, density) for ly in net.layers if ly.op in ("conv", "linear")}
+
+
+def test_network_shapes_match_papers() -> None:
+    """MACs and weights (bias-free) of the shipped graphs against the papers' figures."""
+    r18, v2, v3 = resnet18(), mobilenetv2(), get_network("mobilenetv3_small")
+    assert r18.macs == pytest.approx(1.814e9, rel=2e-3) and r18.weights == pytest.approx(11.68e6, rel=2e-3)
+    assert v2.macs == pytest.approx(300e6, rel=5e-3) and v2.weights == pytest.approx(3.47e6, rel=5e-3)
+    assert v3.macs == pytest.approx(56.5e6, rel=1e-2) and v3.weights == pytest.approx(2.53e6, rel=1e-2)
+    # every stage's input shape is its producer's output shape
+    for net in (r18, v2, v3):
+        by = {ly.name: ly for ly in net.layers}
+        for ly in net.layers:
+            for u in ly.inputs[:1] if ly.op == "mul" else ly.inputs:  # mul: 2nd input broadcasts
+                p = by[u]
+                if ly.op == "linear":
+                    assert ly.channels == p.rows_out * p.cols_out * p.filters
+                else:
+                    assert (ly.rows, ly.cols, ly.channels) == (p.rows_out, p.cols_out, p.filters), ly.name
+
+
+def test_single_partition_throughput_is_clock_over_max_ii() -> None:
+    net = mobilenetv2()
+    pipe = Pipeline(net, "u250", 8, 8)
+    fold = random_foldings(net, 64, seed=1)
+    res = pipe.evaluate(fold)
+    one = res.partitions == 1
+    assert one.any()
+    dev = get_device("u250")
+    mem = (pipe._in_bytes.sum() + pipe._out_bytes[pipe._is_output].sum()) / (dev.mem_bandwidth_gbps * 1e9 / dev.clock_hz)
+    expect = dev.clock_hz / np.maximum(res.ii_cycles.max(axis=1), mem)
+    np.testing.assert_allclose(res.images_per_s[one], expect[one], rtol=1e-12)
+    assert np.all(res.bottleneck == res.ii_cycles.argmax(axis=1))
+    np.testing.assert_array_equal(res.dsp[one], res.layer_resources["dsp"].sum(axis=1)[one])
+    np.testing.assert_allclose(res.images_per_s_per_dsp, res.images_per_s / res.dsp)
+
+
+def test_vectorised_equals_scalar() -> None:
+    net = resnet18()
+    pipe = Pipeline(net, "zcu102", 8, 8, sparsity=_sparse(net, 0.5))
+    fold = random_foldings(net, 12, seed=2)
+    res = pipe.evaluate(fold)
+    for i in range(fold.n_points):
+        r1 = pipe.evaluate(fold.point(i))
+        for k, v in r1.metrics().items():
+            assert v == pytest.approx(res.metrics(i)[k], rel=1e-12), k
+
+
+def test_bandwidth_slows_the_pipeline() -> None:
+    net = mobilenetv2()
+    slow = get_device("u250", mem_bandwidth_gbps=0.001)
+    fold = Folding.ones(net)
+    fast_r = Pipeline(net, "u250").evaluate(fold)
+    slow_r = Pipeline(net, slow).evaluate(fold)
+    in_bytes = 224 * 224 * 3 * 2 + 1000 * 2
+    assert slow_r.interval_cycles[0] == pytest.approx(in_bytes / (0.001e9 / slow.clock_hz))
+    assert slow_r.images_per_s[0] < fast_r.images_per_s[0]
+    # streamed weights add their bytes to every image
+    lw = Pipeline(net, slow, layer_weight_memory={"classifier.1": "stream"}).evaluate(fold)
+    assert lw.interval_cycles[0] == pytest.approx((in_bytes + 1280 * 1000 * 2) / (0.001e9 / slow.clock_hz))
+
+
+def test_partitions_and_reconfiguration() -> None:
+    net = resnet18()
+    dev = get_device("zcu102")
+    pipe = Pipeline(net, dev, 8, 8, weight_memory="bram", batch=64)
+    res = pipe.evaluate(Folding.ones(net))
+    assert res.partitions[0] > 1 and res.fits_device[0]
+    for r in RESOURCES:
+        assert getattr(res, r)[0] <= getattr(dev, r)
+    # time per batch >= reconfigurations + batch x (sum of partition intervals)
+    assert 64 / res.images_per_s[0] >= res.partitions[0] * dev.reconfig_s
+    no = Pipeline(net, dev, 8, 8, weight_memory="bram", allow_partitions=False).evaluate(Folding.ones(net))
+    assert not no.fits_device[0]
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("device", ["zcu102", "u250"])
+def test_optimiser_fits_budget(name: str, device: str) -> None:
+    net = get_network(name)
+    dev = get_device(device)
+    rng = np.random.default_rng(hash((name, device)) % 2**32)
+    for density in (None, 0.3):
+        pipe = Pipeline(net, dev, 8, 8, sparsity=None if density is None else _sparse(net, density))
+        frac = float(rng.uniform(0.1, 1.0))
+        budget = {"dsp": dev.dsp * frac, "lut": dev.lut * frac}
+        fold, res = optimise(pipe, budget=budget, max_utilisation=0.9)
+        assert res.fits_device[0]
+        assert res.dsp[0] <= 0.9 * budget["dsp"] and res.lut[0] <= 0.9 * budget["lut"]
+        assert res.bram18[0] <= 0.9 * dev.bram18 and res.uram[0] <= 0.9 * dev.uram
+        ones = Pipeline(net, dev, 8, 8, sparsity=pipe_sparsity(pipe)).evaluate(Folding.ones(net))
+        assert res.images_per_s[0] >= ones.images_per_s[0] * (1 - 1e-12) or ones.partitions[0] > 1
+
+
+def pipe_sparsity(pipe: Pipeline) -> dict:
+    return {m.layer.name: m.sparsity for m in pipe.models if m.sparsity is not None}
+
+
+def test_optimiser_uses_sparsity() -> None:
+    """Same device and budget: a sparse ResNet-18 reaches more images/s per DSP."""
+    net = resnet18()
+    _, dense = optimise(Pipeline(net, "u250", 8, 8), budget={"dsp": 3000})
+    _, sparse = optimise(Pipeline(net, "u250", 8, 8, sparsity=_sparse(net, 0.3)), budget={"dsp": 3000})
+    assert sparse.images_per_s_per_dsp[0] > dense.images_per_s_per_dsp[0]
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+        return torch.relu(y + x)
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 5, stride=2, padding=2)
+        self.pool = nn.MaxPool2d(2)
+        self.block = _Block(8)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.pool(torch.relu(self.stem(x))))
+        s = torch.sigmoid(self.se(nn.functional.adaptive_avg_pool2d(x, 1)))
+        x = x * s
+        return self.head(torch.flatten(x, 1))
+
+
+def test_trace_equals_hand_description() -> None:
+    got = trace(_SmallCNN(), (1, 16, 16), name="small")
+    hand = Network("small", (
+        Layer("stem", "conv", 16, 16, 1, 8, kernel=(5, 5), stride=(2, 2), pad=(2, 2, 2, 2)),
+        Layer("pool", "pool", 8, 8, 8, 8, kernel=(2, 2), stride=(2, 2), inputs=("stem",)),
+        Layer("block.conv1", "conv", 4, 4, 8, 8, kernel=(3, 3), pad=(1, 1, 1, 1), inputs=("pool",)),
+        Layer("block.conv2", "conv", 4, 4, 8, 8, kernel=(3, 3), pad=(1, 1, 1, 1), groups=8, inputs=("block.conv1",)),
+        Layer("block.add", "add", 4, 4, 8, 8, inputs=("block.conv2", "pool")),
+        Layer("avgpool", "gap", 4, 4, 8, 8, inputs=("block.add",)),
+        Layer("se", "conv", 1, 1, 8, 8, inputs=("avgpool",)),
+        Layer("mul", "mul", 4, 4, 8, 8, inputs=("block.add", "se")),
+        Layer("head", "linear", 1, 1, 128, 10, inputs=("mul",)),
+    ))
+    assert got == hand
+
+
+def test_trace_falls_back_to_hooks() -> None:
+    class Dyn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            if y.sum() > 1e9:  # data-dependent: fx cannot trace it
+                y = y * 2
+            return self.b(y.flatten(1))
+
+    net = trace(Dyn(), (3, 8, 8))
+    assert net.name.endswith("[hooks]")
+    assert [(ly.name, ly.op, ly.inputs) for ly in net.layers] == [("a", "conv", ()), ("b", "linear", ("a",))]
