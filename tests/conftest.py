@@ -37,3 +37,28 @@ def _single_thread() -> None:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_session():  # type: ignore[no-untyped-def]
+    """One local Ray cluster for the whole test session (start-up costs seconds).
+
+    Drivers started inside the session find Ray initialised and reuse it.
+    """
+    import logging
+
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=100 * 1024 * 1024,
+            logging_level=logging.WARNING,
+        )
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()

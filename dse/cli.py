@@ -1,0 +1,266 @@
+"""The ``dse`` command line: run, resume, status, pareto, export, sync, ui, validate.
+
+Exit codes: 0 success; 1 the search or a command failed at run time; 2 a bad spec or bad
+arguments (nothing is created); 130 interrupted (Ctrl-C; ``dse resume`` continues).
+See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dse.spec import SpecError, load_spec
+
+DEFAULT_DIR = "dse-studies"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dse", description="Distributed design-space exploration.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--dir", default=DEFAULT_DIR, help="where studies live (default ./dse-studies)")
+
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        common(sp)
+        sp.add_argument("--n-trials", type=int, help="COMPLETE trials to reach (overrides the spec)")
+        sp.add_argument("--workers", type=int, help="Ray actors = in-flight trials (overrides the spec)")
+        sp.add_argument("--seed", type=int, help="sampler seed (overrides the spec)")
+        sp.add_argument("--address", help="Ray address: local, auto or ray://host:port")
+        sp.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        sp.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
+                        help="progress display (default: bar on a TTY, log lines otherwise)")
+
+    sp = sub.add_parser("run", help="run a study from a spec (continues it if it exists)")
+    sp.add_argument("spec", type=Path)
+    overrides(sp)
+    sp = sub.add_parser("resume", help="continue a study after a crash or Ctrl-C")
+    sp.add_argument("study")
+    overrides(sp)
+    sp = sub.add_parser("status", help="trials by state, Pareto size, hypervolume")
+    sp.add_argument("study")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    common(sp)
+    sp = sub.add_parser("pareto", help="print the Pareto front (or write it with --out)")
+    sp.add_argument("study")
+    sp.add_argument("--out", type=Path, help="write the front to .parquet or .csv")
+    common(sp)
+    sp = sub.add_parser("export", help="write every trial to a table")
+    sp.add_argument("study")
+    sp.add_argument("--out", type=Path, required=True, help="output .parquet or .csv")
+    common(sp)
+    sp = sub.add_parser("sync", help="backfill MLflow from the Optuna storage")
+    sp.add_argument("study")
+    sp.add_argument("--uri", help="MLflow tracking URI (default: the spec's, else the study's mlflow.db)")
+    common(sp)
+    sp = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for a study's store")
+    sp.add_argument("study", nargs="?")
+    sp.add_argument("--port", type=int, default=5000)
+    common(sp)
+    sp = sub.add_parser("validate", help="check spec files (and evaluator options) without running")
+    sp.add_argument("specs", type=Path, nargs="+")
+    return p
+
+
+def _positive(args: argparse.Namespace) -> None:
+    for name in ("n_trials", "workers"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise SpecError([f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}"])
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        raise SpecError([f"--seed: expected an integer >= 0, got {args.seed}"])
+
+
+def _drive(spec: Any, args: argparse.Namespace) -> int:
+    from dse.driver import Driver
+
+    progress = {"auto": None, "bar": True, "log": False}[args.progress]
+    driver = Driver(
+        spec,
+        args.dir,
+        n_trials=args.n_trials,
+        workers=args.workers,
+        seed=args.seed,
+        address=args.address,
+        tracking=False if args.no_tracking else None,
+        progress=progress,
+    )
+    summary = driver.run()
+    print(
+        f"study {summary.study}: {summary.complete} COMPLETE, {summary.failed} FAIL, "
+        f"pareto {summary.pareto_size}, hypervolume {summary.hypervolume:.6g}, "
+        f"{summary.wall_s:.1f} s; data in {summary.study_dir}"
+    )
+    if summary.interrupted and summary.complete < driver.n_trials:
+        print(f"interrupted: continue with `dse resume {summary.study} --dir {args.dir}`")
+        return 130
+    return 0
+
+
+def _load_study(name: str, root: str) -> tuple[Any, Any]:
+    import optuna
+
+    from dse.driver import load_study_spec, open_storage, study_dir
+
+    spec = load_study_spec(name, root)
+    storage = open_storage(spec.storage, study_dir(name, root))
+    return spec, optuna.load_study(study_name=name, storage=storage)
+
+
+def status(name: str, root: str) -> dict[str, Any]:
+    """The status of a study as a JSON-able dict (what ``dse status --json`` prints)."""
+    from optuna.trial import TrialState
+
+    from dse.pareto import feasible_values, nondominated_mask, reference_point, study_hypervolume
+
+    spec, study = _load_study(name, root)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: 0 for s in TrialState}
+    for t in trials:
+        counts[t.state.name] += 1
+    _, vals = feasible_values(trials, spec)
+    ref = reference_point(spec, vals)
+    return {
+        "study": name,
+        "n_trials": spec.n_trials,
+        "states": counts,
+        "pareto_size": int(nondominated_mask(vals).sum()) if len(vals) else 0,
+        "hypervolume": study_hypervolume(trials, spec),
+        "reference_point": None if ref is None else [float(x) for x in ref],
+        "objectives": [f"{o.metric}:{o.direction}" for o in spec.objectives],
+    }
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    st = status(args.study, args.dir)
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    states = ", ".join(f"{v} {k}" for k, v in st["states"].items() if v)
+    print(f"study {st['study']}: {states or 'no trials'} (target {st['n_trials']} COMPLETE)")
+    print(f"pareto size {st['pareto_size']}, hypervolume {st['hypervolume']:.6g} "
+          f"(reference point {st['reference_point']}, minimisation space)")
+    return 0
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from tracking.artifacts import pareto_table, write_table
+
+    spec, study = _load_study(args.study, args.dir)
+    table = pareto_table(study.get_trials(deepcopy=False), spec)
+    if args.out:
+        write_table(table, args.out)
+        print(f"{table.num_rows} Pareto trials -> {args.out}")
+        return 0
+    cols = ["number"] + [c for c in table.column_names if c.startswith(("values.", "params."))]
+    rows = table.select(cols).to_pylist()
+    print("\t".join(cols))
+    for r in rows:
+        print("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r.values()))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tracking.artifacts import trials_table, write_table
+
+    spec, study = _load_study(args.study, args.dir)
+    table = trials_table(study.get_trials(deepcopy=False), spec)
+    write_table(table, args.out)
+    print(f"{table.num_rows} trials -> {args.out}")
+    return 0
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from dse.driver import study_dir
+    from tracking.mlflow_tracker import sync
+
+    spec, study = _load_study(args.study, args.dir)
+    res = sync(spec, study_dir(args.study, args.dir), study.get_trials(deepcopy=False), uri=args.uri)
+    print(f"synced {args.study} to {res.uri}: {res.created} child runs created, {res.present} already there")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from dse.driver import load_study_spec, study_dir
+    from tracking.mlflow_tracker import default_uri
+
+    name = args.study
+    if name is None:
+        found = sorted(p.parent.name for p in Path(args.dir).glob("*/mlflow.db"))
+        if len(found) != 1:
+            raise SpecError([f"study: expected one of {found or 'the studies under ' + args.dir}; name it"])
+        name = found[0]
+    spec = load_study_spec(name, args.dir)
+    uri = spec.tracking_uri or default_uri(study_dir(name, args.dir))
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}  ({uri})", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    errors: list[str] = []
+    for path in args.specs:
+        try:
+            s = load_spec(path)
+            print(f"{path}: ok (study {s.name}, {len(s.params)} parameters, "
+                  f"{len(s.objectives)} objectives, {len(s.constraints)} constraints)")
+        except SpecError as e:
+            errors.extend(e.errors)
+    if errors:
+        raise SpecError(errors)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dse`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        _positive(args)
+        if args.command == "run":
+            return _drive(load_spec(args.spec), args)
+        if args.command == "resume":
+            from dse.driver import load_study_spec
+
+            return _drive(load_study_spec(args.study, args.dir), args)
+        return {
+            "status": _cmd_status,
+            "pareto": _cmd_pareto,
+            "export": _cmd_export,
+            "sync": _cmd_sync,
+            "ui": _cmd_ui,
+            "validate": _cmd_validate,
+        }[args.command](args)
+    except SpecError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"dse {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # optuna: no such study in the storage
+        print(f"dse {args.command}: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback, for run-time failures
+        from dse.driver import DriverError
+
+        if isinstance(e, DriverError):
+            print(f"dse {args.command}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

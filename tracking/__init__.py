@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs per study and trial, Parquet tables and Pareto plots."""

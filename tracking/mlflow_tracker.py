@@ -1,0 +1,337 @@
+"""MLflow tracking of a study: one parent run, one child run per trial, from a thread.
+
+The Optuna storage is the source of truth; MLflow is a view of it. The driver hands each
+finished trial to :class:`Tracker`, which logs it from a background thread with
+``MlflowClient`` (``create_run`` + one ``log_batch`` + ``set_terminated``), so MLflow never
+blocks the search. If MLflow is unreachable the tracker logs one warning and stops
+trying; ``dse sync <study>`` (:func:`sync`) backfills later.
+
+No trial is logged twice: a child run carries the tag ``dse.trial_number``; before logging,
+the tracker lists the child runs already under the parent, and deletes any left
+unfinished by a killed driver (status RUNNING) so that they are logged again whole.
+
+Layout under the study directory: ``mlflow.db`` (SQLite backend store, the default URI),
+``mlartifacts/`` (the experiment's artifact root), ``artifacts/`` (local copies of
+trials.parquet, pareto.parquet, pareto.png, pareto.html).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from dse.pareto import pareto_trials, study_hypervolume
+from dse.spec import Spec, complete_params
+from tracking.artifacts import write_artifacts
+
+log = logging.getLogger("dse.tracking")
+
+TRIAL_TAG = "dse.trial_number"
+ROLE_TAG = "dse.role"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_uri(sdir: Path) -> str:
+    """The default MLflow tracking URI of a study: ``sqlite:///<sdir>/mlflow.db``."""
+    return f"sqlite:///{(sdir / 'mlflow.db').resolve()}"
+
+
+def _ms(dt: Any) -> int:
+    return int(dt.timestamp() * 1000) if dt is not None else int(time.time() * 1000)
+
+
+class MlflowLink:
+    """The MLflow side of one study: its experiment, parent run and logged trials."""
+
+    def __init__(self, spec: Spec, sdir: Path, uri: str | None = None, storage_desc: str = "") -> None:
+        # Fail fast on an unreachable server instead of minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        from mlflow.tracking import MlflowClient
+
+        self.spec = spec
+        self.sdir = sdir
+        self.uri = uri or spec.tracking_uri or default_uri(sdir)
+        self.storage_desc = storage_desc
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = ""
+        self.parent_id = ""
+        self.logged: set[int] = set()
+
+    def connect(self) -> None:
+        """Find or create the experiment and the parent run; list the logged trials."""
+        from mlflow.entities import Param, RunTag
+
+        c = self.client
+        exp = c.get_experiment_by_name(self.spec.name)
+        if exp is None:
+            loc = (self.sdir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
+            self.experiment_id = c.create_experiment(self.spec.name, artifact_location=loc)
+        else:
+            self.experiment_id = exp.experiment_id
+        parents = c.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1
+        )
+        if parents:
+            self.parent_id = parents[0].info.run_id
+            if parents[0].info.status != "RUNNING":
+                c.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = c.create_run(
+                self.experiment_id,
+                tags={ROLE_TAG: "parent", "dse.study": self.spec.name, "dse.storage": self.storage_desc},
+                run_name=self.spec.name,
+            )
+            self.parent_id = run.info.run_id
+            params = [
+                Param("seed", str(self.spec.seed)),
+                Param("sampler", self.spec.sampler),
+                Param("n_trials", str(self.spec.n_trials)),
+                Param("objectives", ",".join(f"{o.metric}:{o.direction}" for o in self.spec.objectives)),
+                Param("constraints", ",".join(c.key for c in self.spec.constraints) or "-"),
+                Param("evaluators", ",".join(e.name for e in self.spec.evaluators)),
+            ]
+            c.log_batch(self.parent_id, params=params, tags=[RunTag("dse.spec", self.spec.text[:7000])])
+        self._list_logged()
+
+    def _list_logged(self) -> None:
+        token = None
+        self.logged = set()
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+                max_results=5000,
+                page_token=token,
+            )
+            for r in page:
+                n = r.data.tags.get(TRIAL_TAG)
+                if n is None:
+                    continue
+                if r.info.status != "FINISHED":  # half-logged by a killed driver
+                    self.client.delete_run(r.info.run_id)
+                    continue
+                self.logged.add(int(n))
+            token = page.token
+            if not token:
+                break
+
+    def log_trial(self, t: FrozenTrial) -> bool:
+        """Log one COMPLETE trial as a child run unless already logged; returns whether logged."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        if t.number in self.logged or t.state != TrialState.COMPLETE:
+            return False
+        c = self.client
+        run = c.create_run(
+            self.experiment_id,
+            start_time=_ms(t.datetime_start),
+            tags={PARENT_TAG: self.parent_id, TRIAL_TAG: str(t.number)},
+            run_name=f"trial-{t.number}",
+        )
+        ts = _ms(t.datetime_complete)
+        metrics = dict(t.user_attrs.get("metrics") or {})
+        for o, v in zip(self.spec.objectives, t.values or [], strict=False):
+            metrics.setdefault(o.metric, v)
+        for k, v in t.constraints.items():
+            metrics[f"constraint.{k}"] = v
+        c.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)[:6000]) for k, v in complete_params(t.params, self.spec).items()],
+            tags=[RunTag("dse.feasible", str(all(v <= 0 for v in t.constraints.values())))],
+        )
+        c.set_terminated(run.info.run_id, "FINISHED", end_time=ts)
+        self.logged.add(t.number)
+        return True
+
+    def log_hypervolume(self, points: Sequence[tuple[int, float, int]]) -> None:
+        """Log (step, hypervolume, timestamp_ms) points on the parent run in one batch."""
+        from mlflow.entities import Metric
+
+        if points:
+            self.client.log_batch(
+                self.parent_id, metrics=[Metric("hypervolume", v, ts, step) for step, v, ts in points]
+            )
+
+    def log_artifacts(self, trials: Sequence[FrozenTrial]) -> None:
+        """Write the tables and plots to ``<sdir>/artifacts`` and log them on the parent run."""
+        for p in write_artifacts(trials, self.spec, self.sdir / "artifacts"):
+            self.client.log_artifact(self.parent_id, str(p))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Mark the parent run finished."""
+        self.client.set_terminated(self.parent_id, status)
+
+
+class Tracker:
+    """Background MLflow logging for a running driver (see the module docstring)."""
+
+    def __init__(self, spec: Spec, sdir: Path, storage_desc: str = "") -> None:
+        self.spec = spec
+        self.sdir = sdir
+        self.storage_desc = storage_desc
+        self.error: str | None = None
+        self._q: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._trials: dict[int, FrozenTrial] = {}
+        self._thread: threading.Thread | None = None
+        self._link: MlflowLink | None = None
+        self._since_artifacts = 0
+
+    def start(self, existing: Sequence[FrozenTrial]) -> None:
+        """Start the thread; ``existing`` finished trials are backfilled if not logged."""
+        self._q.put(("init", list(existing)))
+        self._thread = threading.Thread(target=self._loop, name="dse-tracking", daemon=True)
+        self._thread.start()
+
+    def trial_finished(self, t: FrozenTrial) -> None:
+        """Queue a finished trial (never blocks)."""
+        self._q.put(("trial", t))
+
+    def log_hypervolume(self, step: int, value: float) -> None:
+        """Queue a hypervolume point for the parent run's history (step = COMPLETE count)."""
+        self._q.put(("hv", (step, value, int(time.time() * 1000))))
+
+    def finish(self, trials: Sequence[FrozenTrial], timeout_s: float = 120.0) -> None:
+        """Write final artifacts, close the parent run and wait for the thread (bounded)."""
+        self._q.put(("finish", list(trials)))
+        self._q.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("MLflow logging did not finish in %.0f s; run `dse sync %s`", timeout_s, self.spec.name)
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - MLflow must never stop the search
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning(
+                "MLflow unreachable while %s (%s); the search goes on; backfill later with `dse sync %s`",
+                what, self.error, self.spec.name,
+            )
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            items = [item]
+            while item is not None:  # drain what is queued: one batch
+                try:
+                    item = self._q.get_nowait()
+                    items.append(item)
+                except queue.Empty:
+                    break
+            hv: list[tuple[int, float, int]] = []
+            done = False
+            for it in items:
+                if it is None:
+                    done = True
+                    continue
+                kind, payload = it
+                if kind == "init":
+                    for t in payload:
+                        self._trials[t.number] = t
+                    self._guard("connecting", self._connect)
+                    self._log_trials(payload)
+                elif kind == "trial":
+                    self._trials[payload.number] = payload
+                    self._log_trials([payload])
+                    if payload.state == TrialState.COMPLETE:
+                        self._since_artifacts += 1
+                elif kind == "hv":
+                    hv.append(payload)
+                elif kind == "finish":
+                    for t in payload:
+                        self._trials[t.number] = t
+                    self._flush_hv(hv)
+                    hv = []
+                    self._final()
+            self._flush_hv(hv)
+            if self._since_artifacts >= self.spec.artifact_every:
+                self._since_artifacts = 0
+                self._artifacts()
+            if done:
+                return
+
+    def _connect(self) -> None:
+        self._link = MlflowLink(self.spec, self.sdir, storage_desc=self.storage_desc)
+        self._link.connect()
+
+    def _log_trials(self, trials: Sequence[FrozenTrial]) -> None:
+        if self.spec.child_runs != "all":
+            return
+        link = self._link
+        if link is None:
+            return
+        for t in trials:
+            self._guard("logging a trial", link.log_trial, t)
+
+    def _flush_hv(self, hv: list[tuple[int, float, int]]) -> None:
+        if hv and self._link is not None:
+            self._guard("logging the hypervolume", self._link.log_hypervolume, hv)
+
+    def _artifacts(self) -> None:
+        trials = sorted(self._trials.values(), key=lambda t: t.number)
+        if self._link is not None and self.error is None:
+            self._guard("logging artifacts", self._link.log_artifacts, trials)
+        else:
+            write_artifacts(trials, self.spec, self.sdir / "artifacts")
+
+    def _final(self) -> None:
+        trials = sorted(self._trials.values(), key=lambda t: t.number)
+        link = self._link
+        if link is not None and self.spec.child_runs == "pareto":
+            for t in pareto_trials(trials, self.spec):
+                self._guard("logging a Pareto trial", link.log_trial, t)
+        elif link is not None:
+            for t in trials:  # anything missed (e.g. told while connecting)
+                self._guard("logging a trial", link.log_trial, t)
+        self._artifacts()
+        if link is not None:
+            self._guard("closing the parent run", link.close)
+
+
+@dataclass
+class SyncResult:
+    """What :func:`sync` did: child runs created and already present, the tracking URI."""
+
+    created: int
+    present: int
+    uri: str
+
+
+def sync(spec: Spec, sdir: Path, trials: Sequence[FrozenTrial], uri: str | None = None) -> SyncResult:
+    """Backfill MLflow from the Optuna trials: missing child runs, hypervolume, artifacts.
+
+    Safe to run repeatedly: trials already logged are skipped. Raises whatever MLflow
+    raises when it is still unreachable.
+    """
+    link = MlflowLink(spec, sdir, uri=uri)
+    link.connect()
+    present = len(link.logged)
+    trials = sorted(trials, key=lambda t: t.number)
+    to_log = pareto_trials(trials, spec) if spec.child_runs == "pareto" else trials
+    created = sum(link.log_trial(t) for t in to_log)
+    if len(spec.objectives) > 1 and not link.client.get_metric_history(link.parent_id, "hypervolume"):
+        done = sorted(
+            (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number)
+        )
+        stride = max(1, len(done) // 200)
+        pts = []
+        for i in range(stride, len(done) + 1, stride):
+            pts.append((i, study_hypervolume(done[:i], spec), _ms(done[i - 1].datetime_complete)))
+        link.log_hypervolume(pts)
+    link.log_artifacts(trials)
+    link.close()
+    return SyncResult(created, present, link.uri)
