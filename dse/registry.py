@@ -118,3 +118,4 @@ def get(name: str) -> Factory:
 register("zdt1", "dse.plugins.benchmarks:zdt1")
 register("zdt2", "dse.plugins.benchmarks:zdt2")
 register("dtlz2", "dse.plugins.benchmarks:dtlz2")
+register("dataflow", "dse.plugins.dataflow:dataflow")
