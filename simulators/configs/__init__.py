@@ -1,0 +1,1 @@
+"""Shipped Hugging Face ``config.json`` files of the LLMs the simulators know by name."""

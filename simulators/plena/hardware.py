@@ -1,0 +1,162 @@
+"""PLENA hardware parameters and operand formats, validated, scalar or numpy arrays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+_INT_FIELDS = ("mlen", "blen", "vlen", "hlen")
+
+
+@dataclass(frozen=True)
+class PlenaHardware:
+    """One PLENA design point, or many: every field may be a numpy array (broadcast).
+
+    Attributes:
+        mlen: reduction length of the flattened systolic array, multipliers (elements).
+        blen: width of the array, output columns; the array has mlen * blen multipliers.
+        vlen: vector-unit width, elements per cycle.
+        hlen: head slice, elements; one array pass packs mlen // hlen head slices.
+        matrix_sram_bytes: matrix (weight / KV) SRAM, bytes.
+        vector_sram_bytes: vector (activation) SRAM, bytes.
+        hbm_gbps: HBM bandwidth, GB/s (1e9 bytes/s).
+        hbm_gb: HBM capacity, GB (1e9 bytes).
+        clock_ghz: clock, GHz.
+
+    Defaults follow the public PLENA analytic settings (MLEN 2048, BLEN 128, 1 GHz) with
+    A100-80GB-class memory (2039 GB/s, 80 GB) and 16 MiB per SRAM.
+    """
+
+    mlen: Any = 2048
+    blen: Any = 128
+    vlen: Any = 2048
+    hlen: Any = 128
+    matrix_sram_bytes: Any = 16 * 2**20
+    vector_sram_bytes: Any = 16 * 2**20
+    hbm_gbps: Any = 2039.0
+    hbm_gb: Any = 80.0
+    clock_ghz: Any = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            raw = getattr(self, f.name)
+            if type(raw) in (int, float) and raw > 0 and math.isfinite(raw) and (
+                    f.name not in _INT_FIELDS or raw == int(raw)):
+                object.__setattr__(self, f.name, np.float64(raw))
+                continue
+            arr = np.asarray(raw, dtype=np.float64) if _numeric(raw) else None
+            if arr is None or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+                raise ValueError(f"hw.{f.name}: expected a positive number, got {raw!r}")
+            if f.name in _INT_FIELDS and np.any(arr != np.round(arr)):
+                raise ValueError(f"hw.{f.name}: expected a positive integer, got {raw!r}")
+            object.__setattr__(self, f.name, arr)
+        if np.any(self.hlen > self.mlen):
+            raise ValueError(f"hw.hlen: expected <= hw.mlen ({self.mlen}), got {self.hlen}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Broadcast shape of all fields (() for one design point)."""
+        return self._shape
+
+    @cached_property
+    def _shape(self) -> tuple[int, ...]:
+        return np.broadcast_shapes(*(np.shape(getattr(self, f.name)) for f in fields(self)))
+
+    @property
+    def multipliers(self) -> NDArray[np.float64]:
+        """Multipliers in the matrix unit, mlen * blen."""
+        return self.mlen * self.blen
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+                    ) -> PlenaHardware:
+        """Read ``hw.<field>`` names from a flat parameter dict (others ignored)."""
+        kw = dict(defaults or {})
+        for f in fields(cls):
+            if f"hw.{f.name}" in params:
+                kw[f.name] = params[f"hw.{f.name}"]
+        return cls(**kw)
+
+
+def _numeric(x: Any) -> bool:
+    if isinstance(x, bool | str) or x is None:
+        return False
+    try:
+        return np.asarray(x).dtype.kind in "iuf"
+    except (TypeError, ValueError):
+        return False
+
+
+@lru_cache(maxsize=512)
+def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None) -> float:
+    """Bits per element of format ``name`` (scales included) via ``quant.get_format``.
+
+    Raises:
+        ValueError: naming ``field`` when the format string does not parse.
+    """
+    import quant  # torch-backed; imported on first use only
+
+    try:
+        fmt = quant.get_format(name)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{field}: expected a quant format name, got {name!r} ({e})") from None
+    return float(fmt.bits_per_element(shape, -1))
+
+
+@lru_cache(maxsize=512)
+def mult_cost(a: str, b: str) -> float:
+    """``quant.multiplier_cost(a, b)``: multiplier gates relative to int8 x int8."""
+    import quant
+
+    return float(quant.multiplier_cost(a, b))
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Operand formats (``quant`` format strings) of weights, activations and KV cache."""
+
+    weights: str = "mxint4"
+    acts: str = "mxint8"
+    kv: str = "mxint4"
+
+    def __post_init__(self) -> None:
+        for key in ("weights", "acts", "kv"):
+            name = getattr(self, key)
+            if not isinstance(name, str):
+                raise ValueError(f"quant.{key}: expected a format name string, got {name!r}")
+            format_bits(name, f"quant.{key}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], defaults: Mapping[str, str] | None = None
+                    ) -> Numerics:
+        """Read ``quant.weights|acts|kv`` from a flat parameter dict."""
+        kw = dict(defaults or {})
+        for key in ("weights", "acts", "kv"):
+            if f"quant.{key}" in params:
+                kw[key] = params[f"quant.{key}"]
+        return cls(**kw)
+
+    def weight_bytes(self, rows: int, k: int) -> float:
+        """Bytes per weight element of a rows x k matrix (blocks along k)."""
+        return format_bits(self.weights, "quant.weights", (int(rows), int(k))) / 8.0
+
+    @property
+    def act_bytes(self) -> float:
+        """Bytes per activation element (asymptotic: per-block scales included)."""
+        return format_bits(self.acts, "quant.acts") / 8.0
+
+    @property
+    def kv_bytes(self) -> float:
+        """Bytes per KV-cache element (asymptotic: per-block scales included)."""
+        return format_bits(self.kv, "quant.kv") / 8.0
+
+
+def as_array(x: ArrayLike) -> NDArray[np.float64]:
+    """``np.asarray(x, float64)``."""
+    return np.asarray(x, dtype=np.float64)
