@@ -105,9 +105,29 @@ def test_block_formats_match_rational_model(base: str, opts: str) -> None:
     got = f.quantize(torch.from_numpy(x)).numpy()
     want = _ref(x, f)
     np.testing.assert_array_equal(got, want.astype(np.float32))
+    # row by row too: a tensor with an extreme block takes the two-step path for all its
+    # blocks, a row of ordinary blocks the one-step fast path; both must be exact
+    for r in range(x.shape[0]):
+        row = f.quantize(torch.from_numpy(x[r:r + 1])).numpy()
+        np.testing.assert_array_equal(row, want[r:r + 1].astype(np.float32))
     # blocks run along the axis argument: axis=0 on the transpose gives the transpose
     got0 = f.quantize(torch.from_numpy(x.T.copy()), axis=0).numpy()
     np.testing.assert_array_equal(got0, got.T)
+
+
+@pytest.mark.parametrize("name", MX_NAMES + ["mxfp4_e2m1(round=away,scale=ceil)"])
+def test_fast_path_equals_two_step_path(name: str) -> None:
+    f = get_format(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.exp2(torch.randint(-90, 90, (64, 1),
+                                                                      generator=g).float())
+    xb, _, _ = f._blocks(x, -1)
+    amax = xb.abs().amax(-1, keepdim=True)
+    s = f.shared_exponent(amax)
+    fast = f._qdq_fast(xb, s)
+    assert fast is not None
+    slow = f._elements(xb * 2.0 ** (-s).double().float()) * 2.0 ** s.double().float()
+    assert torch.equal(fast, slow)
 
 
 def test_mxint8_symmetric_and_carry() -> None:

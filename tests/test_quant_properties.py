@@ -63,8 +63,15 @@ def test_properties(name: str, data: tuple[np.ndarray, int]) -> None:
     x = _x(data)
     q = f.quantize(x)
     exact = not isinstance(f, IntFormat)
-    # idempotence
-    _close(f.quantize(q), q, exact)
+    # idempotence (asymmetric int re-derives min/max and a rounded zero point, so a second
+    # pass may move values by up to one step: bounded instead of exact)
+    if isinstance(f, IntFormat) and f.asym:
+        g = q.reshape(-1, 16)
+        step = (g.amax(1) - g.amin(1)).clamp(min=0) / (2**f.bits - 1)
+        err = (f.quantize(q) - q).reshape(-1, 16).abs().amax(1)
+        assert bool((err <= step * 1.0001 + 1e-30).all())
+    else:
+        _close(f.quantize(q), q, exact)
     # sign symmetry (the asymmetric int grid is not symmetric by design)
     if not (isinstance(f, IntFormat) and f.asym):
         _close(f.quantize(-x), -q, exact)
