@@ -128,8 +128,8 @@ class Constraint:
 
     @property
     def key(self) -> str:
-        """The Optuna constraint key (``fits_memory>=1.0``)."""
-        return f"{self.metric}{self.op}{self.bound:g}"
+        """The Optuna constraint key, also a valid MLflow metric name (``fits_memory_ge_1``)."""
+        return f"{self.metric}_{'le' if self.op == '<=' else 'ge'}_{self.bound:g}"
 
     def violation(self, value: float) -> float:
         """Amount by which ``value`` violates the constraint (<= 0 means feasible)."""

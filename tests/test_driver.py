@@ -155,7 +155,7 @@ def test_failures_nan_and_upstream(ray_session: Any, tmp_path: Path) -> None:
         m = t.user_attrs["metrics"]
         assert m["sum_f"] == pytest.approx(m["f1"] + m["f2"])
         assert t.user_attrs["info"] == {"layers": {"a": 0.5}}
-        assert t.constraints["sum_f<=1.5"] == pytest.approx(m["sum_f"] - 1.5)
+        assert t.constraints["sum_f_le_1.5"] == pytest.approx(m["sum_f"] - 1.5)
 
 
 def test_enqueue_and_resume_of_stale_running(ray_session: Any, tmp_path: Path) -> None:

@@ -1,0 +1,181 @@
+"""The dse command line: bad specs, run/status/pareto/export, SIGKILLed driver + resume,
+dead MLflow server + sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+from optuna.trial import TrialState
+
+from dse.cli import main
+from dse.driver import open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec_text(name: str, n_trials: int, *, delay_s: float = 0.0, tracking: str = "") -> str:
+    return f"""
+[study]
+name = "{name}"
+seed = 2
+sampler = "nsga2"
+n_trials = {n_trials}
+[study.sampler_options]
+population_size = 4
+[[objectives]]
+metric = "f1"
+ref = 1.1
+[[objectives]]
+metric = "f2"
+ref = 1.1
+[[constraints]]
+metric = "f1"
+op = "<="
+bound = 0.9
+[space.x]
+0 = {{ type = "float", low = 0.0, high = 1.0 }}
+1 = {{ type = "float", low = 0.0, high = 1.0 }}
+[[evaluators]]
+name = "zdt1"
+options = {{ n_vars = 2, delay_s = {delay_s} }}
+[ray]
+workers = 2
+[tracking]
+artifact_every = 4
+{tracking}
+"""
+
+
+def child_runs(uri: str, study: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(study)
+    assert exp is not None
+    runs = c.search_runs([exp.experiment_id], max_results=10000)
+    return [r for r in runs if "dse.trial_number" in r.data.tags]
+
+
+def states(root: Path, name: str) -> Counter[TrialState]:
+    study = optuna.load_study(study_name=name, storage=open_storage(None, root / name))
+    return Counter(t.state for t in study.trials)
+
+
+def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec_text("bad", 4).replace('sampler = "nsga2"', 'sampler = "simplex"'))
+    out = tmp_path / "studies"
+    assert main(["run", str(bad), "--dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{bad}: study.sampler: expected one of nsga2, nsga3, tpe, gp, random, qmc, got 'simplex'"]
+    assert not out.exists()
+    assert main(["validate", str(bad)]) == 2
+    assert main(["run", str(tmp_path / "none.toml"), "--dir", str(out)]) == 2
+    assert main(["run", str(bad), "--dir", str(out), "--workers", "0"]) == 2
+    assert not out.exists()
+    assert main(["status", "nosuch", "--dir", str(out)]) == 2
+    assert main(["validate", str(ROOT / "examples" / "zdt1.toml")]) == 0
+
+
+def test_run_status_pareto_export(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(spec_text("cli", 12))
+    root = tmp_path / "studies"
+    assert main(["run", str(spec), "--dir", str(root), "--progress", "log"]) == 0
+    capsys.readouterr()
+    assert main(["status", "cli", "--dir", str(root), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["states"]["COMPLETE"] == 12 and st["pareto_size"] >= 1 and st["hypervolume"] > 0
+    assert st["reference_point"] == [1.1, 1.1]
+    assert main(["pareto", "cli", "--dir", str(root), "--out", str(tmp_path / "front.parquet")]) == 0
+    front = pq.read_table(tmp_path / "front.parquet")
+    assert front.num_rows == st["pareto_size"]
+    assert all(v <= 0.9 for v in front.column("values.f1").to_pylist())  # feasible only
+    assert main(["export", "cli", "--dir", str(root), "--out", str(tmp_path / "t.csv")]) == 0
+    assert (tmp_path / "t.csv").read_text().count("\n") == 13
+    # artifacts and one MLflow child run per COMPLETE trial
+    sdir = root / "cli"
+    for f in ("trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"):
+        assert (sdir / "artifacts" / f).stat().st_size > 0
+    runs = child_runs(f"sqlite:///{sdir / 'mlflow.db'}", "cli")
+    assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(12))
+    # --n-trials extends the same study
+    assert main(["run", str(spec), "--dir", str(root), "--n-trials", "14", "--no-tracking", "--progress", "log"]) == 0
+    assert states(root, "cli")[TrialState.COMPLETE] == 14
+
+
+def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
+    spec = tmp_path / "k.toml"
+    n = 16
+    spec.write_text(spec_text("killed", n, delay_s=0.3))
+    root = tmp_path / "studies"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--progress", "log"],
+        cwd=tmp_path, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            if (root / "killed" / "optuna.journal").exists():
+                c = states(root, "killed")
+                if c[TrialState.COMPLETE] >= 4 and c[TrialState.RUNNING] >= 1:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("driver made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = states(root, "killed")
+    assert before[TrialState.RUNNING] >= 1 and before[TrialState.COMPLETE] < n
+    assert main(["resume", "killed", "--dir", str(root), "--progress", "log"]) == 0
+    study = optuna.load_study(study_name="killed", storage=open_storage(None, root / "killed"))
+    after = Counter(t.state for t in study.trials)
+    assert after[TrialState.COMPLETE] == n and after[TrialState.RUNNING] == 0
+    assert after[TrialState.FAIL] == before[TrialState.RUNNING]
+    for t in study.trials:
+        if t.state == TrialState.FAIL:
+            assert "left RUNNING" in t.user_attrs["fail_reason"]
+    runs = child_runs(f"sqlite:///{root / 'killed' / 'mlflow.db'}", "killed")
+    numbers = [int(r.data.tags["dse.trial_number"]) for r in runs]
+    complete = sorted(t.number for t in study.trials if t.state == TrialState.COMPLETE)
+    assert sorted(numbers) == complete  # one child run per COMPLETE trial, none twice
+
+
+def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "d.toml"
+    spec.write_text(spec_text("deadml", 8, tracking='uri = "http://127.0.0.1:9"'))
+    root = tmp_path / "studies"
+    assert main(["run", str(spec), "--dir", str(root), "--progress", "log"]) == 0
+    assert states(root, "deadml")[TrialState.COMPLETE] == 8
+    assert not (root / "deadml" / "mlflow.db").exists()
+    uri = f"sqlite:///{root / 'deadml' / 'mlflow.db'}"  # the store is reachable again
+    assert main(["sync", "deadml", "--dir", str(root), "--uri", uri]) == 0
+    assert "8 child runs created, 0 already there" in capsys.readouterr().out
+    assert main(["sync", "deadml", "--dir", str(root), "--uri", uri]) == 0
+    assert "0 child runs created, 8 already there" in capsys.readouterr().out
+    runs = child_runs(uri, "deadml")
+    assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(8))
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("deadml")
+    parent = c.search_runs([exp.experiment_id], filter_string="tags.`dse.role` = 'parent'")[0]
+    assert c.get_metric_history(parent.info.run_id, "hypervolume")
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"} <= arts
