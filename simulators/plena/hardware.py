@@ -100,10 +100,12 @@ def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None) -> 
     Raises:
         ValueError: naming ``field`` when the format string does not parse.
     """
-    import quant  # torch-backed; imported on first use only
+    # quant.formats (not the package root): works even where an old editable install
+    # registered quant as a namespace package; torch-backed, imported on first use only
+    from quant.formats import get_format
 
     try:
-        fmt = quant.get_format(name)
+        fmt = get_format(name)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{field}: expected a quant format name, got {name!r} ({e})") from None
     return float(fmt.bits_per_element(shape, -1))
@@ -112,9 +114,9 @@ def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None) -> 
 @lru_cache(maxsize=512)
 def mult_cost(a: str, b: str) -> float:
     """``quant.multiplier_cost(a, b)``: multiplier gates relative to int8 x int8."""
-    import quant
+    from quant.formats import multiplier_cost
 
-    return float(quant.multiplier_cost(a, b))
+    return float(multiplier_cost(a, b))
 
 
 @dataclass(frozen=True)
