@@ -4,7 +4,8 @@ Per trial it builds the network's pipeline for the candidate's numerics and spar
 runs the greedy folding optimiser within the device budget (or takes the folding from
 ``hw.layer.<name>.*`` parameters) and returns ``images_per_s``, ``latency_s``, ``dsp``,
 ``bram18``, ``uram``, ``lut``, ``ff``, ``images_per_s_per_dsp``, ``fits_device`` (1/0),
-``partitions``, ``bandwidth_gbps``, ``interval_cycles``; beside them (trial information)
+``partitions``, ``bandwidth_gbps``, ``interval_cycles``, ``zero_product_share`` (MAC-
+weighted share of zero products the design skips); beside them (trial information)
 ``dataflow_layers`` (per-stage II, resources, folding), ``dataflow_bottleneck`` and
 ``dataflow_sparsity_source``. See docs/dataflow.md for options, the ``layer_sparsity``
 contract and the parameter names read.
@@ -177,6 +178,13 @@ class DataflowEvaluator:
             getattr(fold, fld)[0, self.net.index(name)] = int(v)
         return fold
 
+    def _zero_share(self, sparsity: Mapping[str, Sparsity]) -> float:
+        """MAC-weighted mean share of zero products over the conv/linear stages."""
+        macs = np.array([ly.macs for ly in self.net.layers], dtype=np.float64)
+        share = np.array([sparsity[ly.name].zero_fraction if ly.name in sparsity else 0.0
+                          for ly in self.net.layers])
+        return float((macs * share).sum() / max(macs.sum(), 1.0))
+
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, params: Mapping[str, Any], upstream: Mapping[str, Any]) -> dict[str, Any]:
         """Metrics of the candidate (see module docstring)."""
@@ -197,6 +205,7 @@ class DataflowEvaluator:
         for j, ly in enumerate(self.net.layers):
             layers[ly.name] = {"ii_cycles": int(res.ii_cycles[0, j]),
                                **{r: int(res.layer_resources[r][0, j]) for r in RESOURCES}, **fd[ly.name]}
+        metrics["zero_product_share"] = self._zero_share(sparsity)
         metrics["dataflow_layers"] = layers
         metrics["dataflow_bottleneck"] = self.net.names[int(res.bottleneck[0])]
         metrics["dataflow_sparsity_source"] = source

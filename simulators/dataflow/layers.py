@@ -22,6 +22,7 @@ shape; results have that shape.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ _BRAM18_DEPTH = {1: 16384, 2: 8192, 4: 4096, 9: 2048, 18: 1024, 36: 512}
 _BRAM18_WIDTHS = np.array(sorted(_BRAM18_DEPTH))
 _BRAM18_DEPTHS = np.array([_BRAM18_DEPTH[w] for w in sorted(_BRAM18_DEPTH)])
 ACC_BITS = 32
+# (histogram digest, shape, streams) -> cycles per window by fine; shared by all models
+_TABLE_CACHE: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,13 @@ class LayerModel:
         if tab is None:
             sp = self.sparsity
             if isinstance(sp, WindowHist):
-                tab = _window_cycle_table(sp.hist, self.layer.window, streams)
+                key = (hashlib.sha1(sp.hist.tobytes()).hexdigest(), sp.hist.shape, streams)
+                tab = _TABLE_CACHE.get(key)
+                if tab is None:
+                    tab = _window_cycle_table(sp.hist, self.layer.window, streams)
+                    if len(_TABLE_CACHE) > 4096:
+                        _TABLE_CACHE.clear()
+                    _TABLE_CACHE[key] = tab
             else:
                 assert isinstance(sp, PointwiseAvg)
                 if streams % self.clusters:

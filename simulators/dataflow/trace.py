@@ -81,7 +81,9 @@ def trace(module: Any, input_shape: tuple[int, ...] = (3, 224, 224), name: str |
     with torch.no_grad():
         ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
     mods = dict(gm.named_modules())
-    stage_of: dict[Any, str] = {}  # fx node -> name of the stage producing its value ("" = input)
+    # fx node -> names of the stages its value depends on (() = network input or constant)
+    stage_of: dict[Any, tuple[str, ...]] = {}
+    constant: set[Any] = set()
     layers: list[Layer] = []
     used: set[str] = set()
 
@@ -89,7 +91,10 @@ def trace(module: Any, input_shape: tuple[int, ...] = (3, 224, 224), name: str |
         return tuple(int(d) for d in n.meta["tensor_meta"].shape)
 
     def tensor_args(node: Any) -> list[Any]:
-        return [a for a in node.args if isinstance(a, fx.Node) and "tensor_meta" in a.meta
+        flat: list[Any] = []
+        for a in (*node.args, *node.kwargs.values()):
+            flat.extend(a if isinstance(a, list | tuple) else [a])
+        return [a for a in flat if isinstance(a, fx.Node) and "tensor_meta" in a.meta
                 and hasattr(a.meta["tensor_meta"], "shape")]
 
     def fresh(base: str) -> str:
@@ -109,19 +114,31 @@ def trace(module: Any, input_shape: tuple[int, ...] = (3, 224, 224), name: str |
     def add(ly: Layer, node: Any) -> None:
         layers.append(ly)
         used.add(ly.name)
-        stage_of[node] = ly.name
+        stage_of[node] = (ly.name,)
 
     def srcs(nodes: list[Any]) -> tuple[str, ...]:
-        out = []
+        out: list[str] = []
         for n in nodes:
-            s = stage_of.get(n, "")
-            if s and s not in out:
-                out.append(s)
+            for s in stage_of.get(n, ()):
+                if s not in out:
+                    out.append(s)
         return tuple(out)
+
+    def rcc(out: tuple[int, ...]) -> tuple[int, int, int]:
+        """(rows, cols, channels) of an activation (N, C, H, W), (N, T, D) or (N, D)."""
+        if len(out) == 4:
+            return out[2], out[3], out[1]
+        if len(out) == 3:
+            return out[1], 1, out[2]
+        return 1, 1, out[-1]
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            stage_of[node] = ""
+            stage_of[node] = ()
+            continue
+        if node.op == "get_attr":
+            stage_of[node] = ()
+            constant.add(node)
             continue
         if node.op == "output":
             continue
@@ -132,24 +149,21 @@ def trace(module: Any, input_shape: tuple[int, ...] = (3, 224, 224), name: str |
                 add(ly, node)
                 continue
         kind = _functional_kind(node, targs)
-        if kind in ("add", "mul") and len(targs) == 2 and srcs(targs[:1]) != srcs(targs[1:]) or kind == "concat":
-            out = shape(node)
+        two_streams = (len(targs) == 2 and not (set(targs) & constant)
+                       and srcs(targs[:1]) != srcs(targs[1:]))
+        if (kind in ("add", "mul") and two_streams) or kind == "concat":
             base = f"{scope(node)}.{kind}" if scope(node) else kind
-            if kind == "concat":
-                _, c, h, w = out
-                ly = Layer(fresh(base), "concat", h, w, c, c, inputs=srcs(targs))
-            else:
-                _, c, h, w = out if len(out) == 4 else (1, out[-1], 1, 1)
-                ly = Layer(fresh(base), kind, h, w, c, c, inputs=srcs(targs))
-            add(ly, node)
+            h, w, c = rcc(shape(node))
+            add(Layer(fresh(base), kind, h, w, c, c, inputs=srcs(targs)), node)
             continue
         if kind == "gap":
-            _, c, h, w = shape(targs[0])
+            h, w, c = rcc(shape(targs[0]))
             base = f"{scope(node)}.avgpool" if scope(node) else "avgpool"
             add(Layer(fresh(base), "gap", h, w, c, c, inputs=srcs(targs[:1])), node)
             continue
-        # fused / pass-through node: value comes from its first tensor input's stage
-        stage_of[node] = stage_of.get(targs[0], "") if targs else ""
+        # fused / pass-through node (activation, norm, reshape, attention matmul, ...):
+        # its value depends on the stages of all its tensor inputs
+        stage_of[node] = srcs(targs)
     return Network(net_name, tuple(layers))
 
 
