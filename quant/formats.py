@@ -459,25 +459,45 @@ class IntFormat(Format):
             return q.reshape(x.shape)
         return q.reshape(*shape[:-1], -1)[..., :n].movedim(-1, axis)
 
-    def _qdq(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        xf, dt = _prep(x)
-        g, shape, n = self._groups(xf, axis)
+    def _scale_zero(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(scale, zero point, lowest code, highest code) per row of the grouped tensor."""
         if self.asym:
             lo = g.amin(-1, keepdim=True).clamp(max=0.0)
             hi = g.amax(-1, keepdim=True).clamp(min=0.0)
             qmax = float(2**self.bits - 1)
             s = (hi - lo) / qmax
             s = torch.where(s > 0, s, torch.ones_like(s))
-            z = torch.round(-lo / s)
-            q = (_round(g / s, self.rounding).add_(z).clamp_(0.0, qmax).sub_(z)).mul_(s)
-            bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+            return s, torch.round(-lo / s), 0.0, qmax
+        qmax = float(2 ** (self.bits - 1) - 1)
+        s = g.abs().amax(-1, keepdim=True) / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return s, torch.zeros_like(s), -qmax, qmax
+
+    def encode(self, x: torch.Tensor, axis: int = -1
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes, scales and zero points: ``(codes, scale, zero_point)``.
+
+        ``codes`` (int32) has the grouped shape (``(1, numel)`` per tensor, ``(rows, n)`` per
+        channel, ``(groups, group)`` per group, ``axis`` moved last); ``scale`` and
+        ``zero_point`` (float32) one entry per row. Value = ``(codes - zero_point) * scale``.
+        """
+        xf, _ = _prep(x)
+        g, _, _ = self._groups(xf, axis)
+        s, z, lo, hi = self._scale_zero(g)
+        codes = (_round(g / s, self.rounding) + z).clamp_(lo, hi)
+        return codes.to(torch.int32), s, z
+
+    def _qdq(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        xf, dt = _prep(x)
+        g, shape, n = self._groups(xf, axis)
+        s, z, lo, hi = self._scale_zero(g)
+        q = _round(g / s, self.rounding)
+        if self.asym:
+            q = q.add_(z).clamp_(lo, hi).sub_(z)
         else:
-            amax = g.abs().amax(-1, keepdim=True)
-            qmax = float(2 ** (self.bits - 1) - 1)
-            s = amax / qmax
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            q = _round(g / s, self.rounding).clamp_(-qmax, qmax).mul_(s)
-            bad = ~torch.isfinite(amax)
+            q = q.clamp_(lo, hi)
+        q = q.mul_(s)
+        bad = ~torch.isfinite(s)
         if bool(bad.any()):
             q = torch.where(bad, torch.full_like(q, float("nan")), q)
         return self._ungroup(q, xf, shape, n, axis).to(dt)

@@ -165,6 +165,10 @@ def test_nonfinite_block_becomes_nan_and_empty_passthrough() -> None:
     assert torch.isfinite(q[1]).all()
     e = torch.empty(0, 32)
     assert f.quantize(e).shape == (0, 32)
+    for name in ("int4(group=32)", "int4(asym,group=32)"):
+        q = get_format(name).quantize(x)
+        assert torch.isnan(q[0, :32]).all() and torch.isfinite(q[0, 32:]).all()
+    assert torch.isnan(get_format("int8").quantize(x)).all()
 
 
 @pytest.mark.parametrize("name", ["mxint8", "int8", "fp8_e4m3", "log(w=4)", "bf16"])
@@ -236,3 +240,18 @@ def test_dtypes_preserved() -> None:
         q = get_format("mxint4").quantize(x.to(dt))
         assert q.dtype == dt
         assert torch.equal(q.float(), get_format("mxint4").quantize(x.to(dt).float()))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4(asym,group=16)", "int3(channel)"])
+def test_int_encode_decodes_to_quantize(name: str) -> None:
+    f = get_format(name)
+    x = torch.randn(6, 40)
+    codes, s, z = f.encode(x)
+    assert codes.dtype == torch.int32
+    deq = (codes.float() - z) * s
+    q = f.quantize(x)
+    if f.granularity == "group":
+        deq = deq.reshape(6, -1)[:, :40]
+    assert torch.allclose(deq.reshape(q.shape), q, rtol=1e-6, atol=1e-7)
+    lo, hi = (0, 2**f.bits - 1) if f.asym else (-(2 ** (f.bits - 1) - 1), 2 ** (f.bits - 1) - 1)
+    assert lo <= int(codes.min()) and int(codes.max()) <= hi
