@@ -52,7 +52,7 @@ options = {{ n_vars = 2, delay_s = {delay_s} }}
 [ray]
 workers = 2
 [tracking]
-artifact_every = 4
+artifact_every = 50
 {tracking}
 """
 
@@ -132,7 +132,10 @@ def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
             if proc.poll() is not None:
                 pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
             if (root / "killed" / "optuna.journal").exists():
-                c = states(root, "killed")
+                try:
+                    c = states(root, "killed")
+                except KeyError:  # the study is being created
+                    c = Counter()
                 if c[TrialState.COMPLETE] >= 4 and c[TrialState.RUNNING] >= 1:
                     break
             time.sleep(0.2)

@@ -1,0 +1,159 @@
+"""Hypervolume against Optuna's independent implementation; tables, plots, MLflow tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pyarrow.parquet as pq
+import pytest
+from optuna._hypervolume import compute_hypervolume
+from optuna.trial import TrialState
+
+from dse.pareto import (
+    FrontTracker,
+    hypervolume,
+    nondominated_mask,
+    pareto_trials,
+    study_hypervolume,
+)
+from dse.spec import parse_spec, sample_params
+from tracking.artifacts import trials_table, write_artifacts
+from tracking.mlflow_tracker import Tracker, default_uri
+
+SPEC = """
+[study]
+name = "t"
+sampler = "random"
+[[objectives]]
+metric = "a"
+[[objectives]]
+metric = "b"
+direction = "maximize"
+[[constraints]]
+metric = "c"
+op = "<="
+bound = 0.8
+[space.p]
+x = { type = "float", low = 0.0, high = 1.0 }
+k = { choices = ["u", "v"] }
+y = { type = "int", low = 1, high = 4, when = { "p.k" = ["v"] } }
+f = { value = "fixed" }
+[[evaluators]]
+name = "zdt1"
+[tracking]
+artifact_every = 5
+"""
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4])
+def test_hypervolume_matches_optuna(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    for _ in range(5):
+        pts = rng.random((40, dim))
+        ref = np.full(dim, 1.1)
+        front = pts[nondominated_mask(pts)]
+        ours = hypervolume(pts, ref)
+        theirs = compute_hypervolume(front, ref, assume_pareto=True)
+        assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_nondominated_mask_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    pts = rng.random((60, 3))
+    brute = np.array([
+        not any(np.all(q <= p) and np.any(q < p) for q in pts) for p in pts
+    ])
+    assert (nondominated_mask(pts) == brute).all()
+
+
+def test_points_outside_reference_ignored() -> None:
+    assert hypervolume(np.array([[2.0, 0.0]]), [1.0, 1.0]) == 0.0
+    assert hypervolume(np.array([[0.5, 0.5], [2.0, 0.0]]), [1.0, 1.0]) == pytest.approx(0.25)
+
+
+def _study(n: int = 30) -> tuple[optuna.Study, object]:
+    spec = parse_spec(SPEC)
+    study = optuna.create_study(directions=spec.directions, sampler=spec.make_sampler())
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        t = study.ask()
+        p = sample_params(t, spec)
+        if i % 10 == 9:
+            t.set_user_attr("fail_reason", "boom")
+            study.tell(t, state=TrialState.FAIL)
+            continue
+        a, b, c = p["p.x"], float(rng.random()), float(rng.random())
+        t.set_user_attr("metrics", {"a": a, "b": b, "c": c})
+        t.set_user_attr("info", {"layers": [1, 2]})
+        t.set_constraint(spec.constraints[0].key, spec.constraints[0].violation(c))
+        study.tell(t, [a, b])
+    return study, spec
+
+
+def test_front_and_tables() -> None:
+    study, spec = _study()
+    trials = study.trials
+    front = pareto_trials(trials, spec)
+    assert front
+    feas = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["metrics"]["c"] <= 0.8]
+    pts = np.array([[t.values[0], -t.values[1]] for t in feas])
+    mask = nondominated_mask(pts)
+    assert {t.number for t, m in zip(feas, mask, strict=True) if m} == {t.number for t in front}
+    # incremental tracker agrees with the batch computation
+    ft = FrontTracker(spec)
+    for t in feas:
+        ft.add(t.values)
+    assert ft.size == len(front)
+    assert ft.hypervolume() == pytest.approx(study_hypervolume(trials, spec))
+    table = trials_table(trials, spec)
+    assert table.num_rows == 30
+    rows = table.to_pylist()
+    assert rows[9]["state"] == "FAIL" and rows[9]["fail_reason"] == "boom"
+    for r, t in zip(rows, trials, strict=True):
+        assert r["params.p.f"] == "fixed"
+        assert (r["params.p.y"] is None) == (t.params["p.k"] == "u")
+        assert r["pareto"] == (t.number in {f.number for f in front})
+
+
+def test_write_artifacts(tmp_path: Path) -> None:
+    study, spec = _study()
+    paths = write_artifacts(study.trials, spec, tmp_path)
+    assert [p.name for p in paths] == ["trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"]
+    assert pq.read_table(tmp_path / "trials.parquet").num_rows == 30
+    assert pq.read_table(tmp_path / "pareto.parquet").column("pareto").to_pylist() == [True] * len(
+        pareto_trials(study.trials, spec)
+    )
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert b"plotly" in (tmp_path / "pareto.html").read_bytes()[:200000]
+
+
+def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    study, spec = _study(20)
+    trials = study.trials
+    tr = Tracker(spec, tmp_path, storage_desc="memory")
+    tr.start(trials[:10])
+    for t in trials[10:]:
+        tr.trial_finished(t)
+    tr.log_hypervolume(1, 0.5)
+    tr.finish(trials)
+    assert tr.error is None
+    # a second tracker on the same store (a resumed driver) logs nothing twice
+    tr2 = Tracker(spec, tmp_path)
+    tr2.start(trials)
+    tr2.finish(trials)
+    c = MlflowClient(tracking_uri=default_uri(tmp_path))
+    exp = c.get_experiment_by_name("t")
+    runs = c.search_runs([exp.experiment_id])
+    children = [r for r in runs if "dse.trial_number" in r.data.tags]
+    complete = [t.number for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(int(r.data.tags["dse.trial_number"]) for r in children) == complete
+    parent = [r for r in runs if r.data.tags.get("dse.role") == "parent"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    hist = c.get_metric_history(parent[0].info.run_id, "hypervolume")
+    assert [(m.step, m.value) for m in hist] == [(1, 0.5)]
+    one = next(r for r in children if r.data.tags["dse.trial_number"] == "0")
+    assert one.data.params["p.f"] == "fixed" and "a" in one.data.metrics
