@@ -27,10 +27,6 @@ from simulators.plena.costs import DEFAULT_COSTS, CostCoefficients
 from simulators.plena.engine import Array, InferenceResult, OpCosts, run
 from simulators.plena.hardware import Numerics, PlenaHardware, mult_cost
 from simulators.plena.ops import (
-    GEMM,
-    PV,
-    QK,
-    VEC,
     OpGraph,
     attention_hbm_bytes,
     cdiv,
@@ -72,41 +68,39 @@ class PlenaBackend:
         hw, nd = self.hw, len(self._shape)
         c = ops.col
         MLEN, BLEN, HLEN = hw.mlen, hw.blen, hw.hlen
-        kind = c(ops.kind, nd)
+        m = ops.masks
         M, K, N = c(ops.M, nd), c(ops.K, nd), c(ops.N, nd)
         inst, heads = c(ops.inst, nd), c(ops.heads, nd)
         gemm = inst * cdiv(M, BLEN) * cdiv(K, MLEN) * cdiv(N, BLEN) * BLEN
         # attention: mlen x mlen blocks of queries x keys
-        is_pv = kind == PV
-        kv_len = np.maximum(np.where(is_pv, K, N), 1.0)
-        hd = np.maximum(np.where(is_pv, N, K), 1.0)
-        rows = np.maximum(M, 1.0)
+        rows, kv_len, hd = (c(a, nd) for a in ops.attention_dims)
         bq, bk = np.minimum(MLEN, rows), np.minimum(MLEN, kv_len)
         nbq, nbk = cdiv(rows, bq), cdiv(kv_len, bk)
-        skip = c(ops.causal, nd) & self.causal_skip
-        pairs = np.where(skip, nbq * (nbq + 1.0) / 2.0, nbq * nbk)
+        if self.causal_skip:
+            pairs = np.where(c(ops.causal, nd), nbq * (nbq + 1.0) / 2.0, nbq * nbk)
+        else:
+            pairs = nbq * nbk
         slices = cdiv(hd, HLEN)
         per_pass = np.maximum(np.floor(MLEN / (slices * HLEN)), 1.0)
-        qk = (inst * cdiv(heads, per_pass) * cdiv(slices * HLEN, MLEN) * pairs
-              * cdiv(bq, BLEN) * cdiv(bk, BLEN) * BLEN)
-        pv = inst * heads * pairs * cdiv(bq, BLEN) * cdiv(bk, MLEN) * cdiv(hd, BLEN) * BLEN
-        cycles = np.where(kind == GEMM, gemm, np.where(kind == QK, qk,
-                                                        np.where(is_pv, pv, 0.0)))
+        q_tiles = pairs * cdiv(bq, BLEN) * BLEN
+        qk = inst * cdiv(heads, per_pass) * cdiv(slices * HLEN, MLEN) * q_tiles * cdiv(bk, BLEN)
+        pv = inst * heads * q_tiles * cdiv(bk, MLEN) * cdiv(hd, BLEN)
+        cycles = np.where(c(m["gemm"], nd), gemm,
+                          np.where(c(m["qk"], nd), qk, np.where(c(m["pv"], nd), pv, 0.0)))
         return cycles, pairs / (nbq * nbk)
 
     def op_costs(self, ops: OpGraph, numerics: Numerics, w_bytes: Array) -> OpCosts:
         """Compute seconds, HBM bytes, fill seconds and energy of every op."""
         hw, k, nd = self.hw, self.costs, len(self._shape)
         c = ops.col
-        kind = c(ops.kind, nd)
+        m = {key: c(v, nd) for key, v in ops.masks.items()}
         a_b, kv_b = numerics.act_bytes, numerics.kv_bytes
         mat_cyc, block_frac = self.matrix_cycles(ops)
-        vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(kind == VEC, block_frac, 1.0)
+        vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(m["vec"], block_frac, 1.0)
         vec_cyc = cdiv(vec_work, hw.vlen)
-        is_mat = (kind == GEMM) | (kind == QK) | (kind == PV)
-        cycles = np.where(is_mat, mat_cyc, np.where(kind == VEC, vec_cyc, 0.0))
-        fill = np.where(is_mat, hw.blen + np.ceil(np.log2(hw.mlen)),
-                        np.where(kind == VEC, np.ceil(np.log2(hw.vlen)), 0.0))
+        cycles = np.where(m["mat"], mat_cyc, np.where(m["vec"], vec_cyc, 0.0))
+        fill = np.where(m["mat"], hw.blen + np.ceil(np.log2(hw.mlen)),
+                        np.where(m["vec"], np.ceil(np.log2(hw.vlen)), 0.0))
         hz = hw.clock_ghz * 1e9
         hbm = (gemm_hbm_bytes(ops, w_bytes, a_b, nd, hw.vector_sram_bytes, hw.matrix_sram_bytes)
                + attention_hbm_bytes(ops, kv_b, a_b, nd, hw.mlen, hw.matrix_sram_bytes,
@@ -118,13 +112,13 @@ class PlenaBackend:
         e_ka = mult_cost(numerics.acts, numerics.kv) * k.mult_int8_pj + k.acc_pj
         macs = c(ops.macs, nd)
         M, K, N, inst = c(ops.M, nd), c(ops.K, nd), c(ops.N, nd), c(ops.inst * ops.heads, nd)
-        b_bytes = np.where(kind == GEMM, c(w_bytes, nd), kv_b)
-        operand_reads = np.where(is_mat, inst * (M * K * cdiv(N, hw.blen) * a_b
-                                                 + K * N * cdiv(M, hw.blen) * b_bytes), 0.0)
-        operand_reads = operand_reads * np.where(kind == GEMM, 1.0, block_frac)
-        vec_io = c((ops.act_in + ops.act_out) * a_b, nd) * (kind == VEC)
+        b_bytes = np.where(m["gemm"], c(w_bytes, nd), kv_b)
+        operand_reads = np.where(m["mat"], inst * (M * K * cdiv(N, hw.blen) * a_b
+                                                   + K * N * cdiv(M, hw.blen) * b_bytes), 0.0)
+        operand_reads = operand_reads * np.where(m["gemm"], 1.0, block_frac)
+        vec_io = c((ops.act_in + ops.act_out) * a_b, nd) * m["vec"]
         sram_bits = (hbm + operand_reads + vec_io) * 8.0
-        pj = (macs * np.where(kind == GEMM, e_wa, e_ka) + vec_work * k.vector_op_pj
+        pj = (macs * np.where(m["gemm"], e_wa, e_ka) + vec_work * k.vector_op_pj
               + sram_bits * k.sram_pj_per_bit + hbm * 8.0 * k.hbm_pj_per_bit)
         return OpCosts(compute_s=cycles / hz, hbm_bytes=hbm, fill_s=fill / hz,
                        energy_j=pj * 1e-12)

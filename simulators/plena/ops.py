@@ -87,6 +87,21 @@ class OpGraph:
         return np.where(self.causal, (s + 1.0) / (2.0 * s), 1.0)
 
     @cached_property
+    def masks(self) -> dict[str, NDArray[np.bool_]]:
+        """Boolean masks by kind: gemm, qk, pv, vec, mem, mat (= gemm | qk | pv)."""
+        k = self.kind
+        out = {"gemm": k == GEMM, "qk": k == QK, "pv": k == PV, "vec": k == VEC, "mem": k == MEM}
+        out["mat"] = out["gemm"] | out["qk"] | out["pv"]
+        return out
+
+    @cached_property
+    def attention_dims(self) -> tuple[Array, Array, Array]:
+        """(query rows, kv length, head dim) of QK/PV ops, each >= 1 (1 elsewhere)."""
+        pv = self.kind == PV
+        return (np.maximum(self.M, 1.0), np.maximum(np.where(pv, self.K, self.N), 1.0),
+                np.maximum(np.where(pv, self.N, self.K), 1.0))
+
+    @cached_property
     def macs(self) -> Array:
         """Useful multiply-accumulates per op per repetition (causal skipping exact)."""
         base = self.inst * self.heads * self.M * self.K * self.N
