@@ -137,6 +137,20 @@ def test_more_folding_never_slower_never_fewer_dsp(layer: Layer, density: float 
         r1 = model.evaluate(*fold)
         assert np.all(r1["ii_cycles"] <= r0["ii_cycles"]), name
         assert np.all(r1["dsp"] >= r0["dsp"]), name
+        assert np.all(r1["lut"] >= r0["lut"]) and np.all(r1["ff"] >= r0["ff"]), name
+
+
+def test_logic_model_is_the_documented_formula() -> None:
+    """LUT/FF are our own model (docs/dataflow.md); pin the documented formula."""
+    a = w = 8
+    ci, co, cg, f = 4, 2, 1, 3
+    m = f * ci * co * cg
+    dense = LayerModel(CONV3, act_bits=a, weight_bits=w).evaluate(ci, co, cg, f)
+    assert int(dense["lut"]) == 250 + m * (a + w + 16) + ci * cg * (9 * a // 2) + co * cg * 32
+    assert int(dense["ff"]) == 300 + m * (a + w + 32) + ci * cg * 9 * a + co * cg * 32
+    sparse = LayerModel(CONV3, act_bits=a, weight_bits=w, sparsity=synthetic(9, 32, 0.5)).evaluate(ci, co, cg, f)
+    assert int(sparse["lut"]) == int(dense["lut"]) + m * (a + w) * 4 // 2  # ceil(log2(10)) = 4 select bits
+    assert int(sparse["ff"]) == int(dense["ff"]) + ci * cg * 9 * (a + w)
 
 
 def test_bad_folding_is_rejected() -> None:

@@ -76,15 +76,24 @@ def _check(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _traced_network(kind: str, input_shape: tuple[int, int, int] | None) -> tuple[Network, tuple[int, int, int]]:
+    import json
+
     import torch
+    from safetensors import safe_open
 
     from evaluators.data import WEIGHTS_DIR, glyph_test_set
-    from evaluators.models import load_model
+    from evaluators.models import MODEL_CLASSES
     from evaluators.vision import VISION_KINDS
     from simulators.dataflow.trace import trace
 
     torch.set_num_threads(1)
-    model, _ = load_model(WEIGHTS_DIR / VISION_KINDS[kind][0])
+    # shapes only: build the architecture named by the weights file, weights not needed
+    with safe_open(str(WEIGHTS_DIR / VISION_KINDS[kind][0]), framework="pt") as f:
+        md = dict(f.metadata() or {})
+    config = json.loads(md.get("config", "{}"))
+    if "widths" in config:
+        config["widths"] = tuple(config["widths"])
+    model = MODEL_CLASSES[md["class"]](**config).eval()
     if input_shape is None:
         if VISION_KINDS[kind][1] != "glyphs":
             raise ValueError(f"dataflow option input_shape: required for network {kind!r}")

@@ -322,31 +322,29 @@ class Pipeline:
                 prev = np.maximum(prev, np.where(cross, 0.0, dist[:, u]))
             dist[:, j] = prev + fill[:, j]
         byts += np.where(self._is_output[None, :], self._out_bytes[None, :], 0.0)
-        max_parts = int(n_parts.max())
-        total_s = np.zeros(P)
-        worst_interval = np.zeros(P)
-        part_res = {r: np.zeros(P, dtype=np.int64) for r in RESOURCES}
-        lat_cycles = np.zeros(P)
-        for p in range(max_parts):
-            m = pid == p
-            has = m.any(axis=1)
-            interval = np.where(m, ii, 0).max(axis=1).astype(np.float64)
-            mem_cycles = np.where(m, byts, 0.0).sum(axis=1) / bw_bytes_per_cycle
-            interval = np.maximum(interval, mem_cycles)
-            fill_p = np.where(m, dist, 0.0).max(axis=1)
-            batch = np.where(n_parts > 1, self.batch, 1)
-            t = (fill_p + batch * interval) / f_hz + np.where(n_parts > 1, dev.reconfig_s, 0.0)
-            total_s += np.where(has, t, 0.0)
-            lat_cycles = np.where(has & (n_parts == 1), fill_p + interval, lat_cycles)
-            worst_interval = np.maximum(worst_interval, np.where(has, interval, 0.0))
-            for r in RESOURCES:
-                part_res[r] = np.maximum(part_res[r], np.where(m, per[r], 0).sum(axis=1))
-        single = n_parts == 1
+        # partitions are contiguous runs of stages: reduce each (point, partition) segment
+        start = np.ones((P, L), dtype=bool)
+        start[:, 1:] = pid[:, 1:] != pid[:, :-1]
+        seg = np.flatnonzero(start.reshape(-1))  # first flat index of every segment
+        seg_point = seg // L
+        interval = np.maximum.reduceat(ii.reshape(-1), seg).astype(np.float64)
+        mem_cycles = np.add.reduceat(byts.reshape(-1), seg) / bw_bytes_per_cycle
+        interval = np.maximum(interval, mem_cycles)
+        fill_p = np.maximum.reduceat(dist.reshape(-1), seg)
+        multi_seg = n_parts[seg_point] > 1
+        batch = np.where(multi_seg, self.batch, 1)
+        t = (fill_p + batch * interval) / f_hz + np.where(multi_seg, dev.reconfig_s, 0.0)
+        first_seg = np.flatnonzero(np.r_[True, seg_point[1:] != seg_point[:-1]])
+        total_s = np.add.reduceat(t, first_seg)
+        worst_interval = np.maximum.reduceat(interval, first_seg)
+        lat_cycles = np.where(n_parts == 1, fill_p[first_seg] + interval[first_seg], 0.0)
+        part_res = {}
         part_fits = np.ones(P, dtype=bool)
-        for p in range(max_parts):
-            m = pid == p
-            for r in RESOURCES:
-                part_fits &= np.where(m, per[r], 0).sum(axis=1) <= getattr(dev, r)
+        for r in RESOURCES:
+            sums = np.add.reduceat(per[r].reshape(-1), seg)
+            part_res[r] = np.maximum.reduceat(sums, first_seg)
+            part_fits &= part_res[r] <= getattr(dev, r)
+        single = n_parts == 1
         images_per_s = np.where(single, f_hz / worst_interval, self.batch / total_s)
         latency_s = np.where(single, lat_cycles / f_hz, total_s)
         fits = np.where(single, fits_one, part_fits & alone.all(axis=1))
