@@ -465,11 +465,14 @@ class IntFormat(Format):
             lo = g.amin(-1, keepdim=True).clamp(max=0.0)
             hi = g.amax(-1, keepdim=True).clamp(min=0.0)
             qmax = float(2**self.bits - 1)
-            s = (hi - lo) / qmax
+            # tensor / tensor division: correctly rounded on every device (a CUDA tensor /
+            # python-scalar division multiplies by the rounded reciprocal instead)
+            s = (hi - lo) / torch.full_like(hi, qmax)
             s = torch.where(s > 0, s, torch.ones_like(s))
             return s, torch.round(-lo / s), 0.0, qmax
         qmax = float(2 ** (self.bits - 1) - 1)
-        s = g.abs().amax(-1, keepdim=True) / qmax
+        amax = g.abs().amax(-1, keepdim=True)
+        s = amax / torch.full_like(amax, qmax)
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.zeros_like(s), -qmax, qmax
 

@@ -153,12 +153,13 @@ def lqer_factors(
     """
     e = (weight.detach() - weight_q.detach()).double()
     n_in = e.shape[1]
-    s = torch.ones(n_in, dtype=torch.float64) if act_scale is None else act_scale.double()
+    s = (torch.ones(n_in, dtype=torch.float64, device=e.device) if act_scale is None
+         else act_scale.to(e.device, torch.float64))
     s = s.clamp(min=1e-8 * max(float(s.max()), 1e-30))
     u, sig, vh = torch.linalg.svd(e * s, full_matrices=False)
     k = min(rank, sig.numel())
-    a = (vh[:k].T / s[:, None]).float()
-    b = (sig[:k, None] * u[:, :k].T).float()
+    a = (vh[:k].T / s[:, None]).float().contiguous()
+    b = (sig[:k, None] * u[:, :k].T).float().contiguous()
     return fmt.quantize(a, 0), fmt.quantize(b, 0)
 
 

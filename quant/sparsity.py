@@ -105,7 +105,7 @@ def salience_scores(
         out = {}
         for i, (n, w) in enumerate(zip(names, weights, strict=True)):
             g = torch.Generator().manual_seed(seed + i)
-            out[n] = torch.rand(w.shape, generator=g)
+            out[n] = torch.rand(w.shape, generator=g).to(w.device)  # same on every device
         return out
     if calib is None or loss_fn is None:
         raise ValueError(f"sparsity.salience={salience}: needs calib batches and a loss_fn")
@@ -196,7 +196,7 @@ def apply_sparsity(
         keep = n
         if name in scores:
             keep = int(round(d * n))
-            mask = torch.zeros(n, dtype=torch.bool)
+            mask = torch.zeros(n, dtype=torch.bool, device=w.device)
             if keep:
                 mask[torch.topk(scores[name].flatten(), keep, sorted=False).indices] = True
             mask = mask.view(w.shape)

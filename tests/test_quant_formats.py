@@ -255,3 +255,12 @@ def test_int_encode_decodes_to_quantize(name: str) -> None:
     assert torch.allclose(deq.reshape(q.shape), q, rtol=1e-6, atol=1e-7)
     lo, hi = (0, 2**f.bits - 1) if f.asym else (-(2 ** (f.bits - 1) - 1), 2 ** (f.bits - 1) - 1)
     assert lo <= int(codes.min()) and int(codes.max()) <= hi
+
+
+def test_int_scale_is_correctly_rounded() -> None:
+    """s = amax / qmax rounded once (CUDA tensor / python-scalar multiplies by 1/qmax)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) * 300
+    _, s, _ = get_format("int4(channel)").encode(x)
+    want = (x.abs().amax(1, keepdim=True).double() / 7).float()
+    assert torch.equal(s, want)

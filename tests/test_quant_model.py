@@ -37,7 +37,7 @@ class Attn(nn.Module):
         k = self.k_cache(self.k(x).view(sh).transpose(1, 2))
         v = self.v_cache(self.v(x).view(sh).transpose(1, 2))
         s = self.qk(q, k.transpose(-2, -1)) / math.sqrt(d // self.h)
-        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
         p = s.masked_fill(mask, float("-inf")).softmax(-1)
         return self.o(self.pv(p, v).transpose(1, 2).reshape(b, t, d))
 
