@@ -33,6 +33,7 @@ from simulators.dataflow.sparsity import PointwiseAvg, Sparsity, WindowHist
 WEIGHT_OPS = ("conv", "linear")
 OPS = ("conv", "linear", "pool", "gap", "add", "mul", "concat")
 WEIGHT_MEMORIES = ("bram", "uram", "auto", "stream")
+FOLD_FIELDS = ("coarse_in", "coarse_out", "coarse_group", "fine")
 
 # Xilinx BRAM18 aspect ratios: width (bits) -> depth (words).
 _BRAM18_DEPTH = {1: 16384, 2: 8192, 4: 4096, 9: 2048, 18: 1024, 36: 512}
@@ -214,6 +215,22 @@ def _pointwise_cycle(avg: np.ndarray, streams: int, clusters: int) -> float:
     return float(np.max(np.subtract(1, capped)))
 
 
+@dataclass(frozen=True)
+class LayerGrid:
+    """Every feasible folding of one stage, evaluated.
+
+    Attributes:
+        values: feasible values of coarse_in, coarse_out, coarse_group, fine, use_uram.
+        fold: (G, 5) int64, every combination in C order.
+        out: ``ii_cycles``, ``dsp``, ``bram18``, ``uram``, ``lut``, ``ff`` arrays shaped
+            (len(values[0]), ..., len(values[4])).
+    """
+
+    values: tuple[np.ndarray, ...]
+    fold: np.ndarray
+    out: dict[str, np.ndarray]
+
+
 @dataclass(eq=False)
 class LayerModel:
     """A :class:`Layer` bound to its numerics, sparsity and weight storage.
@@ -237,6 +254,7 @@ class LayerModel:
     weight_memory: str = "bram"
     clusters: int = 1
     _tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _grid: LayerGrid | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for f in ("act_bits", "weight_bits"):
@@ -288,6 +306,39 @@ class LayerModel:
             tab = self._table(int(s))
             out[m] = tab[fine[m]] if isinstance(self.sparsity, WindowHist) else tab[0]
         return out
+
+    # -- every feasible folding at once ------------------------------------------------------
+    def grid(self) -> LayerGrid:
+        """All feasible foldings of this stage evaluated once (cached): see :class:`LayerGrid`."""
+        if self._grid is None:
+            ly = self.layer
+            vals = [np.asarray(ly.feasible(f), dtype=np.int64) for f in FOLD_FIELDS]
+            mems = np.array([0, 1] if (self.weight_memory == "auto" and ly.weights) else [0], dtype=np.int64)
+            mesh = np.meshgrid(*vals, mems, indexing="ij")
+            flat = [m.reshape(-1) for m in mesh]
+            out = self.evaluate(*flat[:4], check=False, use_uram=flat[4].astype(bool))
+            shape = mesh[0].shape
+            self._grid = LayerGrid(values=(*vals, mems), fold=np.stack(flat, axis=1),
+                                   out={k: v.reshape(shape) for k, v in out.items()})
+        return self._grid
+
+    def lookup(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray,
+               use_uram: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Same as :meth:`evaluate` (with its checks), by table look-up in :meth:`grid`."""
+        g = self.grid()
+        args = [np.asarray(a, dtype=np.int64) for a in (ci, co, cg, fine)]
+        uu = np.zeros_like(args[0]) if use_uram is None else np.asarray(use_uram, dtype=np.int64)
+        if self.weight_memory != "auto" or not self.layer.weights:
+            uu = np.zeros_like(uu)
+        idx = []
+        for name, vals, a in zip((*FOLD_FIELDS, "use_uram"), g.values, (*args, uu), strict=True):
+            i = np.clip(np.searchsorted(vals, a), 0, len(vals) - 1)
+            if not np.array_equal(vals[i], a):
+                bad = np.unique(a[vals[i] != a]).tolist()
+                raise ValueError(f"{name}: expected one of {vals.tolist()} for layer {self.layer.name}, got {bad}")
+            idx.append(i)
+        flat = np.ravel_multi_index(tuple(idx), g.out["ii_cycles"].shape)
+        return {k: v.reshape(-1)[flat] for k, v in g.out.items()}
 
     # -- folding ------------------------------------------------------------------------
     def check(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulators.dataflow.pipeline import FIELDS, RESOURCES, Folding, Pipeline, Result
+from simulators.dataflow.pipeline import RESOURCES, Folding, Pipeline, Result
 
 
 @dataclass
@@ -34,15 +34,19 @@ class _Grid:
 def _layer_grid(pipe: Pipeline, j: int) -> _Grid:
     """Every feasible folding of stage ``j`` (and both weight memories where it may choose);
     row 0 is the all-ones folding in BRAM, row 1 (if any) the all-ones folding in URAM."""
-    ly, model = pipe.net.layers[j], pipe.models[j]
-    mems = [0, 1] if (model.weight_memory == "auto" and pipe.device.uram > 0 and ly.weights) else [0]
-    vals = [ly.feasible(f) for f in FIELDS]
-    mesh = np.meshgrid(*vals, mems, indexing="ij")
-    fold = np.stack([m.reshape(-1) for m in mesh], axis=1).astype(np.int64)
-    fold = fold[np.lexsort((fold[:, 4], np.any(fold[:, :4] != 1, axis=1)))]  # ones first
-    r = model.evaluate(fold[:, 0], fold[:, 1], fold[:, 2], fold[:, 3], check=False, use_uram=fold[:, 4])
-    res = np.stack([r[k] for k in RESOURCES], axis=1)
-    return _Grid(fold, r["ii_cycles"], res)
+    model = pipe.models[j]
+    g = model.grid()
+    fold = g.fold
+    if pipe.device.uram == 0:  # no URAM: BRAM rows only
+        keep = fold[:, 4] == 0
+    else:
+        keep = np.ones(len(fold), dtype=bool)
+    rows = np.flatnonzero(keep)
+    fold = fold[rows]
+    order = np.lexsort((fold[:, 4], np.any(fold[:, :4] != 1, axis=1)))  # ones first
+    rows, fold = rows[order], fold[order]
+    res = np.stack([g.out[k].reshape(-1)[rows] for k in RESOURCES], axis=1)
+    return _Grid(fold, g.out["ii_cycles"].reshape(-1)[rows], res)
 
 
 def _initial(grids: list[_Grid], cap: np.ndarray) -> np.ndarray:

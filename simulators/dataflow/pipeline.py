@@ -246,12 +246,18 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------
     def layer_arrays(self, folding: Folding, check: bool = True) -> dict[str, np.ndarray]:
-        """Per-stage ``ii_cycles``, ``dsp``, ``bram18``, ``lut``, ``ff``: arrays (P, L)."""
+        """Per-stage ``ii_cycles``, ``dsp``, ``bram18``, ``uram``, ``lut``, ``ff``: arrays (P, L).
+
+        Each stage's feasible foldings are evaluated once (:meth:`LayerModel.grid`); design
+        points are then table look-ups, which also reject infeasible values (``check``
+        is kept for API compatibility: look-ups always check).
+        """
+        del check
         L = len(self.net.layers)
         if folding.coarse_in.shape[1] != L:
             raise ValueError(f"folding: expected {L} layers, got {folding.coarse_in.shape[1]}")
-        cols = [m.evaluate(folding.coarse_in[:, j], folding.coarse_out[:, j], folding.coarse_group[:, j],
-                           folding.fine[:, j], check=check, use_uram=folding.use_uram[:, j])
+        cols = [m.lookup(folding.coarse_in[:, j], folding.coarse_out[:, j], folding.coarse_group[:, j],
+                         folding.fine[:, j], use_uram=folding.use_uram[:, j])
                 for j, m in enumerate(self.models)]
         return {k: np.stack([c[k] for c in cols], axis=1) for k in ("ii_cycles", *RESOURCES)}
 
@@ -270,21 +276,25 @@ class Pipeline:
         (in ``cap``, default the device's resources)."""
         dev = dict(cap) if cap is not None else self.device.budget()
         P, L = per["dsp"].shape
-        pid = np.zeros((P, L), dtype=np.int64)
-        alone = np.ones((P, L), dtype=bool)
+        cols = {r: np.ascontiguousarray(per[r].T) for r in RESOURCES}  # (L, P): stage rows
+        pid = np.zeros((L, P), dtype=np.int64)
+        alone = np.ones((L, P), dtype=bool)
         acc = {r: np.zeros(P, dtype=np.int64) for r in RESOURCES}
         cur = np.zeros(P, dtype=np.int64)
         for j in range(L):
             over = np.zeros(P, dtype=bool)
             for r in RESOURCES:
-                alone[:, j] &= per[r][:, j] <= dev[r]
-                over |= acc[r] + per[r][:, j] > dev[r]
-            new = over & (j > 0)
-            cur = cur + new
-            for r in RESOURCES:
-                acc[r] = np.where(new, per[r][:, j], acc[r] + per[r][:, j])
-            pid[:, j] = cur
-        return pid, alone
+                alone[j] &= cols[r][j] <= dev[r]
+                over |= acc[r] + cols[r][j] > dev[r]
+            if j > 0:
+                cur = cur + over
+                for r in RESOURCES:
+                    acc[r] = np.where(over, cols[r][j], acc[r] + cols[r][j])
+            else:
+                for r in RESOURCES:
+                    acc[r] = cols[r][j].copy()
+            pid[j] = cur
+        return pid.T.copy(), alone.T.copy()
 
     def combine(self, per: Mapping[str, np.ndarray], partitions: np.ndarray | None = None) -> Result:
         """Pipeline-level results from per-stage arrays (see :meth:`layer_arrays`)."""
