@@ -73,9 +73,9 @@ def weight_sqnr_db(ref: nn.Module, cand: nn.Module) -> tuple[float, dict[str, fl
     for name, m in rw.items():
         if name not in cw:
             continue
-        w = m.weight.detach().double()
-        e = (effective_weight(cw[name]).double() - w).pow(2).sum().item()
-        s = w.pow(2).sum().item()
+        w = m.weight.detach().float()
+        e = (effective_weight(cw[name]).float() - w).pow(2).sum(dtype=torch.float64).item()
+        s = w.pow(2).sum(dtype=torch.float64).item()
         sig += s
         noise += e
         per[name] = SQNR_CAP_DB if e == 0 else min(SQNR_CAP_DB, 10 * math.log10(s / e))
@@ -227,6 +227,9 @@ class AccuracyEvaluator:
         """Metrics of ``model`` at ``level`` (``proxy`` or ``full``); subclass hook."""
         raise NotImplementedError
 
+    def _finish_candidate(self) -> None:
+        """Release per-candidate state after an evaluation (subclass hook)."""
+
     def _extra_info(self, model: nn.Module) -> dict[str, Any]:
         """Non-float results of the transformed ``model`` (subclass hook)."""
         return {}
@@ -248,8 +251,11 @@ class AccuracyEvaluator:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        with torch_threads(self.num_threads), torch.no_grad():
-            result = self._evaluate_uncached(params)
+        try:
+            with torch_threads(self.num_threads), torch.no_grad():
+                result = self._evaluate_uncached(params)
+        finally:
+            self._finish_candidate()
         self.cache.put(key, result, params)
         return result
 

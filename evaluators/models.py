@@ -115,7 +115,7 @@ class CharGPT(nn.Module):
 
 
 class GlyphCNN(nn.Module):
-    """Small CNN: three 3x3 convs (two 2x2 max-pools), a 1x1 conv, global mean, linear.
+    """Small CNN: three 3x3 convs (2x2 max-pool after the first two), a 1x1 conv, global mean, linear.
 
     Args:
         n_classes: output classes; widths: channels of the three 3x3 convs and the 1x1 conv.
@@ -126,9 +126,9 @@ class GlyphCNN(nn.Module):
         c1, c2, c3, c4 = widths
         self.config = {"n_classes": n_classes, "widths": list(widths)}
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
             nn.Conv2d(c3, c4, 1), nn.ReLU(),
         )
         self.classifier = nn.Linear(c4, n_classes)

