@@ -332,8 +332,8 @@ class LayerModel:
             uu = np.zeros_like(uu)
         idx = []
         for name, vals, a in zip((*FOLD_FIELDS, "use_uram"), g.values, (*args, uu), strict=True):
-            i = np.clip(np.searchsorted(vals, a), 0, len(vals) - 1)
-            if not np.array_equal(vals[i], a):
+            i = np.minimum(np.searchsorted(vals, a), len(vals) - 1)
+            if (vals[i] != a).any():
                 bad = np.unique(a[vals[i] != a]).tolist()
                 raise ValueError(f"{name}: expected one of {vals.tolist()} for layer {self.layer.name}, got {bad}")
             idx.append(i)
