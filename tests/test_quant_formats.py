@@ -264,3 +264,11 @@ def test_int_scale_is_correctly_rounded() -> None:
     _, s, _ = get_format("int4(channel)").encode(x)
     want = (x.abs().amax(1, keepdim=True).double() / 7).float()
     assert torch.equal(s, want)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "mxfp4_e2m1", "mxint8", "int4(group=32)", "log(w=4)"])
+def test_non_contiguous_inputs(name: str) -> None:
+    f = get_format(name)
+    x = torch.randn(64, 96)
+    assert torch.equal(f.quantize(x.t()), f.quantize(x.t().contiguous()))
+    assert torch.equal(f.quantize(x[:, ::2]), f.quantize(x[:, ::2].contiguous()))
