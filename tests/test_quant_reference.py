@@ -36,7 +36,7 @@ def _tensor_from_input(rec: dict) -> torch.Tensor:
 def test_mx_reference_exact(path: str, fmt: str, inp: str) -> None:
     data = json.loads(open(path).read())
     spec = data["formats"][fmt]
-    f = get_format(fmt.lower())
+    f = get_format(f"{fmt.lower()}(block={spec['block_size']})")
     # the format we parse must be the format the file describes
     assert f.block == spec["block_size"]
     emax, maxv = f.elem_params
