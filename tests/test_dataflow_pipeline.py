@@ -30,7 +30,7 @@ def test_network_shapes_match_papers() -> None:
     for net in (r18, v2, v3):
         by = {ly.name: ly for ly in net.layers}
         for ly in net.layers:
-            for u in ly.inputs[:1] if ly.op == "mul" else ly.inputs:  # mul: 2nd input broadcasts
+            for u in ly.inputs[1:] if ly.op == "mul" else ly.inputs:  # mul: the scale broadcasts
                 p = by[u]
                 if ly.op == "linear":
                     assert ly.channels == p.rows_out * p.cols_out * p.filters
@@ -199,3 +199,152 @@ def test_trace_vit_linear_layers() -> None:
     outs = [ly for ly in net.layers if ly.name.endswith("attn.o")]
     assert outs and all(len(ly.inputs) == 3 for ly in outs)
     assert sum(ly.op == "add" for ly in net.layers) == 2 * len(outs)
+
+
+class _Basic(nn.Module):
+    """torchvision's BasicBlock, same attribute names."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class _ResNet18(nn.Module):
+    """torchvision's resnet18 layout and module names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths, cin = (64, 128, 256, 512), 64
+        for i, w in enumerate(widths, start=1):
+            setattr(self, f"layer{i}", nn.Sequential(_Basic(cin, w, 1 if i == 1 else 2), _Basic(w, w, 1)))
+            cin = w
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_traced_resnet18_equals_shipped_graph() -> None:
+    got = trace(_ResNet18(), (3, 64, 64), name="resnet18")  # 64 px keeps the shape pass cheap
+    assert got == resnet18(size=64)
+
+
+def _cna(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation (conv, BN, ReLU6)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class _InvRes(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = cin * t
+        layers: list[nn.Module] = [_cna(cin, hidden, 1)] if t != 1 else []
+        layers += [_cna(hidden, hidden, 3, stride, hidden), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.res = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.res else self.conv(x)
+
+
+class _MobileNetV2(nn.Module):
+    """torchvision's mobilenet_v2 layout and module names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        feats: list[nn.Module] = [_cna(3, 32, 3, 2)]
+        cin = 32
+        for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+            for i in range(n):
+                feats.append(_InvRes(cin, c, s if i == 0 else 1, t))
+                cin = c
+        feats.append(_cna(320, 1280, 1))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def test_traced_mobilenetv2_equals_shipped_graph() -> None:
+    got = trace(_MobileNetV2(), (3, 64, 64), name="mobilenetv2")
+    assert got == mobilenetv2(size=64)
+
+
+class _SE(nn.Module):
+    def __init__(self, c: int, sq: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, sq, 1), nn.Conv2d(sq, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(self.avgpool(x)))))
+        return s * x
+
+
+class _InvResV3(nn.Module):
+    def __init__(self, cin: int, k: int, exp: int, cout: int, se: bool, stride: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_cna(cin, exp, 1)] if exp != cin else []
+        layers.append(_cna(exp, exp, k, stride, exp))
+        if se:
+            layers.append(_SE(exp, max(8, int(exp // 4 + 4) // 8 * 8)))
+        layers.append(nn.Sequential(nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)))
+        self.block = nn.Sequential(*layers)
+        self.res = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        if self.res:
+            out += x
+        return out
+
+
+class _MobileNetV3Small(nn.Module):
+    """torchvision's mobilenet_v3_small layout and module names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        feats: list[nn.Module] = [_cna(3, 16, 3, 2)]
+        cin = 16
+        for k, exp, out, se, s in ((3, 16, 16, True, 2), (3, 72, 24, False, 2), (3, 88, 24, False, 1),
+                                   (5, 96, 40, True, 2), (5, 240, 40, True, 1), (5, 240, 40, True, 1),
+                                   (5, 120, 48, True, 1), (5, 144, 48, True, 1), (5, 288, 96, True, 2),
+                                   (5, 576, 96, True, 1), (5, 576, 96, True, 1)):
+            feats.append(_InvResV3(cin, k, exp, out, se, s))
+            cin = out
+        feats.append(_cna(96, 576, 1))
+        self.features = nn.Sequential(*feats)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(1024, 1000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_traced_mobilenetv3_small_equals_shipped_graph() -> None:
+    got = trace(_MobileNetV3Small(), (3, 64, 64), name="mobilenetv3_small")
+    assert got == get_network("mobilenetv3_small", size=64)

@@ -48,8 +48,8 @@ class _Builder:
         r, c, ch = self.shape[src]
         return self._add(Layer(name, "gap", r, c, ch, ch, inputs=(src,)))
 
-    def eltwise(self, name: str, op: str, a: str, b: str) -> str:
-        r, c, ch = self.shape[a]
+    def eltwise(self, name: str, op: str, a: str, b: str, shape_of: str | None = None) -> str:
+        r, c, ch = self.shape[a if shape_of is None else shape_of]
         return self._add(Layer(name, op, r, c, ch, ch, inputs=(a, b)))
 
     def linear(self, name: str, out: int) -> str:
@@ -103,8 +103,8 @@ def mobilenetv2(num_classes: int = 1000, size: int = 224) -> Network:
                 j = 1
             b.conv(f"{pre}.{j}.0", hidden, 3, stride, groups=hidden)
             y = b.conv(f"{pre}.{j + 1}", c, 1)
-            if stride == 1 and chans == c:
-                b.eltwise(f"features.{idx}.add", "add", y, x)
+            if stride == 1 and chans == c:  # torchvision: x + self.conv(x)
+                b.eltwise(f"features.{idx}.add", "add", x, y, shape_of=y)
             chans, idx = c, idx + 1
     b.conv("features.18.0", 1280, 1)
     b.gap("avgpool")
@@ -134,7 +134,7 @@ def mobilenetv3_small(num_classes: int = 1000, size: int = 224) -> Network:
             b.gap(f"{pre}.{j}.avgpool", src=d)
             b.conv(f"{pre}.{j}.fc1", sq, 1)
             s = b.conv(f"{pre}.{j}.fc2", exp, 1)
-            b.eltwise(f"{pre}.{j}.mul", "mul", d, s)
+            b.eltwise(f"{pre}.{j}.mul", "mul", s, d, shape_of=d)  # torchvision: scale * input
             j += 1
         y = b.conv(f"{pre}.{j}.0", out, 1)
         if stride == 1 and chans == out:
