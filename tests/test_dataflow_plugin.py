@@ -89,3 +89,17 @@ def test_contract_with_measured_statistics() -> None:
     sparse = Pipeline(net, "zcu102", sparsity=sp).evaluate(Folding.ones(net))
     assert np.all(sparse.ii_cycles <= dense.ii_cycles)
     assert sparse.ii_cycles[0, net.index("2")] < dense.ii_cycles[0, net.index("2")]
+
+
+def test_traced_evaluator_network() -> None:
+    """``network = "glyph_cnn"``: the shipped model's architecture is traced (shapes only)."""
+    from evaluators.models import GlyphCNN
+
+    ev = DataflowEvaluator({"network": "glyph_cnn", "device": "zcu102", "max_utilisation": 0.9})
+    convs = [ly for ly in ev.net.layers if ly.op in WEIGHT_OPS]
+    modules = {n for n, m in GlyphCNN().named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert {ly.name for ly in convs} == modules  # widths come from the weights file, names do not
+    assert convs and convs[0].inputs == ()
+    out = ev.evaluate({"quant.weights": "int8", "quant.acts": "int8", "sparsity.density": 0.5}, {})
+    assert out["fits_device"] == 1.0 and out["dsp"] <= 0.9 * 2520
+    assert out["zero_product_share"] == pytest.approx(0.5)
