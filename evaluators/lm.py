@@ -143,6 +143,8 @@ class LMEvaluator(AccuracyEvaluator):
             for w in range(i, j):  # batch totals split evenly over its windows
                 stats[w] = (nll / (j - i), kl / (j - i))
             i = j
+        if level == "proxy":  # act sparsity is measured on the proxy windows only
+            meter.close()
         count = n * self.inputs.shape[1]
         loss = sum(stats[w][0] for w in range(n)) / count
         kl_mean = sum(stats[w][1] for w in range(n)) / count

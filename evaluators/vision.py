@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluators.base import AccuracyEvaluator, ActSparsityMeter
+from evaluators.base import AccuracyEvaluator, ActSparsityMeter, torch_threads
 from evaluators.data import WEIGHTS_DIR, digits_splits, glyph_test_set
 from evaluators.models import load_model, state_digest
 from evaluators.sparsity_stats import layer_sparsity
@@ -33,6 +33,9 @@ VISION_KINDS: dict[str, tuple[str, str]] = {
     "glyph_vit": ("glyph_vit.safetensors", "glyphs"),
     "digits": ("digits_cnn.safetensors", "digits"),
 }
+
+
+DEFAULT_BUDGET_IMAGES = 576
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -50,16 +53,18 @@ class VisionEvaluator(AccuracyEvaluator):
     Args:
         kind: ``glyph_cnn`` | ``glyph_vit`` | ``digits``.
         weights: override of the shipped ``.safetensors`` file.
-        budget_images: test images at the ``full`` level (default: all; glyphs 1152,
-            digits 540); proxy_images: images at the ``proxy`` level (default 128).
+        budget_images: test images at the ``full`` level (default 576 of the 1152 glyph
+            test images, all 540 digits test images; a fixed permutation of the test set
+            is used, so any prefix covers every font and class); proxy_images: images at
+            the ``proxy`` level (default 128).
         sparsity_images: calibration images for ``layer_sparsity`` and the transforms
-            (default 64); batch: images per forward pass.
+            (default 32); batch: images per forward pass.
         Other arguments: see :class:`evaluators.base.AccuracyEvaluator`.
     """
 
     def __init__(
         self, kind: str = "glyph_cnn", weights: str | os.PathLike[str] | None = None, *,
-        budget_images: int | None = None, proxy_images: int = 128, sparsity_images: int = 64,
+        budget_images: int | None = None, proxy_images: int = 128, sparsity_images: int = 32,
         batch: int = 512, cache_dir: str | os.PathLike[str] | None = None,
         fidelity: str = "full", gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
     ) -> None:
@@ -76,8 +81,14 @@ class VisionEvaluator(AccuracyEvaluator):
             cx, cy = glyph_test_set("calib")
         else:
             cx, cy, x, y = digits_splits(seed=0)
+        # A fixed permutation so that any prefix (the proxy, a smaller budget) covers all
+        # fonts and classes (the committed set is stored font-major).
+        perm = np.random.default_rng(0).permutation(len(y))
+        x, y = x[perm], y[perm]
         n_max = len(y)
-        budget = n_max if budget_images is None else budget_images
+        if budget_images is None:
+            budget_images = min(n_max, DEFAULT_BUDGET_IMAGES)
+        budget = budget_images
         for opt, v, hi in (("budget_images", budget, n_max), ("proxy_images", proxy_images, n_max),
                            ("sparsity_images", sparsity_images, len(cy)),
                            ("batch", batch, 1 << 20)):
@@ -94,7 +105,8 @@ class VisionEvaluator(AccuracyEvaluator):
         self.calib_labels = torch.from_numpy(cy[:sparsity_images])
         self.n_images = {"proxy": proxy, "full": budget}
         self.batch = batch
-        with torch.no_grad():
+        self._act: tuple[float, dict[str, float]] = (0.0, {})
+        with torch_threads(num_threads), torch.no_grad():
             self._ref_logp = self._logp(self.model, budget)
 
     def calibration_inputs(self) -> list[torch.Tensor]:
@@ -110,19 +122,23 @@ class VisionEvaluator(AccuracyEvaluator):
 
     def _measure(self, model: nn.Module, level: str) -> dict[str, Any]:
         n = self.n_images[level]
-        meter = ActSparsityMeter(model)
-        try:
+        if level == "proxy":  # act sparsity is measured on the proxy images only
+            meter = ActSparsityMeter(model)
+            try:
+                lq = self._logp(model, n)
+            finally:
+                meter.close()
+            self._act = (meter.overall(), meter.per_layer())
+        else:
             lq = self._logp(model, n)
-        finally:
-            meter.close()
         lp = self._ref_logp[:n]
         y = self.labels[:n]
         return {
             "accuracy": float((lq.argmax(-1) == y).double().mean()),
             "loss_nats": float(-lq.gather(1, y[:, None]).mean()),
             "kl_to_fp_nats": max(0.0, float((lp.exp() * (lp - lq)).sum(-1).mean())),
-            "act_sparsity": meter.overall(),
-            "_act_sparsity_layers": meter.per_layer(),
+            "act_sparsity": self._act[0],
+            "_act_sparsity_layers": self._act[1],
         }
 
     def _extra_info(self, model: nn.Module) -> dict[str, Any]:

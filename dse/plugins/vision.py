@@ -7,8 +7,8 @@ Thin adapters over :class:`evaluators.VisionEvaluator`. Besides the metrics
 consumes as ``upstream`` (docs/dataflow.md).
 
 Options (all optional): ``budget_images`` (test images at the ``full`` level; default
-all), ``proxy_images`` (default 128), ``sparsity_images`` (calibration images for
-``layer_sparsity``, default 64), ``fidelity`` (``full``/``proxy``/``gated``),
+576 glyph / all 540 digits test images), ``proxy_images`` (default 128), ``sparsity_images`` (calibration images for
+``layer_sparsity``, default 32), ``fidelity`` (``full``/``proxy``/``gated``),
 ``gate_kl_nats`` (1.0), ``cache`` (true), ``weights`` (a ``.safetensors`` written by
 ``evaluators.train.train_vision``).
 """
