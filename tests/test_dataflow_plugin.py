@@ -51,6 +51,10 @@ def test_measured_equals_synthetic_for_binomial() -> None:
     assert syn["dsp"] <= 2000 and syn["fits_device"] == 1.0
     with pytest.raises(ValueError, match="layer_sparsity"):
         ev.evaluate({}, {"layer_sparsity": {"layer9.conv": {"kind": "pointwise_avg", "avg": [0.1]}}})
+    small = ev.evaluate({"sparsity.density": 0.6, "hw.budget.dsp": 500}, {})  # a searched budget
+    assert small["dsp"] <= 500 and small["images_per_s"] < syn["images_per_s"]
+    with pytest.raises(ValueError, match="hw.budget.dsps"):
+        ev.evaluate({"hw.budget.dsps": 5}, {})
 
 
 def test_fixed_folding_from_params_matches_library() -> None:

@@ -187,6 +187,17 @@ class DataflowEvaluator:
             getattr(fold, fld)[0, self.net.index(name)] = int(v)
         return fold
 
+    def _budget(self, params: Mapping[str, Any]) -> dict[str, float]:
+        """The optimiser's budget: option ``budget``, overridden by ``hw.budget.<resource>``."""
+        budget = {k: float(v) for k, v in self.o["budget"].items()}
+        for key, v in params.items():
+            if key.startswith("hw.budget."):
+                r = key[len("hw.budget."):]
+                if r not in RESOURCES or isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                    raise ValueError(f"{key}: expected hw.budget.<{'|'.join(RESOURCES)}> >= 0, got {v!r}")
+                budget[r] = float(v)
+        return budget
+
     def _zero_share(self, sparsity: Mapping[str, Sparsity]) -> float:
         """MAC-weighted mean share of zero products over the conv/linear stages."""
         macs = np.array([ly.macs for ly in self.net.layers], dtype=np.float64)
@@ -204,7 +215,7 @@ class DataflowEvaluator:
                         weight_memory=o["weight_memory"], batch=o["batch"],
                         allow_partitions=o["allow_partitions"])
         if o["optimise"]:
-            fold, res = optimise(pipe, budget=o["budget"], max_utilisation=float(o["max_utilisation"]))
+            fold, res = optimise(pipe, budget=self._budget(params), max_utilisation=float(o["max_utilisation"]))
         else:
             fold = self._folding(params)
             res = pipe.evaluate(fold)
