@@ -34,18 +34,21 @@ from types import MappingProxyType
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dse import registry
 from dse.pareto import FrontTracker, is_feasible
 from dse.spec import Spec, complete_params, parse_spec, sample_params
+from dse.storage import buffered_records, flush_storage, open_storage
+
+__all__ = ["Driver", "DriverError", "RunSummary", "open_storage", "open_study", "study_dir"]
 
 log = logging.getLogger("dse")
 
 DEFAULT_DIR = Path("dse-studies")
 HEARTBEAT_S = 5.0
+FLUSH_S = 0.2  # longest time told results stay unflushed in the journal buffer
+HV_EVERY_S = 1.0  # hypervolume (progress + MLflow history) at most this often
 MAX_ATTEMPTS = 3  # runs of one trial on successive actors before it FAILs
 SPEC_ATTR = "dse:spec"
 DRIVER_ATTR = "dse:driver"
@@ -68,23 +71,6 @@ def study_dir(spec_name: str, root: str | Path = DEFAULT_DIR) -> Path:
     return Path(root) / spec_name
 
 
-def open_storage(url: str | None, sdir: Path) -> BaseStorage:
-    """Open the study's Optuna storage.
-
-    Args:
-        url: ``None`` for the default journal file ``<sdir>/optuna.journal``; a database
-            URL (``sqlite:///...``, ``postgresql://...``) for an RDB storage; a path ending
-            in ``.journal`` or ``.log`` for a journal file elsewhere.
-        sdir: the study directory (created).
-    """
-    sdir.mkdir(parents=True, exist_ok=True)
-    if url is None:
-        return JournalStorage(JournalFileBackend(str(sdir / "optuna.journal")))
-    if url.endswith((".journal", ".log")) and "://" not in url:
-        return JournalStorage(JournalFileBackend(url))
-    return optuna.storages.RDBStorage(url)
-
-
 def load_study_spec(name: str, root: str | Path = DEFAULT_DIR) -> Spec:
     """The spec a study was created with (``<root>/<name>/spec.toml``), validated again."""
     path = study_dir(name, root) / "spec.toml"
@@ -93,9 +79,12 @@ def load_study_spec(name: str, root: str | Path = DEFAULT_DIR) -> Spec:
     return parse_spec(path.read_text(encoding="utf-8"), source=str(path), path=path)
 
 
-def open_study(spec: Spec, sdir: Path, *, create: bool = True) -> optuna.Study:
-    """Create or load the spec's Optuna study in ``sdir`` (spec copied to ``sdir/spec.toml``)."""
-    storage = open_storage(spec.storage, sdir)
+def open_study(spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = False) -> optuna.Study:
+    """Create or load the spec's Optuna study in ``sdir`` (spec copied to ``sdir/spec.toml``).
+
+    ``buffered``: batch journal writes until :func:`dse.storage.flush_storage` (driver only).
+    """
+    storage = open_storage(spec.storage, sdir, buffered=buffered)
     if not create:
         return optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler())
     study = optuna.create_study(
@@ -210,6 +199,9 @@ class RunSummary:
     wall_s: float
     interrupted: bool = False
     recovered: list[int] = field(default_factory=list)
+    setup_s: float = 0.0  # Ray start/connect and actors ready
+    loop_s: float = 0.0  # first ask to last tell (the orchestration being measured)
+    finish_s: float = 0.0  # shutdown, final tracking flush and artifacts
 
 
 @dataclass
@@ -369,7 +361,7 @@ class Driver:
         t_start = time.monotonic()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sdir.mkdir(parents=True, exist_ok=True)
-        study = open_study(self.spec, self.sdir)
+        study = open_study(self.spec, self.sdir, buffered=True)
         self._check_owner(study)
         self._heartbeat(study)
         recovered = self._recover(study)
@@ -377,6 +369,7 @@ class Driver:
             for point in self.spec.enqueue:
                 study.enqueue_trial(point, user_attrs={"dse:baseline": True})
             study._storage.set_study_system_attr(study._study_id, ENQUEUED_ATTR, True)
+        flush_storage(study._storage)
 
         trials = study.get_trials(deepcopy=False)
         n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
@@ -398,12 +391,15 @@ class Driver:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
 
         owns_ray = False
+        t_loop = time.monotonic()
         actors: list[Any] = []
         inflight: dict[Any, _Job] = {}
         n_failed_run = 0
         bar = None
         last_log = time.monotonic()
         last_hb = time.monotonic()
+        last_flush = time.monotonic()
+        last_hv = 0.0
         try:
             owns_ray = self._init_ray()
             if n_complete < self.n_trials:
@@ -418,33 +414,44 @@ class Driver:
 
                 bar = tqdm(total=self.n_trials, initial=n_complete, desc=self.spec.name, unit="trial")
             deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else None
+            t_loop = time.monotonic()
 
             def submit(job: _Job) -> None:
                 ref = actors[job.actor_index].evaluate.remote(job.params)
                 inflight[ref] = job
 
-            while True:
-                if deadline is not None and time.monotonic() > deadline and not self._stop.is_set():
-                    log.warning("timeout_s reached: no new trials")
-                    self._stop.set()
+            def fill(n_done: int, n_failed: int, n_pending: int) -> None:
+                """Ask and submit trials while an actor is free and more are needed."""
                 while (
                     free
                     and not self._stop.is_set()
-                    and n_complete + len(inflight) < self.n_trials
-                    and n_failed_run < self.max_failed
+                    and n_done + n_pending + len(inflight) < self.n_trials
+                    and n_failed < self.max_failed
                 ):
                     trial = study.ask()
                     params = complete_params(sample_params(trial, self.spec), self.spec)
                     submit(_Job(trial, params, free.pop()))
+
+            while True:
+                if deadline is not None and time.monotonic() > deadline and not self._stop.is_set():
+                    log.warning("timeout_s reached: no new trials")
+                    self._stop.set()
+                fill(n_complete, n_failed_run, 0)
+                dirty = buffered_records(study._storage) > 0
+                if dirty and (time.monotonic() - last_flush >= FLUSH_S or not inflight):
+                    flush_storage(study._storage)  # one lock + fsync for many records
+                    last_flush = time.monotonic()
+                    dirty = False
                 if self._abort.is_set() or not inflight:
                     break
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=FLUSH_S if dirty else 1.0)
                 if ready:
                     rest = [r for r in inflight if r not in ready]
                     if rest:
                         more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
                         ready = ready + more
                 told: list[FrozenTrial] = []
+                results: list[tuple[_Job, dict[str, Any]]] = []
                 for ref in ready:
                     job = inflight.pop(ref)
                     try:
@@ -466,8 +473,12 @@ class Driver:
                             submit(job)
                         continue
                     free.append(job.actor_index)
-                    ft = self._tell(study, job, res)
-                    told.append(ft)
+                    results.append((job, res))
+                # Keep the actors busy first, then tell: the tells overlap the evaluations.
+                if results:
+                    fill(n_complete, n_failed_run, len(results))
+                for job, res in results:
+                    told.append(self._tell(study, job, res))
                 for ft in told:
                     if ft.state == TrialState.COMPLETE:
                         n_complete += 1
@@ -477,7 +488,9 @@ class Driver:
                         n_failed_run += 1
                     if tracker is not None:
                         tracker.trial_finished(ft)
-                if told:
+                now = time.monotonic()
+                if told and (now - last_hv >= HV_EVERY_S or n_complete >= self.n_trials):
+                    last_hv = now
                     hv = front.hypervolume() if len(self.spec.objectives) > 1 else float("nan")
                     if tracker is not None and len(self.spec.objectives) > 1:
                         tracker.log_hypervolume(n_complete, hv)
@@ -508,6 +521,7 @@ class Driver:
             if n_failed_run >= self.max_failed:
                 log.error("stopped: %d failed trials (max_failed)", n_failed_run)
         finally:
+            t_fin = time.monotonic()
             if bar is not None:
                 bar.close()
             for a in actors:
@@ -520,6 +534,7 @@ class Driver:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             study._storage.set_study_system_attr(study._study_id, DRIVER_ATTR, {"pid": None, "time": 0.0})
+            flush_storage(study._storage)
             all_trials = study.get_trials(deepcopy=False)
             if tracker is not None:
                 tracker.finish(all_trials)
@@ -537,6 +552,9 @@ class Driver:
             wall_s=time.monotonic() - t_start,
             interrupted=self._stop.is_set(),
             recovered=recovered,
+            setup_s=t_loop - t_start,
+            loop_s=t_fin - t_loop,
+            finish_s=time.monotonic() - t_fin,
         )
 
     # -------------------------------------------------------------- telling

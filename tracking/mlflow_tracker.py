@@ -1,7 +1,7 @@
 """MLflow tracking of a study: one parent run, one child run per trial, from a thread.
 
 The Optuna storage is the source of truth; MLflow is a view of it. The driver hands each
-finished trial to :class:`Tracker`, which logs it from a background thread with
+finished trial to :class:`Tracker`, which logs it from a background process with
 ``MlflowClient`` (``create_run`` + one ``log_batch`` + ``set_terminated``), so MLflow never
 blocks the search. If MLflow is unreachable the tracker logs one warning and stops
 trying; ``dse sync <study>`` (:func:`sync`) backfills later.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,27 @@ def _ms(dt: Any) -> int:
     return int(dt.timestamp() * 1000) if dt is not None else int(time.time() * 1000)
 
 
+def _sqlite_wal(client: Any) -> None:
+    """WAL journal + synchronous=NORMAL on MLflow's SQLite store: about 2x faster writes
+    here (an fsync per checkpoint instead of per commit); crash-safe, only the last
+    commits can be lost on power failure. Best effort: MLflow internals may change."""
+    try:
+        from sqlalchemy import event
+
+        engine = client._tracking_client.store.engine
+
+        def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        event.listen(engine, "connect", _pragmas)
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 - an optimisation only
+        log.debug("could not set SQLite pragmas on the MLflow store: %s", e)
+
+
 class MlflowLink:
     """The MLflow side of one study: its experiment, parent run and logged trials."""
 
@@ -63,6 +83,8 @@ class MlflowLink:
         self.uri = uri or spec.tracking_uri or default_uri(sdir)
         self.storage_desc = storage_desc
         self.client = MlflowClient(tracking_uri=self.uri)
+        if self.uri.startswith("sqlite:"):
+            _sqlite_wal(self.client)
         self.experiment_id = ""
         self.parent_id = ""
         self.logged: set[int] = set()
@@ -174,24 +196,36 @@ class MlflowLink:
 
 
 class Tracker:
-    """Background MLflow logging for a running driver (see the module docstring)."""
+    """Background MLflow logging for a running driver (see the module docstring).
+
+    The MLflow work runs in a separate *process* (spawned), fed through a queue: MLflow's
+    ORM costs tens of ms of Python per child run, and in a thread it would contend for the
+    driver's GIL (measured: the driver loop ran 2x slower). The driver only pickles each
+    finished trial onto the queue.
+    """
 
     def __init__(self, spec: Spec, sdir: Path, storage_desc: str = "") -> None:
+        import multiprocessing as mp
+
         self.spec = spec
         self.sdir = sdir
         self.storage_desc = storage_desc
         self.error: str | None = None
-        self._q: queue.Queue[tuple[str, Any] | None] = queue.Queue()
-        self._trials: dict[int, FrozenTrial] = {}
-        self._thread: threading.Thread | None = None
-        self._link: MlflowLink | None = None
-        self._since_artifacts = 0
+        self._ctx = mp.get_context("spawn")
+        self._q: Any = self._ctx.Queue()
+        self._status: Any = self._ctx.Queue()
+        self._proc: Any = None
 
     def start(self, existing: Sequence[FrozenTrial]) -> None:
-        """Start the thread; ``existing`` finished trials are backfilled if not logged."""
+        """Start the logging process; ``existing`` finished trials are backfilled if not logged."""
         self._q.put(("init", list(existing)))
-        self._thread = threading.Thread(target=self._loop, name="dse-tracking", daemon=True)
-        self._thread.start()
+        self._proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self.spec, self.sdir, self.storage_desc, self._q, self._status),
+            name="dse-tracking",
+            daemon=True,
+        )
+        self._proc.start()
 
     def trial_finished(self, t: FrozenTrial) -> None:
         """Queue a finished trial (never blocks)."""
@@ -201,14 +235,50 @@ class Tracker:
         """Queue a hypervolume point for the parent run's history (step = COMPLETE count)."""
         self._q.put(("hv", (step, value, int(time.time() * 1000))))
 
-    def finish(self, trials: Sequence[FrozenTrial], timeout_s: float = 120.0) -> None:
-        """Write final artifacts, close the parent run and wait for the thread (bounded)."""
+    def finish(self, trials: Sequence[FrozenTrial], timeout_s: float = 300.0) -> None:
+        """Write final artifacts, close the parent run and wait for the process (bounded)."""
         self._q.put(("finish", list(trials)))
         self._q.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("MLflow logging did not finish in %.0f s; run `dse sync %s`", timeout_s, self.spec.name)
+        if self._proc is not None:
+            self._proc.join(timeout_s)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(5)
+                self.error = f"MLflow logging did not finish in {timeout_s:.0f} s"
+        try:
+            while True:
+                self.error = self._status.get(timeout=0.5) or self.error
+        except queue.Empty:
+            pass
+        if self._proc is not None and self._proc.exitcode not in (0, None) and self.error is None:
+            self.error = f"MLflow logging process exited with code {self._proc.exitcode}"
+        if self.error is not None:
+            log.warning("MLflow: %s; backfill with `dse sync %s`", self.error, self.spec.name)
+        self._q.close()
+        self._status.close()
+
+
+def _worker_main(spec: Spec, sdir: Path, storage_desc: str, q: Any, status: Any) -> None:
+    """Entry point of the logging process."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    w = _TrackerWorker(spec, sdir, storage_desc)
+    try:
+        w.loop(q)
+    finally:
+        status.put(w.error)
+
+
+class _TrackerWorker:
+    """The logging loop (runs in the tracking process)."""
+
+    def __init__(self, spec: Spec, sdir: Path, storage_desc: str) -> None:
+        self.spec = spec
+        self.sdir = sdir
+        self.storage_desc = storage_desc
+        self.error: str | None = None
+        self._trials: dict[int, FrozenTrial] = {}
+        self._link: MlflowLink | None = None
+        self._since_artifacts = 0
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
         if self.error is not None:
@@ -216,19 +286,16 @@ class Tracker:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - MLflow must never stop the search
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning(
-                "MLflow unreachable while %s (%s); the search goes on; backfill later with `dse sync %s`",
-                what, self.error, self.spec.name,
-            )
+            self.error = f"unreachable while {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            log.warning("MLflow %s; the search goes on; backfill later with `dse sync %s`", self.error, self.spec.name)
 
-    def _loop(self) -> None:
+    def loop(self, q: Any) -> None:
         while True:
-            item = self._q.get()
+            item = q.get()
             items = [item]
             while item is not None:  # drain what is queued: one batch
                 try:
-                    item = self._q.get_nowait()
+                    item = q.get_nowait()
                     items.append(item)
                 except queue.Empty:
                     break
@@ -269,13 +336,10 @@ class Tracker:
         self._link.connect()
 
     def _log_trials(self, trials: Sequence[FrozenTrial]) -> None:
-        if self.spec.child_runs != "all":
-            return
-        link = self._link
-        if link is None:
+        if self.spec.child_runs != "all" or self._link is None:
             return
         for t in trials:
-            self._guard("logging a trial", link.log_trial, t)
+            self._guard("logging a trial", self._link.log_trial, t)
 
     def _flush_hv(self, hv: list[tuple[int, float, int]]) -> None:
         if hv and self._link is not None:
@@ -295,7 +359,7 @@ class Tracker:
             for t in pareto_trials(trials, self.spec):
                 self._guard("logging a Pareto trial", link.log_trial, t)
         elif link is not None:
-            for t in trials:  # anything missed (e.g. told while connecting)
+            for t in trials:  # anything missed
                 self._guard("logging a trial", link.log_trial, t)
         self._artifacts()
         if link is not None:
