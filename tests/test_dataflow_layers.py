@@ -166,7 +166,7 @@ def test_divisors() -> None:
     assert divisors(12) == [1, 2, 3, 4, 6, 12]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     shape=st.sampled_from([(4, 2), (6, 3), (8, 4), (12, 6), (12, 4), (8, 8)]),
     seed=st.integers(0, 2**31 - 1),
