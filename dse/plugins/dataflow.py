@@ -227,7 +227,9 @@ class DataflowEvaluator:
                                **{r: int(res.layer_resources[r][0, j]) for r in RESOURCES}, **fd[ly.name]}
         metrics["zero_product_share"] = self._zero_share(sparsity)
         metrics["dataflow_layers"] = layers
-        metrics["dataflow_bottleneck"] = self.net.names[int(res.bottleneck[0])]
+        bound_by_memory = res.partitions[0] == 1 and res.interval_cycles[0] > res.ii_cycles[0].max()
+        metrics["dataflow_bottleneck"] = ("off-chip bandwidth" if bound_by_memory
+                                          else self.net.names[int(res.bottleneck[0])])
         metrics["dataflow_sparsity_source"] = source
         for k, v in metrics.items():
             if isinstance(v, float) and not np.isfinite(v):
