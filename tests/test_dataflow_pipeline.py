@@ -348,3 +348,10 @@ class _MobileNetV3Small(nn.Module):
 def test_traced_mobilenetv3_small_equals_shipped_graph() -> None:
     got = trace(_MobileNetV3Small(), (3, 64, 64), name="mobilenetv3_small")
     assert got == get_network("mobilenetv3_small", size=64)
+
+
+def test_trace_rejects_unsupported_layers() -> None:
+    with pytest.raises(ValueError, match="dilation"):
+        trace(nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2)), (3, 16, 16))
+    with pytest.raises(ValueError, match="ConvTranspose2d"):
+        trace(nn.Sequential(nn.ConvTranspose2d(3, 4, 2)), (3, 8, 8))

@@ -38,7 +38,11 @@ def _pad4(v: Any) -> tuple[int, int, int, int]:
 def _layer_from_module(name: str, mod: Any, in_shape: tuple[int, ...], inputs: tuple[str, ...]) -> Layer | None:
     import torch.nn as nn
 
+    if isinstance(mod, nn.Conv1d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        raise ValueError(f"{name}: {type(mod).__name__} is not supported; expected Conv2d, Linear or pooling")
     if isinstance(mod, nn.Conv2d):
+        if _pair(mod.dilation) != (1, 1):
+            raise ValueError(f"{name}: dilation {mod.dilation} is not supported; expected 1")
         _, c, h, w = in_shape
         return Layer(name, "conv", h, w, c, mod.out_channels, kernel=_pair(mod.kernel_size),
                      stride=_pair(mod.stride), pad=_pad4(mod.padding), groups=mod.groups, inputs=inputs)
