@@ -85,12 +85,14 @@ def smollm2_fp32_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
     tok.save_pretrained(str(tmp))
     (tmp / "dse_source.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF,
                                                      "gguf_bytes": gguf.stat().st_size}))
-    if out.exists():  # another process won the race; keep its copy
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process (a parallel Ray actor) won the race: keep its copy
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        if not (out / "model.safetensors").is_file():
+            raise
     return out
 
 
@@ -153,6 +155,26 @@ def attach_quant_attention(model: nn.Module) -> int:
     return n
 
 
+def _return_freed_memory() -> None:
+    """Make glibc serve every allocation >= 1 MiB with its own mapping (``M_MMAP_THRESHOLD``).
+
+    glibc raises that threshold dynamically after large frees, after which freed weight
+    copies stay in the heap and count in RSS; with candidate copies of a 135 M-parameter
+    model that is ~0.4 GB per process. Fixing it returns freed tensors to the OS. No-op
+    off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return
+
+
 def load_causal_lm(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any, str]:
     """Load a local Hugging Face causal LM in fp32 (offline) with quantizable attention.
 
@@ -168,6 +190,7 @@ def load_causal_lm(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any, s
         raise ValueError(f"model_dir: expected a Hugging Face model directory with "
                          f"config.json, got {str(d)!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _return_freed_memory()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
