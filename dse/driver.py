@@ -496,10 +496,12 @@ class Driver:
                         tracker.log_hypervolume(n_complete, hv)
                     if bar is not None:
                         bar.n = n_complete
-                        bar.set_postfix(
-                            running=len(inflight), failed=n_failed_run, pareto=front.size, hv=f"{hv:.4g}",
-                            refresh=False,
-                        )
+                        if len(self.spec.objectives) > 1:
+                            quality = {"pareto": front.size, "hv": f"{hv:.4g}"}
+                        else:  # the best value, in the objective's direction
+                            best = front.front[:, 0].min() * (1 if self.spec.directions[0] == "minimize" else -1) if front.size else float("nan")
+                            quality = {"best": f"{best:.4g}"}
+                        bar.set_postfix(running=len(inflight), failed=n_failed_run, refresh=False, **quality)
                         bar.refresh()
                 now = time.monotonic()
                 if bar is None and now - last_log > 10.0:
