@@ -37,18 +37,7 @@ import numpy as np
 from simulators.plena.costs import DEFAULT_COSTS, CostCoefficients
 from simulators.plena.engine import Array, InferenceResult, OpCosts, run
 from simulators.plena.hardware import Numerics, PlenaHardware, mult_cost
-from simulators.plena.ops import (
-    GEMM,
-    PV,
-    QK,
-    VEC,
-    OpGraph,
-    attention_hbm_bytes,
-    cdiv,
-    gemm_hbm_bytes,
-    kv_write_bytes,
-    vector_hbm_bytes,
-)
+from simulators.plena.ops import OpGraph, cdiv, op_hbm_bytes
 from simulators.plena.workload import Workload
 from simulators.systolic import fold_cycles
 
@@ -138,32 +127,30 @@ TPU_V6E = TpuSpec("tpu-v6e", n_mxu=4, mxu_dim=256, clock_ghz=1.75,
 PRESETS: dict[str, GpuSpec | TpuSpec] = {"a100": A100, "h100": H100, "tpu-v6e": TPU_V6E}
 
 
-def _shape(spec: GpuSpec | TpuSpec) -> tuple[int, ...]:
-    return np.broadcast_shapes(*(np.shape(getattr(spec, f.name))
-                                 for f in dataclasses.fields(spec) if f.name != "name"))
-
-
 def _energy(ops: OpGraph, nd: int, numerics: Numerics, w_bytes: Array, hbm: Array,
             vec_work: Array, k: CostCoefficients) -> Array:
     """Dynamic energy with PLENA's coefficients (same technology for a fair ratio), J."""
     c = ops.col
-    kind = c(ops.kind, nd)
+    gemm = c(ops.masks["gemm"], nd)
     e_wa = mult_cost(numerics.weights, numerics.acts) * k.mult_int8_pj + k.acc_pj
     e_ka = mult_cost(numerics.acts, numerics.kv) * k.mult_int8_pj + k.acc_pj
     macs = c(ops.macs, nd)
-    operand = np.where(kind == GEMM, c(ops.w_elems * w_bytes, nd),
+    operand = np.where(gemm, c(ops.w_elems * w_bytes, nd),
                        c(ops.kv_read * numerics.kv_bytes, nd))
-    pj = (macs * np.where(kind == GEMM, e_wa, e_ka) + vec_work * k.vector_op_pj
+    pj = (macs * np.where(gemm, e_wa, e_ka) + vec_work * k.vector_op_pj
           + (hbm + operand) * 8.0 * k.sram_pj_per_bit + hbm * 8.0 * k.hbm_pj_per_bit)
     return pj * 1e-12
 
 
-class GpuBackend:
-    """Prices op graphs on a :class:`GpuSpec`."""
+class _SpecBackend:
+    """Shared plumbing of the baseline backends (spec fields may be numpy arrays)."""
 
-    def __init__(self, spec: GpuSpec, costs: CostCoefficients = DEFAULT_COSTS) -> None:
+    def __init__(self, spec: GpuSpec | TpuSpec, costs: CostCoefficients = DEFAULT_COSTS
+                 ) -> None:
         self.spec, self.costs = spec, costs
-        self._shape = _shape(spec)
+        self._shape = np.broadcast_shapes(*(np.shape(getattr(spec, f.name))
+                                            for f in dataclasses.fields(spec)
+                                            if f.name != "name"))
 
     def shape(self) -> tuple[int, ...]:
         """Broadcast shape of the spec's array fields."""
@@ -178,80 +165,64 @@ class GpuBackend:
         return np.asarray(self.spec.hbm_gb, dtype=np.float64) * 1e9
 
     def peak_macs_per_s(self) -> Array:
-        """Tensor-core MACs per second."""
+        """Matrix-unit MACs per second."""
         return np.asarray(self.spec.multipliers * self.spec.clock_ghz * 1e9, dtype=np.float64)
+
+    def _hbm(self, ops: OpGraph, numerics: Numerics, w_bytes: Array, q_block: float) -> Array:
+        sram = self.spec.sram_bytes
+        return op_hbm_bytes(ops, w_bytes, numerics.act_bytes, numerics.kv_bytes,
+                            len(self._shape), vector_sram_bytes=sram, matrix_sram_bytes=sram,
+                            q_block=q_block)
+
+
+class GpuBackend(_SpecBackend):
+    """Prices op graphs on a :class:`GpuSpec`."""
+
+    spec: GpuSpec
 
     def op_costs(self, ops: OpGraph, numerics: Numerics, w_bytes: Array) -> OpCosts:
         """Compute seconds (MMA-tile padded), HBM bytes, launch time and energy per op."""
         s, nd = self.spec, len(self._shape)
         c = ops.col
-        kind = c(ops.kind, nd)
+        m = {key: c(v, nd) for key, v in ops.masks.items()}
         M, K, N = c(ops.M, nd), c(ops.K, nd), c(ops.N, nd)
         pad = cdiv(M, 16.0) * 16.0 * cdiv(K, 16.0) * 16.0 * cdiv(N, 8.0) * 8.0
         frac = c(ops.causal_fraction, nd)
-        mat_macs = c(ops.inst * ops.heads, nd) * pad * np.where(kind == GEMM, 1.0, frac)
-        is_mat = (kind == GEMM) | (kind == QK) | (kind == PV)
-        vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(kind == VEC, frac, 1.0)
-        compute = np.where(is_mat, mat_macs / self.peak_macs_per_s(),
-                           np.where(kind == VEC, vec_work / (s.vector_tflops * 1e12), 0.0))
-        a_b, kv_b, sram = numerics.act_bytes, numerics.kv_bytes, s.sram_bytes
-        hbm = (gemm_hbm_bytes(ops, w_bytes, a_b, nd, sram, sram)
-               + attention_hbm_bytes(ops, kv_b, a_b, nd, 128.0, sram, sram)
-               + vector_hbm_bytes(ops, a_b, nd, sram) + kv_write_bytes(ops, kv_b, nd))
-        launch = np.where(kind >= 0, s.launch_s, 0.0) + 0.0 * compute
+        mat_macs = c(ops.inst * ops.heads, nd) * pad * np.where(m["gemm"], 1.0, frac)
+        vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(m["vec"], frac, 1.0)
+        compute = np.where(m["mat"], mat_macs / self.peak_macs_per_s(),
+                           np.where(m["vec"], vec_work / (s.vector_tflops * 1e12), 0.0))
+        hbm = self._hbm(ops, numerics, w_bytes, 128.0)
+        launch = np.zeros_like(compute) + s.launch_s
         return OpCosts(compute, hbm, launch,
                        _energy(ops, nd, numerics, w_bytes, hbm, vec_work, self.costs))
 
 
-class TpuBackend:
+class TpuBackend(_SpecBackend):
     """Prices op graphs on a :class:`TpuSpec` with the systolic (SCALE-Sim) fold count."""
 
-    def __init__(self, spec: TpuSpec, costs: CostCoefficients = DEFAULT_COSTS) -> None:
-        self.spec, self.costs = spec, costs
-        self._shape = _shape(spec)
-
-    def shape(self) -> tuple[int, ...]:
-        """Broadcast shape of the spec's array fields."""
-        return self._shape
-
-    def hbm_bytes_per_s(self) -> Array:
-        """HBM bandwidth, bytes/s."""
-        return np.asarray(self.spec.hbm_gbps, dtype=np.float64) * 1e9
-
-    def hbm_capacity_bytes(self) -> Array:
-        """HBM capacity, bytes."""
-        return np.asarray(self.spec.hbm_gb, dtype=np.float64) * 1e9
-
-    def peak_macs_per_s(self) -> Array:
-        """MXU MACs per second."""
-        return np.asarray(self.spec.multipliers * self.spec.clock_ghz * 1e9, dtype=np.float64)
+    spec: TpuSpec
 
     def op_costs(self, ops: OpGraph, numerics: Numerics, w_bytes: Array) -> OpCosts:
         """Weight-stationary MXU cycles, HBM bytes and energy per op."""
         s, nd = self.spec, len(self._shape)
         c = ops.col
-        kind = c(ops.kind, nd)
-        M, K, N = c(ops.M, nd), c(ops.K, nd), c(ops.N, nd)
+        m = {key: c(v, nd) for key, v in ops.masks.items()}
+        M, K, N = (np.maximum(c(a, nd), 1.0) for a in (ops.M, ops.K, ops.N))
         R = float(s.mxu_dim)
-        safe = np.maximum
         # weight stationary: (Sr, Sc, T) = (K, N, M); one instance per expert / head
         if s.pipelined_folds:
             # next fold's weights load while this one computes; one fill + drain per op
-            folds = cdiv(safe(K, 1.0), R) * cdiv(safe(N, 1.0), R)
-            cyc = folds * np.maximum(safe(M, 1.0), R) + (2.0 * R + R - 2.0)
+            cyc = cdiv(K, R) * cdiv(N, R) * np.maximum(M, R) + (3.0 * R - 2.0)
         else:
-            cyc = fold_cycles(safe(K, 1.0), safe(N, 1.0), safe(M, 1.0), R, R, "ws") + 1.0
+            cyc = fold_cycles(K, N, M, R, R, "ws") + 1.0
         frac = c(ops.causal_fraction, nd)
-        inst = c(ops.inst * ops.heads, nd)
-        is_mat = (kind == GEMM) | (kind == QK) | (kind == PV)
-        mat_cycles = inst * cyc * np.where(kind == GEMM, 1.0, frac) / s.n_mxu
-        vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(kind == VEC, frac, 1.0)
-        cycles = np.where(is_mat, mat_cycles,
-                          np.where(kind == VEC, vec_work / s.vector_ops_per_cycle, 0.0))
-        a_b, kv_b, sram = numerics.act_bytes, numerics.kv_bytes, s.sram_bytes
-        hbm = (gemm_hbm_bytes(ops, w_bytes, a_b, nd, sram, sram)
-               + attention_hbm_bytes(ops, kv_b, a_b, nd, R, sram, sram)
-               + vector_hbm_bytes(ops, a_b, nd, sram) + kv_write_bytes(ops, kv_b, nd))
+        mat_cycles = (c(ops.inst * ops.heads, nd) * cyc * np.where(m["gemm"], 1.0, frac)
+                      / s.n_mxu)
+        vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(m["vec"], frac, 1.0)
+        cycles = np.where(m["mat"], mat_cycles,
+                          np.where(m["vec"], vec_work / s.vector_ops_per_cycle, 0.0))
+        hbm = self._hbm(ops, numerics, w_bytes, R)
         return OpCosts(cycles / (s.clock_ghz * 1e9), hbm, np.zeros_like(cycles),
                        _energy(ops, nd, numerics, w_bytes, hbm, vec_work, self.costs))
 

@@ -26,14 +26,7 @@ import numpy as np
 from simulators.plena.costs import DEFAULT_COSTS, CostCoefficients
 from simulators.plena.engine import Array, InferenceResult, OpCosts, run
 from simulators.plena.hardware import Numerics, PlenaHardware, mult_cost
-from simulators.plena.ops import (
-    OpGraph,
-    attention_hbm_bytes,
-    cdiv,
-    gemm_hbm_bytes,
-    kv_write_bytes,
-    vector_hbm_bytes,
-)
+from simulators.plena.ops import OpGraph, cdiv, op_hbm_bytes
 from simulators.plena.workload import Workload
 
 
@@ -102,11 +95,8 @@ class PlenaBackend:
         fill = np.where(m["mat"], hw.blen + np.ceil(np.log2(hw.mlen)),
                         np.where(m["vec"], np.ceil(np.log2(hw.vlen)), 0.0))
         hz = hw.clock_ghz * 1e9
-        hbm = (gemm_hbm_bytes(ops, w_bytes, a_b, nd, hw.vector_sram_bytes, hw.matrix_sram_bytes)
-               + attention_hbm_bytes(ops, kv_b, a_b, nd, hw.mlen, hw.matrix_sram_bytes,
-                                     hw.vector_sram_bytes)
-               + vector_hbm_bytes(ops, a_b, nd, hw.vector_sram_bytes)
-               + kv_write_bytes(ops, kv_b, nd))
+        hbm = op_hbm_bytes(ops, w_bytes, a_b, kv_b, nd, vector_sram_bytes=hw.vector_sram_bytes,
+                           matrix_sram_bytes=hw.matrix_sram_bytes, q_block=hw.mlen)
         # dynamic energy
         e_wa = mult_cost(numerics.weights, numerics.acts) * k.mult_int8_pj + k.acc_pj
         e_ka = mult_cost(numerics.acts, numerics.kv) * k.mult_int8_pj + k.acc_pj

@@ -285,3 +285,14 @@ def vector_hbm_bytes(ops: OpGraph, a_bytes: float, ndim: int, vector_sram_bytes:
 def kv_write_bytes(ops: OpGraph, kv_bytes: float, ndim: int) -> Array:
     """HBM bytes of new K/V cache entries written by the K and V projections."""
     return ops.col(ops.kv_write * kv_bytes, ndim)
+
+
+def op_hbm_bytes(ops: OpGraph, w_bytes: Array, a_bytes: float, kv_bytes: float, ndim: int, *,
+                 vector_sram_bytes: Array, matrix_sram_bytes: Array, q_block: Array) -> Array:
+    """All HBM bytes of every op per repetition: GEMM/MEM weights and activations,
+    attention KV reads and Q/O, vector-op activations and new KV entries, (n_ops, *hw)."""
+    return (gemm_hbm_bytes(ops, w_bytes, a_bytes, ndim, vector_sram_bytes, matrix_sram_bytes)
+            + attention_hbm_bytes(ops, kv_bytes, a_bytes, ndim, q_block, matrix_sram_bytes,
+                                  vector_sram_bytes)
+            + vector_hbm_bytes(ops, a_bytes, ndim, vector_sram_bytes)
+            + kv_write_bytes(ops, kv_bytes, ndim))
