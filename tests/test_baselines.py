@@ -122,6 +122,8 @@ def test_plugins_via_registry() -> None:
     ("plena", {"nope": 1}, "nope"),
     ("plena", {"model": "gpt-9"}, "workload.model"),
     ("plena", {"hw": {"mlen": -4}}, "hw.mlen"),
+    ("plena", {"hw": {"mlem": 4}}, "hw.mlem"),
+    ("gpu", {"quant": {"weight": "bf16"}}, "quant.weight"),
     ("plena", {"quant": {"weights": "int99"}}, "quant.weights"),
     ("plena", {"batch": 0}, "workload.batch"),
     ("gpu", {"preset": "tpu-v6e"}, "preset"),

@@ -48,9 +48,15 @@ def _check(options: Mapping[str, Any], kind: str) -> dict[str, Any]:
     o = {**allowed, **options}
     load_model_config(str(o["model"]))
     Workload.of(str(o["model"]), o["batch"], o["prompt_len"], o["output_len"])
-    for key in ("hw", "quant"):
+    allowed_keys = {"hw": [f.name for f in dataclasses.fields(PlenaHardware)],
+                    "quant": ["weights", "acts", "kv"]}
+    for key, names in allowed_keys.items():
         if not isinstance(o[key], Mapping):
             raise ValueError(f"{kind} option {key}: expected a table, got {o[key]!r}")
+        for sub in o[key]:
+            if sub not in names:
+                raise ValueError(f"{kind} option {key}.{sub} is unknown; expected one of "
+                                 f"{', '.join(names)}")
     PlenaHardware(**dict(o["hw"]))
     if kind != "plena":
         presets = [p for p, s in PRESETS.items() if isinstance(s, GpuSpec) == (kind == "gpu")]
