@@ -95,6 +95,8 @@ class GemmResult:
 
 
 def _positive_ints(name: str, value: ArrayLike) -> IntArray:
+    if type(value) is int and value >= 1:
+        return np.asarray(value, dtype=np.int64)
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: expected positive integers, got {value!r}")
@@ -218,7 +220,9 @@ def gemm(
         dram_ps = np.where(psum_fits, 0, sram_ps)
 
     def i64(x: ArrayLike) -> IntArray:
-        return np.broadcast_to(np.asarray(x, dtype=np.int64), m.shape).copy()
+        out = np.empty(m.shape, dtype=np.int64)
+        out[...] = x
+        return out
 
     return GemmResult(
         compute_cycles=i64(cycles),
