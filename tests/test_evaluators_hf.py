@@ -1,0 +1,67 @@
+"""HFCausalLMEvaluator / hf_lm on a tiny random Llama built locally (no download): the
+quantizable attention equals transformers' SDPA in fp32, and quant.kv / quant.attn reach
+the real attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg)
+    tk = Tokenizer(models.WordLevel({chr(i): i for i in range(128)}, unk_token=chr(0)))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=chr(0))
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_quant_attention_equals_sdpa_and_kv_reaches_it(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from evaluators.lm import HFCausalLMEvaluator
+
+    ev = HFCausalLMEvaluator(tiny_llama_dir, window=64, budget_tokens=256, proxy_tokens=64)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    assert ref.config._attn_implementation != "dse_quant"
+    with torch.no_grad():
+        logits = ref(input_ids=ev.inputs).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), ev.targets.flatten()).item()
+    r = ev.evaluate({})
+    assert r["loss_nats"] == pytest.approx(loss, rel=1e-5)
+    assert r["kl_to_fp_nats"] == pytest.approx(0.0, abs=1e-7)
+    kv = ev.evaluate({"quant.kv": "int2"})
+    assert kv["kl_to_fp_nats"] > 1e-4 and kv["kv_bits"] == pytest.approx(2.0, abs=0.5)
+    assert kv["layers"]["model.layers.1.self_attn.v_cache"]["kv_format"].startswith("int2")
+    attn = ev.evaluate({"quant.attn": "int2"})
+    assert attn["kl_to_fp_nats"] > 1e-4
+    assert attn["layers"]["model.layers.0.self_attn.qk"]["act_format"].startswith("int2")
+
+
+def test_hf_lm_plugin(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from dse import registry
+    from dse.registry import EvalContext
+
+    ev = registry.get("hf_lm")({"model_dir": str(tiny_llama_dir), "window": 32,
+                                "budget_tokens": 64, "proxy_tokens": 32},
+                               EvalContext(study_dir=tmp_path, name="hf_lm"))
+    r = ev.evaluate({"quant.weights": "mxint8", "hw.mlen": 64}, {})
+    assert r["avg_weight_bits"] == pytest.approx(8.25) and r["fidelity"] == "full"
+    assert len(list((tmp_path / "cache" / "hf_lm").glob("*.json"))) == 1
+    with pytest.raises(ValueError, match="model_dir"):
+        registry.get("hf_lm")({"model_dir": str(tmp_path / "nope")},
+                              EvalContext(study_dir=tmp_path, name="hf_lm"))
