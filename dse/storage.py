@@ -15,13 +15,15 @@ Readers in other processes (``dse status``) see a consistent prefix of the journ
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import copy
+from collections.abc import Container, Generator
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
 
 
 class BufferedJournalFileBackend(JournalFileBackend):
@@ -62,6 +64,44 @@ class BufferedJournalFileBackend(JournalFileBackend):
         return len(logs)
 
 
+class DriverJournalStorage(JournalStorage):
+    """``JournalStorage`` with the in-memory storage's fast path for WAITING trials.
+
+    ``study.ask()`` looks for enqueued (WAITING) trials on every call; the stock journal
+    storage scans every trial for that (O(n) per ask, a quarter of the storage time at
+    2,000 trials). Trials never return to WAITING, so the scan can start at the first
+    trial that was still WAITING last time.
+    """
+
+    def __init__(self, backend: JournalFileBackend) -> None:
+        super().__init__(backend)
+        self._waiting_from: dict[int, int] = {}
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        """As ``JournalStorage.get_all_trials``; WAITING-only queries scan from a bookmark."""
+        if states != (TrialState.WAITING,):
+            return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        with self._thread_lock:
+            self._sync_with_backend()
+            replay = self._replay_result
+            ids = replay._study_id_to_trial_ids.get(study_id)
+            if ids is None:
+                return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+            start = self._waiting_from.get(study_id, 0)
+            out: list[FrozenTrial] = []
+            for i in range(start, len(ids)):
+                t = replay._trials[ids[i]]
+                if t.state == TrialState.WAITING:
+                    if not out:
+                        self._waiting_from[study_id] = i
+                    out.append(t)
+            if not out:
+                self._waiting_from[study_id] = len(ids)
+        return copy.deepcopy(out) if deepcopy else out
+
+
 def open_storage(url: str | None, sdir: Path, *, buffered: bool = False) -> BaseStorage:
     """Open a study's Optuna storage.
 
@@ -76,8 +116,9 @@ def open_storage(url: str | None, sdir: Path, *, buffered: bool = False) -> Base
     sdir.mkdir(parents=True, exist_ok=True)
     if url is None or (url.endswith((".journal", ".log")) and "://" not in url):
         path = str(sdir / "optuna.journal") if url is None else url
-        backend = BufferedJournalFileBackend(path) if buffered else JournalFileBackend(path)
-        return JournalStorage(backend)
+        if buffered:
+            return DriverJournalStorage(BufferedJournalFileBackend(path))
+        return JournalStorage(JournalFileBackend(path))
     return optuna.storages.RDBStorage(url)
 
 

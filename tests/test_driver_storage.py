@@ -56,3 +56,19 @@ def test_unflushed_records_invisible_to_readers(tmp_path: Path) -> None:
     _run(s2, 2)
     flush_storage(buf2)
     assert [t.number for t in optuna.load_study(study_name="s", storage=open_storage(None, tmp_path)).trials] == [0, 1, 2, 3, 4]
+
+
+def test_waiting_fast_path_finds_every_enqueued_trial(tmp_path: Path) -> None:
+    storage = open_storage(None, tmp_path, buffered=True)
+    study = optuna.create_study(study_name="w", storage=storage)
+    study.enqueue_trial({"x": 0.1})
+    study.enqueue_trial({"x": 0.2})
+    xs = []
+    for i in range(6):
+        t = study.ask()
+        xs.append(t.suggest_float("x", 0.0, 1.0))
+        study.tell(t, xs[-1])
+        if i == 2:
+            study.enqueue_trial({"x": 0.9})  # enqueued after the bookmark moved on
+    assert xs[:2] == [0.1, 0.2] and xs[3] == 0.9
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
