@@ -313,7 +313,11 @@ class Driver:
                 kwargs["num_gpus"] = math.ceil(self.workers * res["num_gpus"])
         else:
             kwargs["address"] = self.address
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}") from None
         return True
 
     def _make_actor(self) -> Any:
@@ -401,8 +405,8 @@ class Driver:
         last_flush = time.monotonic()
         last_hv = 0.0
         try:
-            owns_ray = self._init_ray()
             if n_complete < self.n_trials:
+                owns_ray = self._init_ray()
                 actors = [self._make_actor() for _ in range(self.workers)]
                 try:
                     ray.get([a.ready.remote() for a in actors])
