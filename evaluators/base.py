@@ -282,6 +282,10 @@ class AccuracyEvaluator:
             info_layers[name] = entry
         for name, entry in per_quant.items():
             info_layers.setdefault(name, dict(entry))
+        for name, entry in _json_layers(getattr(srep, "per_layer", {})).items():
+            if name in info_layers:
+                info_layers[name]["density_target"] = entry.get("density_target")
+                info_layers[name]["act_threshold"] = entry.get("act_threshold")
         avg_w = float(qrep.avg_weight_bits)
         result: dict[str, Any] = {
             **{k: v for k, v in metrics.items() if not k.startswith("_")},

@@ -286,7 +286,23 @@ def load_causal_lm(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any, s
                                                  local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     attach_quant_attention(model)
-    h = hashlib.sha256((d / "config.json").read_bytes())
-    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return model.eval(), tok, h.hexdigest()[:16]
+    return model.eval(), tok, weights_digest(d)
+
+
+def weights_digest(model_dir: Path, samples: int = 64, sample_bytes: int = 1 << 16) -> str:
+    """Content digest (16 hex) of a model directory, cheap even for multi-GB weights.
+
+    Covers ``config.json`` and, for every weight file, its name, size and ``samples``
+    evenly spaced ``sample_bytes`` slices (always the first and last): a fine-tune with
+    the same shapes changes every slice, so results cached for one model are never
+    served for another.
+    """
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(samples):
+                fh.seek(max(0, (size - sample_bytes) * i // max(1, samples - 1)))
+                h.update(fh.read(sample_bytes))
+    return h.hexdigest()[:16]

@@ -65,3 +65,20 @@ def test_hf_lm_plugin(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_dir"):
         registry.get("hf_lm")({"model_dir": str(tmp_path / "nope")},
                               EvalContext(study_dir=tmp_path, name="hf_lm"))
+
+
+def test_weights_digest_tracks_content(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evaluators.hf import weights_digest
+
+    other = tmp_path / "finetuned"
+    shutil.copytree(tiny_llama_dir, other)
+    assert weights_digest(other) == weights_digest(tiny_llama_dir)
+    sd = load_file(other / "model.safetensors")
+    for t in sd.values():
+        t.add_(1e-3)  # same shapes and sizes, other values: a "fine-tune"
+    save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
+    assert weights_digest(other) != weights_digest(tiny_llama_dir)
