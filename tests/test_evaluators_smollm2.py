@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evaluators.hf import SMOLLM2_FP32_PERPLEXITY, smollm2_gguf_path
+from evaluators.hf import SMOLLM2_FP32_PERPLEXITY, SMOLLM2_TEXT_DIGEST, smollm2_gguf_path
 
 pytestmark = pytest.mark.skipif(
     smollm2_gguf_path() is None,
@@ -22,7 +22,10 @@ def test_smollm2_perplexity_and_quant_path() -> None:
     ev = HFCausalLMEvaluator(budget_tokens=1024, proxy_tokens=512, fidelity="proxy")
     m = ev.unquantized_metrics("full")
     assert math.isfinite(m["perplexity"])
-    assert m["perplexity"] == pytest.approx(SMOLLM2_FP32_PERPLEXITY[1024], rel=0.02)
+    # Same text as documented: within 2 %; another Python's pydoc_data text: within 25 %.
+    same_text = ev.identity()["data"].endswith(SMOLLM2_TEXT_DIGEST)
+    rel = 0.02 if same_text else 0.25
+    assert m["perplexity"] == pytest.approx(SMOLLM2_FP32_PERPLEXITY[1024], rel=rel)
     # The KV cache format reaches the real (post-RoPE) K and V through the dse_quant
     # attention; weights stay fp32 (weight formats are covered on the char LM).
     r = ev.evaluate({"quant.kv": "mxint4", "hw.mlen": 2048})
