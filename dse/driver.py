@@ -163,7 +163,7 @@ class EvaluatorHost:
         try:
             for ev_name, ev in self.evaluators:
                 name = ev_name
-                out = ev.evaluate(MappingProxyType(params), MappingProxyType(dict(metrics)))
+                out = ev.evaluate(MappingProxyType(params), MappingProxyType({**info, **metrics}))
                 if not isinstance(out, Mapping):
                     raise TypeError(f"evaluate returned {type(out).__name__}; expected a dict")
                 for k, v in out.items():
