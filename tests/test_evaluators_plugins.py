@@ -48,3 +48,20 @@ def test_glyph_cnn_plugin_feeds_dataflow(tmp_path: Path) -> None:
     assert {"features.0", "features.3", "features.6", "features.8", "classifier"} == set(
         r["layer_sparsity"])
     assert not (tmp_path / "cache").exists()
+
+
+def test_glyph_cnn_layer_sparsity_drives_dataflow(tmp_path: Path) -> None:
+    """The measured layer_sparsity is accepted by the dataflow evaluator (sparsity='measured')
+    and more pruning makes it skip more products."""
+    ctx = EvalContext(study_dir=tmp_path, name="glyph_cnn")
+    acc = registry.get("glyph_cnn")({"budget_images": 128, "cache": False}, ctx)
+    flow = registry.get("dataflow")({"network": "glyph_cnn", "sparsity": "measured"},
+                                    EvalContext(study_dir=tmp_path, name="dataflow"))
+    shares = []
+    for density in (1.0, 0.3):
+        params = {"quant.weights": "int8", "quant.acts": "int8", "sparsity.density": density}
+        up = acc.evaluate(params, {})
+        out = flow.evaluate(params, up)
+        assert out["dataflow_sparsity_source"] == "measured"
+        shares.append(out["zero_product_share"])
+    assert shares[1] > shares[0] + 0.3
