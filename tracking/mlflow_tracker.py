@@ -221,7 +221,7 @@ class Tracker:
         self._q.put(("init", list(existing)))
         self._proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.spec, self.sdir, self.storage_desc, self._q, self._status),
+            args=(self.spec, self.sdir, self.storage_desc, self._q, self._status, os.getpid()),
             name="dse-tracking",
             daemon=True,
         )
@@ -258,12 +258,14 @@ class Tracker:
         self._status.close()
 
 
-def _worker_main(spec: Spec, sdir: Path, storage_desc: str, q: Any, status: Any) -> None:
+def _worker_main(
+    spec: Spec, sdir: Path, storage_desc: str, q: Any, status: Any, parent_pid: int | None = None
+) -> None:
     """Entry point of the logging process."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = _TrackerWorker(spec, sdir, storage_desc)
     try:
-        w.loop(q)
+        w.loop(q, parent_pid)
     finally:
         status.put(w.error)
 
@@ -289,9 +291,15 @@ class _TrackerWorker:
             self.error = f"unreachable while {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             log.warning("MLflow %s; the search goes on; backfill later with `dse sync %s`", self.error, self.spec.name)
 
-    def loop(self, q: Any) -> None:
+    def loop(self, q: Any, parent_pid: int | None = None) -> None:
         while True:
-            item = q.get()
+            try:
+                item = q.get(timeout=2.0)
+            except queue.Empty:
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.spec.name)
+                    return
+                continue
             items = [item]
             while item is not None:  # drain what is queued: one batch
                 try:
