@@ -157,3 +157,20 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
     assert [(m.step, m.value) for m in hist] == [(1, 0.5)]
     one = next(r for r in children if r.data.tags["dse.trial_number"] == "0")
     assert one.data.params["p.f"] == "fixed" and "a" in one.data.metrics
+
+
+def test_tracker_pareto_only_child_runs(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    study, spec = _study(20)
+    spec.child_runs = "pareto"
+    tr = Tracker(spec, tmp_path)
+    tr.start([])
+    for t in study.trials:
+        tr.trial_finished(t)
+    tr.finish(study.trials)
+    assert tr.error is None
+    c = MlflowClient(tracking_uri=default_uri(tmp_path))
+    runs = c.search_runs([c.get_experiment_by_name("t").experiment_id])
+    logged = sorted(int(r.data.tags["dse.trial_number"]) for r in runs if "dse.trial_number" in r.data.tags)
+    assert logged == [t.number for t in pareto_trials(study.trials, spec)]
