@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -57,6 +58,13 @@ ENQUEUED_ATTR = "dse:baselines_enqueued"
 
 def _system_attrs(study: optuna.Study) -> dict[str, Any]:
     return study._storage.get_study_system_attrs(study._study_id)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The last ``SomeError: message`` line of a (Ray) exception's text, else its first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b: ", ln)]
+    return causes[-1] if causes else (lines[0] if lines else type(e).__name__)
 
 
 class DriverError(RuntimeError):
@@ -411,7 +419,7 @@ class Driver:
                 try:
                     ray.get([a.ready.remote() for a in actors])
                 except RayActorError as e:
-                    raise DriverError(f"an evaluator failed to start: {e}") from None
+                    raise DriverError(f"an evaluator failed to start: {_root_cause(e)}") from None
             free = list(range(len(actors)))
             if self.progress:
                 from tqdm import tqdm

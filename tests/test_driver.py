@@ -190,3 +190,22 @@ def test_enqueue_and_resume_of_stale_running(ray_session: Any, tmp_path: Path) -
     # running again on the finished study adds nothing and does not re-enqueue the baseline
     Driver(spec, tmp_path, progress=False).run()
     assert len(load("stale", tmp_path).trials) == len(study.trials)
+
+
+class BrokenFactory:
+    """A factory that cannot build its evaluator (a missing model file, say)."""
+
+    def __init__(self, options: dict[str, Any], ctx: registry.EvalContext) -> None:
+        raise FileNotFoundError("model weights /nowhere/model.bin missing")
+
+
+registry.register("test_broken", BrokenFactory)
+
+
+def test_evaluator_that_cannot_start_stops_the_run(ray_session: Any, tmp_path: Path) -> None:
+    from dse.driver import DriverError
+
+    spec = parse_spec(zdt_spec("broken", n_trials=4, evaluator="test_broken"))
+    with pytest.raises(DriverError, match="FileNotFoundError: model weights /nowhere/model.bin missing"):
+        Driver(spec, tmp_path, progress=False).run()
+    assert len(load("broken", tmp_path).trials) == 0
