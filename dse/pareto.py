@@ -39,13 +39,17 @@ def hypervolume(points: np.ndarray, ref: Sequence[float] | np.ndarray) -> float:
 
 
 def nondominated_mask(points: np.ndarray) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of ``points`` (minimisation)."""
+    """Boolean mask of the non-dominated rows of ``points`` (minimisation).
+
+    Rows with identical values are all kept (a tie is not domination), matching
+    ``FrontTracker``, so the progress line and ``dse status`` report the same front size.
+    """
     pts = np.asarray(points, dtype=float)
     if len(pts) == 0:
         return np.zeros(0, dtype=bool)
     if pts.shape[1] == 1:
         return pts[:, 0] == pts[:, 0].min()
-    return np.asarray(moocore.is_nondominated(pts), dtype=bool)
+    return np.asarray(moocore.is_nondominated(pts, keep_weakly=True), dtype=bool)
 
 
 def signs(spec: Spec) -> np.ndarray:

@@ -68,6 +68,21 @@ def test_nondominated_mask_brute_force() -> None:
     assert (nondominated_mask(pts) == brute).all()
 
 
+def test_ties_kept_and_tracker_agrees() -> None:
+    """Identical objective vectors are all on the front, in the mask and in the tracker."""
+    rng = np.random.default_rng(1)
+    pts = np.round(rng.random((50, 2)), 1)  # coarse grid: many exact ties
+    pts = np.vstack([pts, pts[:10]])
+    brute = np.array([
+        not any(np.all(q <= p) and np.any(q < p) for q in pts) for p in pts
+    ])
+    assert (nondominated_mask(pts) == brute).all()
+    tracker = FrontTracker(parse_spec(SPEC, source="t.toml"))
+    for a, b in pts:
+        tracker.add([a, -b])  # b is maximised: the tracker takes directional values
+    assert tracker.size == int(brute.sum())
+
+
 def test_points_outside_reference_ignored() -> None:
     assert hypervolume(np.array([[2.0, 0.0]]), [1.0, 1.0]) == 0.0
     assert hypervolume(np.array([[0.5, 0.5], [2.0, 0.0]]), [1.0, 1.0]) == pytest.approx(0.25)
