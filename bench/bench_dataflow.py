@@ -12,7 +12,7 @@ products, p = 0.5):
   timed on: a fresh ``LayerModel`` + ``evaluate`` per call (like building an fpgaConvNet
   layer object), and vectorised over 10,000 foldings;
 * optionally fpgaConvNet itself (``--fpgaconvnet-python``: an interpreter of a throwaway
-  venv with ``fpgaconvnet-model`` installed, see docs/benchmarks/dataflow.md): seconds per
+  venv with ``fpgaconvnet-model`` installed, see docs/benchmarks.md): seconds per
   layer object (construct + latency() + resource()) and per latency()+resource() call.
 
 Usage: python bench/bench_dataflow.py [--points 10000] [--repeats 200] [--out FILE.json]

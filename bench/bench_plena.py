@@ -8,7 +8,7 @@ Run from the repository root::
 ``--scalesim`` names a Python that has ``scalesim`` installed (a throwaway venv:
 ``python -m venv /tmp/ss && /tmp/ss/bin/pip install scalesim==3.0.0 'numpy<2.4'``); the
 GEMMs of the reference cases are then run through SCALE-Sim in that interpreter and timed.
-Prints a Markdown table; results go to docs/benchmarks/simulators.md by hand.
+Prints a Markdown table; results go to docs/benchmarks.md by hand.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ keeps appended log records in memory and writes them with one lock and one ``fsy
 the last 0.2 s of records; those trials are then missing or RUNNING in the journal and
 ``dse resume`` re-runs them.
 Measured here: Optuna's stock backend fsyncs every record (about 7 per trial), which cost
-more than half of the driver's per-trial time (docs/benchmarks/driver.md).
+more than half of the driver's per-trial time (docs/benchmarks.md).
 
 Readers in other processes (``dse status``) see a consistent prefix of the journal.
 """
