@@ -115,15 +115,13 @@ def test_run_status_pareto_export(ray_session: Any, tmp_path: Path, capsys: pyte
     assert states(root, "cli")[TrialState.COMPLETE] == 14
 
 
-def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
-    spec = tmp_path / "k.toml"
-    n = 16
-    spec.write_text(spec_text("killed", n, delay_s=0.3))
-    root = tmp_path / "studies"
+def start_driver_until_progress(spec: Path, root: Path, name: str) -> subprocess.Popen[bytes]:
+    """Start `dse run` in its own process group; return once >= 4 trials are COMPLETE and
+    at least one is RUNNING. The caller signals the group and waits for it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--progress", "log"],
-        cwd=tmp_path, env=env, start_new_session=True,
+        cwd=spec.parent, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -131,19 +129,29 @@ def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            if (root / "killed" / "optuna.journal").exists():
+            if (root / name / "optuna.journal").exists():
                 try:
-                    c = states(root, "killed")
+                    c = states(root, name)
                 except KeyError:  # the study is being created
                     c = Counter()
                 if c[TrialState.COMPLETE] >= 4 and c[TrialState.RUNNING] >= 1:
-                    break
+                    return proc
             time.sleep(0.2)
-        else:
-            pytest.fail("driver made no progress")
-    finally:
+        pytest.fail("driver made no progress")
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        raise
+
+
+def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
+    spec = tmp_path / "k.toml"
+    n = 16
+    spec.write_text(spec_text("killed", n, delay_s=0.3))
+    root = tmp_path / "studies"
+    proc = start_driver_until_progress(spec, root, "killed")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     before = states(root, "killed")
     assert before[TrialState.RUNNING] >= 1 and before[TrialState.COMPLETE] < n
     assert main(["resume", "killed", "--dir", str(root), "--progress", "log"]) == 0
@@ -158,6 +166,33 @@ def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
     numbers = [int(r.data.tags["dse.trial_number"]) for r in runs]
     complete = sorted(t.number for t in study.trials if t.state == TrialState.COMPLETE)
     assert sorted(numbers) == complete  # one child run per COMPLETE trial, none twice
+
+
+def test_ctrl_c_then_resume(ray_session: Any, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the foreground process group, as a terminal sends it): in-flight
+    trials finish and are told, exit 130, nothing is lost; resume reaches n COMPLETE."""
+    spec = tmp_path / "c.toml"
+    n = 16
+    spec.write_text(spec_text("ctrlc", n, delay_s=0.3))
+    root = tmp_path / "studies"
+    proc = start_driver_until_progress(spec, root, "ctrlc")
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc == 130, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    before = states(root, "ctrlc")
+    assert before[TrialState.RUNNING] == 0 and before[TrialState.FAIL] == 0
+    assert 4 <= before[TrialState.COMPLETE] < n
+    assert main(["resume", "ctrlc", "--dir", str(root), "--progress", "log"]) == 0
+    after = states(root, "ctrlc")
+    assert after[TrialState.COMPLETE] == n and after[TrialState.RUNNING] == 0
+    assert after[TrialState.FAIL] == 0
+    runs = child_runs(f"sqlite:///{root / 'ctrlc' / 'mlflow.db'}", "ctrlc")
+    assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(n))
 
 
 def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
