@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_reference_images_per_s() -> None:
 CONV3 = Layer("c3", "conv", 28, 28, 32, 48, kernel=(3, 3), pad=(1, 1, 1, 1))
 CONV1 = Layer("c1", "conv", 14, 14, 48, 96)
 DW = Layer("dw", "conv", 28, 28, 32, 32, kernel=(3, 3), stride=(2, 2), pad=(1, 1, 1, 1), groups=32)
+GRP = Layer("grp", "conv", 14, 14, 32, 48, kernel=(3, 3), pad=(1, 1, 1, 1), groups=4)
 
 
 def _all_foldings(layer: Layer) -> tuple[np.ndarray, ...]:
@@ -84,7 +86,7 @@ def _all_foldings(layer: Layer) -> tuple[np.ndarray, ...]:
     return tuple(g.reshape(-1) for g in grids)
 
 
-@pytest.mark.parametrize("layer", [CONV3, CONV1, DW], ids=lambda x: x.name)
+@pytest.mark.parametrize("layer", [CONV3, CONV1, DW, GRP], ids=lambda x: x.name)
 def test_dense_equals_sparse_at_zero(layer: Layer) -> None:
     fold = _all_foldings(layer)
     dense = LayerModel(layer).evaluate(*fold)["ii_cycles"]
@@ -92,7 +94,7 @@ def test_dense_equals_sparse_at_zero(layer: Layer) -> None:
     np.testing.assert_array_equal(dense, sparse)
 
 
-@pytest.mark.parametrize("layer", [CONV3, CONV1, DW], ids=lambda x: x.name)
+@pytest.mark.parametrize("layer", [CONV3, CONV1, DW, GRP], ids=lambda x: x.name)
 def test_more_sparsity_never_slower(layer: Layer) -> None:
     fold = _all_foldings(layer)
     prev = None
@@ -120,7 +122,7 @@ def test_more_sparsity_never_slower_heterogeneous() -> None:
 
 
 @pytest.mark.parametrize("density", [None, 1.0, 0.5, 0.1])
-@pytest.mark.parametrize("layer", [CONV3, CONV1, DW], ids=lambda x: x.name)
+@pytest.mark.parametrize("layer", [CONV3, CONV1, DW, GRP], ids=lambda x: x.name)
 def test_more_folding_never_slower_never_fewer_dsp(layer: Layer, density: float | None) -> None:
     sp = None if density is None else synthetic(layer.window, layer.channels, density)
     model = LayerModel(layer, act_bits=8, weight_bits=8, sparsity=sp)
@@ -140,6 +142,138 @@ def test_more_folding_never_slower_never_fewer_dsp(layer: Layer, density: float 
         assert np.all(r1["ii_cycles"] <= r0["ii_cycles"]), name
         assert np.all(r1["dsp"] >= r0["dsp"]), name
         assert np.all(r1["lut"] >= r0["lut"]) and np.all(r1["ff"] >= r0["ff"]), name
+
+
+def _rows(p: np.ndarray, window: int = 9) -> np.ndarray:
+    """Per-channel binomial window histograms with zero-product shares ``p``."""
+    return np.vstack([binomial_hist(window, float(x), 1).hist for x in p])
+
+
+def test_more_folding_never_slower_heterogeneous_grouped() -> None:
+    """Per-channel sparsity on a grouped layer: every next larger coarse_in, coarse_group
+    or fine never raises the sparse II."""
+    from simulators.dataflow.sparsity import WindowHist
+    rng = np.random.default_rng(5)
+    model = LayerModel(GRP, sparsity=WindowHist(_rows(rng.beta(0.3, 0.3, GRP.channels))))
+    base = _all_foldings(GRP)
+    r0 = model.evaluate(*base)["ii_cycles"]
+    for i, name in ((0, "coarse_in"), (2, "coarse_group"), (3, "fine")):
+        feas = GRP.feasible(name)
+        fold = list(base)
+        fold[i] = np.array([next((x for x in feas if x > v and (name == "fine" or x % v == 0)), v) for v in base[i]])
+        assert np.all(model.evaluate(*fold)["ii_cycles"] <= r0), name
+
+
+def test_grouped_vectorised_equals_scalar() -> None:
+    """Grouped layer, per-channel sparsity: all foldings at once equal one at a time, and
+    the grid look-up equals both."""
+    from simulators.dataflow.sparsity import WindowHist
+    sp = WindowHist(_rows(np.random.default_rng(6).beta(0.4, 0.4, GRP.channels)))
+    fold = _all_foldings(GRP)
+    vec = LayerModel(GRP, sparsity=sp).evaluate(*fold)
+    look = LayerModel(GRP, sparsity=sp).lookup(*fold)
+    for i in range(0, fold[0].size, 7):
+        one = LayerModel(GRP, sparsity=sp).evaluate(*(int(f[i]) for f in fold))
+        assert all(int(one[k]) == int(vec[k][i]) == int(look[k][i]) for k in vec)
+
+
+def _best_legal_stream_load(cycles: np.ndarray, groups: int, ci: int, cg: int) -> float:
+    """Brute force: the smallest slowest-stream load (sum of its channels' cycles) over every
+    legal schedule (each lane holds g/cg whole groups, each stream C/(g*ci) channels of
+    each of its lane's groups)."""
+    pg = cycles.size // groups
+    splits = []  # per group: every split of its channels into ci streams -> (ci,) loads
+    for q in range(groups):
+        chans = cycles[q * pg:(q + 1) * pg]
+        splits.append({tuple(sorted(chans[list(p)].reshape(ci, -1).sum(1))) for p in itertools.permutations(range(pg))})
+    best = np.inf
+    for lanes_of in itertools.product(range(cg), repeat=groups):
+        if any(lanes_of.count(j) != groups // cg for j in range(cg)):
+            continue
+        worst = 0.0
+        for j in range(cg):
+            members = [splits[q] for q in range(groups) if lanes_of[q] == j]
+            # streams of a lane are interchangeable per group: try every pairing
+            lane_best = min(max(np.sum([np.asarray(c)[list(perm)] for c, perm in zip(combo, perms, strict=True)], axis=0))
+                            for combo in itertools.product(*members)
+                            for perms in itertools.product(list(itertools.permutations(range(ci))), repeat=len(members)))
+            worst = max(worst, lane_best)
+        best = min(best, worst)
+    return float(best)
+
+
+def test_grouped_dealing_keeps_channels_on_their_group_streams() -> None:
+    """Grouped 3x3 conv, 2 groups of 2 channels, coarse_in = 2: channel cycles (fine = 1)
+    9 and 0 in group 0, 8 and 2 in group 1. Dealing across groups (the old model) pairs
+    9 with 0 and 8 with 2 (slowest stream 10/2 = 5 cycles per window), which hardware cannot
+    do: each stream takes one channel of each group. The model deals 9, 0 then 2, 8 (slowest
+    stream 11/2 = 5.5), the best legal schedule (brute force)."""
+    from simulators.dataflow.sparsity import WindowHist
+    hist = np.zeros((4, 10))
+    for c, n_zero in enumerate((0, 9, 1, 7)):  # channel cycles at fine 1: 9, 0, 8, 2
+        hist[c, n_zero] = 1.0
+    layer = Layer("g", "conv", 8, 8, 4, 4, kernel=(3, 3), pad=(1, 1, 1, 1), groups=2)
+    assert _window_cycle_table(hist, 9, 2)[1] == 5.0  # across groups (optimistic)
+    assert _window_cycle_table(hist, 9, 2, 1, 2)[1] == 5.5
+    assert _best_legal_stream_load(np.array([9.0, 0.0, 8.0, 2.0]), 2, 2, 1) / 2 == 5.5
+    ii = LayerModel(layer, sparsity=WindowHist(hist)).evaluate(2, 1, 1, 1)["ii_cycles"]
+    assert int(ii) == 64 * (4 // 2) * (4 // 2) * 5.5  # workload 256 vector-dot products per stream
+
+
+@pytest.mark.parametrize(("channels", "groups", "ci", "cg"), [
+    (4, 2, 2, 1), (8, 2, 2, 1), (8, 2, 4, 1), (6, 3, 2, 1), (8, 4, 2, 2), (8, 4, 2, 4), (12, 6, 2, 3), (8, 8, 1, 2), (6, 6, 1, 3),
+])
+def test_grouped_dealing_is_a_legal_schedule(channels: int, groups: int, ci: int, cg: int) -> None:
+    """Random per-channel histograms: the modelled slowest stream is never faster than the
+    best legal schedule (brute force), for every fine."""
+    rng = np.random.default_rng(channels * 100 + groups * 10 + ci + cg)
+    for _ in range(3):
+        hist = _rows(rng.beta(0.4, 0.4, channels))
+        tab = _window_cycle_table(hist, 9, ci, cg, groups)
+        for fine in (1, 2, 4, 9):
+            cyc = np.ceil((9 - np.arange(10)) / fine)
+            cyc[-1] = 0.0
+            best = _best_legal_stream_load(hist @ cyc, groups, ci, cg) * ci * cg / channels
+            assert tab[fine] >= best - 1e-9, fine
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_depthwise_dealing_unchanged(seed: int) -> None:
+    """Depthwise (one channel per group, coarse_in = 1): channels are dealt to the
+    coarse_group streams exactly as a groups = 1 stage deals them to its streams (the
+    model before group-aware dealing), bit for bit; 1x1 likewise."""
+    from simulators.dataflow.layers import _pointwise_cycle
+    rng = np.random.default_rng(seed)
+    channels = int(rng.choice([4, 6, 8, 12, 16, 32]))
+    hist = rng.dirichlet(np.full(10, rng.uniform(0.2, 3.0)), size=channels)
+    hist[int(rng.integers(channels))] = np.eye(10)[9]  # an all-zero channel
+    avg = rng.uniform(0.0, 1.0, channels)
+    for s in divisors(channels):
+        np.testing.assert_array_equal(_window_cycle_table(hist, 9, 1, s, channels), _window_cycle_table(hist, 9, s))
+        for clusters in divisors(s):
+            assert _pointwise_cycle(avg, 1, s, channels, clusters) == _pointwise_cycle(avg, s, 1, 1, clusters)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.sampled_from([(4, 2, 2, 1), (8, 2, 2, 2), (12, 3, 2, 1), (12, 4, 3, 2), (16, 4, 2, 2),
+                           (24, 6, 2, 3), (12, 2, 6, 2), (16, 8, 2, 4)]),
+    seed=st.integers(0, 2**31 - 1),
+    bump=st.floats(0.0, 0.6),
+)
+def test_grouped_table_monotone_in_any_channel(shape: tuple[int, int, int, int], seed: int, bump: float) -> None:
+    """Grouped stages (channels, groups, coarse_in, coarse_group): raising one channel's
+    zero share never raises the slowest stream's cycles, for every fine."""
+    channels, groups, ci, cg = shape
+    rng = np.random.default_rng(seed)
+    p = rng.beta(0.4, 0.4, channels)
+    c = int(rng.integers(channels))
+    q = p.copy()
+    q[c] = min(1.0, q[c] + bump)
+    before = _window_cycle_table(_rows(p), 9, ci, cg, groups)
+    after = _window_cycle_table(_rows(q), 9, ci, cg, groups)
+    assert np.all(after[1:] <= before[1:] + 1e-12)
 
 
 def test_logic_model_is_the_documented_formula() -> None:

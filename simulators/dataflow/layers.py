@@ -10,9 +10,10 @@ Model (fpgaConvNet semantics, re-derived; see docs/dataflow.md):
   padded input words/(ci*cg), output words/(co*cg)), K = kh*kw. With ``fine`` dividing K the
   first term is MACs/(fine*ci*co*cg).
 * Sparse (k*k > 1): a window with n zero products costs ceil((K-n)/fine) cycles, all-zero
-  windows are skipped; channels are dealt to the ci*cg streams in snake order of expected
-  rate; the slowest stream sets the pace. 1x1 and fully connected: per-channel average
-  sparsity, capped at 1 - 1/(streams per cluster).
+  windows are skipped; groups are dealt to the cg lanes and each group's channels to its
+  lane's ci streams, in snake order of expected rate; the slowest stream sets the pace.
+  1x1 and fully connected: per-channel average sparsity, capped at 1 - 1/(streams per
+  cluster).
 * Non-weight stages (pool, global pool, eltwise add/mul, concat) move words at
   ``coarse`` words per cycle (``coarse_in`` is the channel parallelism).
 
@@ -40,7 +41,7 @@ _BRAM18_DEPTH = {1: 16384, 2: 8192, 4: 4096, 9: 2048, 18: 1024, 36: 512}
 _BRAM18_WIDTHS = np.array(sorted(_BRAM18_DEPTH))
 _BRAM18_DEPTHS = np.array([_BRAM18_DEPTH[w] for w in sorted(_BRAM18_DEPTH)])
 ACC_BITS = 32
-# (histogram digest, shape, streams) -> cycles per window by fine; shared by all models
+# (histogram digest, shape, coarse_in, coarse_group, groups) -> cycles per window by fine; shared by all models
 _TABLE_CACHE: dict[tuple[str, tuple[int, ...], int], np.ndarray] = {}
 
 
@@ -181,21 +182,48 @@ def dsp_per_multiplier(act_bits: int, weight_bits: int) -> float:
     return float(base)
 
 
-def _window_cycle_table(hist: np.ndarray, window: int, streams: int) -> np.ndarray:
+def _window_cycle_table(hist: np.ndarray, window: int, coarse_in: int, coarse_group: int = 1,
+                        groups: int = 1) -> np.ndarray:
     """Mean cycles per window of the slowest stream, for every fine in 1..window.
 
-    Returns an array (window + 1,) indexed by ``fine`` (entry 0 unused). Channels are
-    ordered by expected rate (at that fine) and dealt to ``streams`` streams in snake order.
+    Returns an array (window + 1,) indexed by ``fine`` (entry 0 unused). The stage has
+    ``coarse_group`` lanes of ``coarse_in`` streams; a group's channels go only to the
+    streams of its lane. For each fine, with channels ordered by expected rate:
+
+    * ``groups = 1``: all channels are dealt to the ``coarse_in`` streams in snake order
+      (row r of the (C/coarse_in, coarse_in) matrix reversed for odd r);
+    * depthwise (one channel per group, so ``coarse_in = 1``): the groups (= channels) are
+      dealt to the ``coarse_group`` lanes in snake order;
+    * grouped (C/g > 1): group q goes to lane q mod coarse_group; a lane lists its groups'
+      channels group by group (index order), each group's by rate, and deals the list to
+      its ``coarse_in`` streams in snake order. The group order is fixed: a rate-sorted
+      group-to-lane dealing broke both monotonicity laws (more zeros, more coarse_in) in
+      random tests.
     """
     channels = hist.shape[0]
+    lanes, ci = coarse_group, coarse_in
+    if groups < 1 or channels % groups or groups % lanes or (channels // groups) % ci:
+        raise ValueError(f"coarse_in, coarse_group: expected divisors of {channels // max(groups, 1)} "
+                         f"channels per group and {groups} groups, got {ci} and {lanes}")
+    per_group, rounds = channels // groups, groups // lanes
+    rows = channels // (lanes * ci)  # channels per stream
     fines = np.arange(1, window + 1)
     nzero = np.arange(window + 1)
     cyc = np.ceil((window - nzero)[None, :] / fines[:, None])  # (F, K+1); bin n = n zero products
     with np.errstate(divide="ignore"):  # an all-zero channel has infinite rate
         rate = 1.0 / np.sum(cyc[:, None, :] * hist[None, :, :], axis=2)  # (F, C)
-    order = np.argsort(rate, axis=1).reshape(window, channels // streams, streams)
-    order[:, 1::2, :] = order[:, 1::2, ::-1]
-    ws = hist[order.reshape(window, -1)].reshape(window, channels // streams, streams, window + 1).mean(axis=1)
+    if per_group == 1:  # depthwise: groups (= channels) snake-dealt to lanes by rate
+        gorder = np.argsort(rate, axis=1).reshape(window, rounds, lanes)
+        gorder[:, 1::2, :] = gorder[:, 1::2, ::-1]
+    else:  # group q -> lane q mod lanes
+        gorder = np.broadcast_to(np.arange(groups).reshape(rounds, lanes), (window, rounds, lanes))
+    corder = np.argsort(rate.reshape(window, groups, per_group), axis=2) + (np.arange(groups) * per_group)[None, :, None]
+    seq = np.take_along_axis(corder, gorder.reshape(window, groups)[:, :, None], axis=1)  # (F, rounds*lanes, pg)
+    seq = seq.reshape(window, rounds, lanes, per_group).transpose(0, 2, 1, 3).reshape(window, lanes, rows, ci)
+    seq[:, :, 1::2, :] = seq[:, :, 1::2, ::-1]  # each lane snake-deals its list to its streams
+    order = seq.transpose(0, 2, 1, 3).reshape(window, rows * lanes * ci)  # stream index = lane*ci + s
+    streams = lanes * ci
+    ws = hist[order].reshape(window, rows, streams, window + 1).mean(axis=1)
     acc = np.zeros((window, streams))
     for j in range(window):  # sequential sum over bins with j zero products (all-zero bin costs 0)
         acc = acc + cyc[:, j][:, None] * ws[:, :, j]
@@ -204,13 +232,22 @@ def _window_cycle_table(hist: np.ndarray, window: int, streams: int) -> np.ndarr
     return out
 
 
-def _pointwise_cycle(avg: np.ndarray, streams: int, clusters: int) -> float:
+def _pointwise_cycle(avg: np.ndarray, coarse_in: int, coarse_group: int, groups: int, clusters: int) -> float:
     """Share of dense cycles a 1x1 stage needs: 1 - average sparsity of its slowest cluster,
-    the sparsity capped at 1 - 1/(streams per cluster)."""
+    the sparsity capped at 1 - 1/(streams per cluster).
+
+    Channels go to streams in order within their group's lane: channel c of group q goes to
+    stream (q mod coarse_group)*coarse_in + (c - q*C/g) mod coarse_in (for groups = 1:
+    stream c mod coarse_in). Clusters are runs of consecutive streams.
+    """
     channels = avg.shape[0]
-    per_stream = avg.reshape(channels // streams, streams)
-    groups = np.arange(streams).reshape(clusters, -1)
-    cluster_sparsity = [np.mean(np.array([per_stream[:, i] for i in g])) for g in groups]
+    streams = coarse_in * coarse_group
+    c = np.arange(channels)
+    q = c // (channels // groups)
+    stream_of = (q % coarse_group) * coarse_in + (c - q * (channels // groups)) % coarse_in
+    per_stream = avg[np.argsort(stream_of, kind="stable").reshape(streams, -1).T]  # (C/streams, streams)
+    members = np.arange(streams).reshape(clusters, -1)
+    cluster_sparsity = [np.mean(np.array([per_stream[:, i] for i in g])) for g in members]
     capped = np.minimum(cluster_sparsity, 1 - (1 / (streams // clusters)))
     return float(np.max(np.subtract(1, capped)))
 
@@ -253,7 +290,7 @@ class LayerModel:
     sparsity: Sparsity | None = None
     weight_memory: str = "bram"
     clusters: int = 1
-    _tables: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _tables: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     _grid: LayerGrid | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -279,31 +316,32 @@ class LayerModel:
             raise ValueError(f"clusters: expected a positive integer, got {self.clusters}")
 
     # -- sparse cycle tables ---------------------------------------------------------
-    def _table(self, streams: int) -> np.ndarray:
-        tab = self._tables.get(streams)
+    def _table(self, ci: int, cg: int) -> np.ndarray:
+        """Cycles per window by fine (k x k) or share of dense cycles (1x1) for ci x cg streams."""
+        tab = self._tables.get((ci, cg))
         if tab is None:
-            sp = self.sparsity
+            sp, ly = self.sparsity, self.layer
             if isinstance(sp, WindowHist):
-                key = (hashlib.sha1(sp.hist.tobytes()).hexdigest(), sp.hist.shape, streams)
+                key = (hashlib.sha1(sp.hist.tobytes()).hexdigest(), sp.hist.shape, ci, cg, ly.groups)
                 tab = _TABLE_CACHE.get(key)
                 if tab is None:
-                    tab = _window_cycle_table(sp.hist, self.layer.window, streams)
+                    tab = _window_cycle_table(sp.hist, ly.window, ci, cg, ly.groups)
                     if len(_TABLE_CACHE) > 4096:
                         _TABLE_CACHE.clear()
                     _TABLE_CACHE[key] = tab
             else:
                 assert isinstance(sp, PointwiseAvg)
-                if streams % self.clusters:
-                    raise ValueError(f"clusters: {self.clusters} does not divide {streams} input streams of {self.layer.name}")
-                tab = np.array([_pointwise_cycle(sp.avg, streams, self.clusters)])
-            self._tables[streams] = tab
+                if (ci * cg) % self.clusters:
+                    raise ValueError(f"clusters: {self.clusters} does not divide {ci * cg} input streams of {ly.name}")
+                tab = np.array([_pointwise_cycle(sp.avg, ci, cg, ly.groups, self.clusters)])
+            self._tables[(ci, cg)] = tab
         return tab
 
-    def _cycles_per_window(self, streams_in: np.ndarray, fine: np.ndarray) -> np.ndarray:
-        out = np.empty(streams_in.shape)
-        for s in np.unique(streams_in):
-            m = streams_in == s
-            tab = self._table(int(s))
+    def _cycles_per_window(self, ci: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> np.ndarray:
+        out = np.empty(ci.shape)
+        for a, b in np.unique(np.stack([ci.reshape(-1), cg.reshape(-1)], axis=1), axis=0):
+            m = (ci == a) & (cg == b)
+            tab = self._table(int(a), int(b))
             out[m] = tab[fine[m]] if isinstance(self.sparsity, WindowHist) else tab[0]
         return out
 
@@ -382,7 +420,7 @@ class LayerModel:
             ii = np.maximum(compute, np.maximum(-(-ly.in_words // si), -(-ly.out_words // so)))
         else:
             workload = ro_co * (ly.channels / si) * (ly.filters / (co * ly.groups))
-            compute_f = workload * self._cycles_per_window(si, fine)
+            compute_f = workload * self._cycles_per_window(ci, cg, fine)
             ii = np.ceil(np.maximum(compute_f, np.maximum(ly.in_words / si, ly.out_words / so))).astype(np.int64)
         mults = fine * ci * co * cg
         dsp_unit = math.ceil(self.act_bits / 18) * math.ceil(self.weight_bits / 27)
