@@ -188,6 +188,21 @@ def smollm2_fp32_dir(cache_root: str | os.PathLike[str] | None = None) -> Path:
     return out
 
 
+_CAUSAL: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(t, s) bool mask, True above the causal diagonal (queries are the last t of s
+    positions); kept per shape (one 512x512 mask is 256 KiB)."""
+    key = (t, s, str(device))
+    m = _CAUSAL.get(key)
+    if m is None:
+        if len(_CAUSAL) > 16:
+            _CAUSAL.clear()
+        m = _CAUSAL[key] = torch.ones(t, s, dtype=torch.bool, device=device).triu_(s - t + 1)
+    return m
+
+
 def _quant_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -199,22 +214,24 @@ def _quant_attention(
     boolean/additive mask transformers passes)."""
     k = module.k_cache(key)
     v = module.v_cache(value)
-    rep = query.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = module.qk(query, k.transpose(-2, -1)) * scale
-    t, s = scores.shape[-2], scores.shape[-1]
-    causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).triu_(s - t + 1)
-    scores = scores.masked_fill(causal, float("-inf"))
+    b, h, t, d = query.shape
+    hkv, s = k.shape[1], k.shape[2]
+    rep = h // hkv
+    # Grouped-query attention without repeating K/V: query heads are grouped per KV head,
+    # (B, Hkv, rep*T, D), so every block/scale QMatmul forms along the reduction axis is
+    # the one it would form on the repeated tensors, and the matmuls are the same dot
+    # products (checked bit-exact against repeat_interleave in tests/test_evaluators_hf.py).
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = module.qk(query.reshape(b, hkv, rep * t, d), k.transpose(-2, -1))
+    scores = scores.view(b, h, t, s).mul_(scale)
+    scores.masked_fill_(_causal_mask(t, s, scores.device), float("-inf"))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., :t, :s], float("-inf"))
+            scores.masked_fill_(~attention_mask[..., :t, :s], float("-inf"))
         else:
             scores = scores + attention_mask[..., :t, :s]
     probs = scores.softmax(dim=-1)
-    out = module.pv(probs, v)
+    out = module.pv(probs.view(b, hkv, rep * t, s), v).view(b, h, t, d)
     return out.transpose(1, 2).contiguous(), None
 
 

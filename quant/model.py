@@ -172,6 +172,15 @@ def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
             dst.register_buffer(bname, buf)
 
 
+def _own_copy(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is a compact tensor with storage of its own (a fresh quantize
+    result), else a contiguous copy: never an alias of ``src`` or of a padded buffer."""
+    own = (t.is_contiguous() and t.storage_offset() == 0
+           and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+           and t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr())
+    return t if own else t.clone(memory_format=torch.contiguous_format)
+
+
 class QLinear(nn.Module):
     """``nn.Linear`` with a quantized weight, fake-quantized inputs and optional LQER.
 
@@ -195,7 +204,7 @@ class QLinear(nn.Module):
         self.w_fmt, self.a_fmt = w_fmt, a_fmt
         w = linear.weight.detach()
         wq = w_fmt.quantize(w, -1)
-        self.weight = nn.Parameter(wq.clone(), requires_grad=False)
+        self.weight = nn.Parameter(_own_copy(wq, w), requires_grad=False)
         self.bias = linear.bias
         self.lqer_rank = int(lqer_rank)
         self.lqer_A: torch.Tensor | None
@@ -208,8 +217,27 @@ class QLinear(nn.Module):
             self.lqer_A = self.lqer_B = None
         _copy_hooks(linear, self)
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized with the input format (along its last axis).
+
+        Layers fed the same tensor (an attention block's q/k/v projections, an MLP's
+        gate/up) quantize it once: the result is kept on ``x`` (``x._dse_xq``) for as long
+        as ``x`` lives unmodified (same ``_version``) and is reused for an equal format.
+        Only when ``x`` needs no gradient (and is not an inference-mode tensor, which has
+        no version counter), so the reuse is exact and builds no graph.
+        """
+        fmt = self.a_fmt
+        if x.requires_grad or fmt.is_identity or x.is_inference():
+            return fmt.quantize(x, -1)
+        hit = getattr(x, "_dse_xq", None)
+        if hit is not None and hit[1] == x._version and (hit[0] is fmt or hit[0] == fmt):
+            return hit[2]
+        xq = fmt.quantize(x, -1)
+        x._dse_xq = (fmt, x._version, xq)  # type: ignore[attr-defined]
+        return xq
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        xq = self.a_fmt.quantize(x, -1)
+        xq = self.quantized_input(x)
         y = nn.functional.linear(xq, self.weight, self.bias)
         if self.lqer_A is not None and self.lqer_B is not None:
             y = y + (xq @ self.lqer_A) @ self.lqer_B
@@ -236,8 +264,8 @@ class QConv2d(nn.Module):
         self.padding_mode = conv.padding_mode
         self._rpad = conv._reversed_padding_repeated_twice
         self.w_fmt, self.a_fmt = w_fmt, a_fmt
-        self.weight = nn.Parameter(w_fmt.quantize(conv.weight.detach(), 1).clone(),
-                                   requires_grad=False)
+        w = conv.weight.detach()
+        self.weight = nn.Parameter(_own_copy(w_fmt.quantize(w, 1), w), requires_grad=False)
         self.bias = conv.bias
         _copy_hooks(conv, self)
 

@@ -82,3 +82,56 @@ def test_weights_digest_tracks_content(tiny_llama_dir: Path, tmp_path: Path) -> 
         t.add_(1e-3)  # same shapes and sizes, other values: a "fine-tune"
     save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
     assert weights_digest(other) != weights_digest(tiny_llama_dir)
+
+
+def _attention_with_repeat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           fmt: str) -> torch.Tensor:
+    """The plain formulation: K/V repeated per query head, quantized, causal softmax."""
+    from quant import get_format
+
+    f = get_format(fmt)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = f.quantize(q, -1) @ f.quantize(k.transpose(-2, -1), -2) * q.shape[-1] ** -0.5
+    t = scores.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool).triu_(1)
+    probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+    return (f.quantize(probs, -1) @ f.quantize(v, -2)).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "mxint8", "int8", "int4(asym,channel)", "int4(group=8)", "mxfp4_e2m1"])
+def test_grouped_attention_bit_exact_against_repeated_kv(fmt: str) -> None:
+    """The evaluator's GQA attention (no K/V repeat) is bit-identical to repeating K/V."""
+    from evaluators.hf import _quant_attention
+    from quant import KVQuant, QMatmul
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 6, 40, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mod = torch.nn.Module()
+    mod.qk, mod.pv = QMatmul(fmt), QMatmul(fmt)
+    mod.k_cache, mod.v_cache = KVQuant(), KVQuant()
+    got, _ = _quant_attention(mod, q, k, v, None)
+    assert torch.equal(got, _attention_with_repeat(q, k, v, fmt))
+
+
+def test_shared_input_quantized_once_and_exactly() -> None:
+    """QLinear layers fed one tensor reuse its quantized copy; an in-place change or an
+    other format quantizes afresh, and results equal quantizing each time."""
+    from quant import QLinear, get_format
+
+    torch.manual_seed(2)
+    a = QLinear(torch.nn.Linear(32, 8), get_format("fp32"), get_format("mxint4"))
+    b = QLinear(torch.nn.Linear(32, 8), get_format("fp32"), get_format("mxint4"))
+    c = QLinear(torch.nn.Linear(32, 8), get_format("fp32"), get_format("int8"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        xa = a.quantized_input(x)
+        assert b.quantized_input(x) is xa  # reused
+        assert torch.equal(c.quantized_input(x), get_format("int8").quantize(x, -1))
+        assert torch.equal(b(x), torch.nn.functional.linear(
+            get_format("mxint4").quantize(x, -1), b.weight, b.bias))
+        x.mul_(3.0)  # in place: the kept copy is stale
+        assert torch.equal(a.quantized_input(x), get_format("mxint4").quantize(x, -1))
+    xg = torch.randn(5, 32, requires_grad=True)
+    a(xg).sum().backward()  # with gradients: no reuse, straight-through gradient
+    assert xg.grad is not None and not hasattr(xg, "_dse_xq")
