@@ -24,17 +24,45 @@ import torch.nn.functional as F
 
 from quant import QConv2d, QLinear
 
+CHUNK_BYTES = 256 * 2**20  # default cap on conv_window_hist's working memory per chunk, bytes
 
-def conv_window_hist(x: torch.Tensor, weight: torch.Tensor, conv: nn.Module) -> list[list[float]]:
+
+def window_hist_chunks(n: int, c: int, fg: int, kk: int, positions: int,
+                       max_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+    """(images, filters per group) per chunk of :func:`conv_window_hist`.
+
+    Working memory of one chunk of ``nb`` images and ``fb`` filters per group, with ``c``
+    input channels, ``kk`` products per window and ``positions`` output positions: 16 bytes
+    per (image, channel, product, position) for the unfolded zero mask, its padded copy and
+    einsum's contiguous copy, plus 12 bytes per (image, channel, filter, position) pair
+    (float32 counts, their int32 bins, and allocator slack; calibrated against measured
+    peak RSS). Filters are split only when one image with every filter exceeds
+    ``max_bytes``; a chunk is at least one image and one filter.
+    """
+    per_image_cols = 16 * c * kk * positions
+    per_filter = 12 * c * positions  # one image, one filter per group
+    fb = int(min(fg, max(1, (max_bytes - per_image_cols) // per_filter)))
+    nb = int(min(n, max(1, max_bytes // (per_image_cols + fb * per_filter))))
+    return nb, fb
+
+
+def conv_window_hist(x: torch.Tensor, weight: torch.Tensor, conv: nn.Module,
+                     max_chunk_bytes: int = CHUNK_BYTES) -> list[list[float]]:
     """Per-input-channel histogram of zero products per (window, filter) pair.
 
     Grouped and depthwise convolutions (``conv.groups = g > 1``): input channel ``c`` lies
     in group ``q = c // (C/g)`` and only meets the filters of that group, so its products
     are ``x[c, window] * weight[f, c - q*C/g]`` for the F/g filters ``f`` of group ``q``.
 
+    Counting runs in chunks of images and filters (:func:`window_hist_chunks`) so that its
+    working memory stays near ``max_chunk_bytes`` (bytes) whatever the batch and layer
+    size; the counts are integers, so the result does not depend on the chunking.
+
     Args:
         x: the conv's input (N, C, H, W); weight: the effective weight (F, C/g, kh, kw).
         conv: the module (stride, padding, dilation, groups).
+        max_chunk_bytes: working-memory cap per chunk in bytes (at least one image and one
+            filter per chunk).
 
     Returns:
         C lists of kh*kw+1 fractions (each sums to 1).
@@ -45,25 +73,35 @@ def conv_window_hist(x: torch.Tensor, weight: torch.Tensor, conv: nn.Module) -> 
     if g < 1 or c % g or f % g or cg * g != c:
         raise ValueError(f"groups: expected a divisor of {c} input channels and {f} filters "
                          f"with weight (F, C/groups, kh, kw), got groups={g} and weight {tuple(weight.shape)}")
+    if max_chunk_bytes < 1:
+        raise ValueError(f"max_chunk_bytes: expected a positive number of bytes, got {max_chunk_bytes}")
     fg = f // g
     kk = kh * kw
-    cols = F.unfold((x == 0).to(torch.float32), (kh, kw), dilation=conv.dilation,
-                    padding=conv.padding, stride=conv.stride)  # (N, C*kk, L); padding -> 0
+    unfold = {"kernel_size": (kh, kw), "dilation": conv.dilation, "padding": conv.padding, "stride": conv.stride}
     # Padding positions hold zero activations: unfold pads the *mask* with 0 (= nonzero),
     # so count them explicitly with an all-ones input.
-    pad_cols = F.unfold(torch.ones(1, 1, x.shape[2], x.shape[3]), (kh, kw),
-                        dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    pad_cols = F.unfold(torch.ones(1, 1, x.shape[2], x.shape[3]), **unfold)
     is_pad = (pad_cols[0] == 0).to(torch.float32)  # (kk, L)
-    za = cols.view(n, g, cg, kk, -1)
-    za = torch.maximum(za, is_pad[None, None, None])  # (N, g, C/g, kk, L)
+    positions = is_pad.shape[1]
     zw = (weight == 0).to(torch.float32).view(g, fg, cg, kk)  # (g, F/g, C/g, kk)
-    count_a = za.sum(3)  # (N, g, C/g, L)
     count_w = zw.sum(3).transpose(1, 2)  # (g, C/g, F/g)
-    both = torch.einsum("nqcjl,qfcj->nqcfl", za, zw)  # (N, g, C/g, F/g, L)
-    zeros = count_a[:, :, :, None, :] + count_w[None, :, :, :, None] - both
-    zeros = zeros.round().to(torch.int64).clamp_(0, kk).reshape(n, c, fg, -1)
-    idx = zeros + (torch.arange(c) * (kk + 1))[None, :, None, None]
-    hist = torch.bincount(idx.flatten(), minlength=c * (kk + 1)).view(c, kk + 1).to(torch.float64)
+    offsets = (torch.arange(c, dtype=torch.int32) * (kk + 1))[None, :, None, None]
+    counts = torch.zeros(c * (kk + 1), dtype=torch.int64)
+    nb, fb = window_hist_chunks(n, c, fg, kk, positions, max_chunk_bytes)
+    for n0 in range(0, n, nb):
+        cols = F.unfold((x[n0:n0 + nb] == 0).to(torch.float32), **unfold)  # (nb, C*kk, L); padding -> 0
+        za = torch.maximum(cols.view(cols.shape[0], g, cg, kk, -1), is_pad[None, None, None])  # (nb, g, C/g, kk, L)
+        del cols
+        count_a = za.sum(3)[:, :, :, None, :]  # (nb, g, C/g, 1, L)
+        for f0 in range(0, fg, fb):
+            # zeros = zero activations + zero weights - both zero, per (image, channel, filter, position)
+            zeros = torch.einsum("nqcjl,qfcj->nqcfl", za, zw[:, f0:f0 + fb])  # (nb, g, C/g, fb, L)
+            zeros.neg_().add_(count_a).add_(count_w[None, :, :, f0:f0 + fb, None])
+            bins = zeros.round_().to(torch.int32, memory_format=torch.contiguous_format).clamp_(0, kk)
+            bins = bins.view(za.shape[0], c, -1, positions)
+            del zeros
+            counts += torch.bincount(bins.add_(offsets).flatten(), minlength=c * (kk + 1))
+    hist = counts.view(c, kk + 1).to(torch.float64)
     hist = hist / hist.sum(1, keepdim=True)
     return hist.tolist()
 

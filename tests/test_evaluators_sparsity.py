@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dse.plugins.dataflow import DataflowEvaluator
-from evaluators.sparsity_stats import conv_window_hist, layer_sparsity, pointwise_avg
+from evaluators.sparsity_stats import (
+    CHUNK_BYTES,
+    conv_window_hist,
+    layer_sparsity,
+    pointwise_avg,
+    window_hist_chunks,
+)
 from simulators.dataflow.layers import WEIGHT_OPS
 from simulators.dataflow.networks import mobilenetv2
 from simulators.dataflow.pipeline import Folding, Pipeline
@@ -60,6 +66,43 @@ def test_grouped_window_hist_matches_brute_force(c: int, f: int, groups: int, k:
     got = np.asarray(conv_window_hist(x, w, conv))
     assert got.shape == (c, k * k + 1)
     np.testing.assert_allclose(got, _brute_window_hist(x, w, conv), atol=1e-12)
+
+
+@pytest.mark.parametrize(("c", "f", "groups"), [(4, 6, 2), (3, 5, 1), (6, 6, 6)])
+def test_chunked_window_hist_is_identical(c: int, f: int, groups: int) -> None:
+    """Chunk caps that split the batch and the filters into several (uneven) chunks give
+    exactly the single-chunk result, which equals the brute-force loop."""
+    torch.manual_seed(c + f + groups)
+    conv = nn.Conv2d(c, f, 3, stride=1, padding=1, groups=groups)
+    x = torch.randn(5, c, 6, 5).relu()
+    w = conv.weight.detach().clone()
+    w[w.abs() < 0.1] = 0
+    positions = 6 * 5
+    one = conv_window_hist(x, w, conv)
+    assert window_hist_chunks(5, c, f // groups, 9, positions) == (5, f // groups)  # default: one chunk
+    ref = _brute_window_hist(x, w, conv)
+    np.testing.assert_allclose(np.asarray(one), ref, atol=1e-12)
+    per_image = 16 * c * 9 * positions
+    caps = {1: (1, 1),  # smallest chunk: one image, one filter
+            per_image + 12 * c * positions * 2: (1, min(2, f // groups)),
+            3 * (per_image + 12 * c * positions * (f // groups)): (3, f // groups)}  # 5 images -> 3 + 2
+    for cap, plan in caps.items():
+        assert window_hist_chunks(5, c, f // groups, 9, positions, cap) == plan
+        assert conv_window_hist(x, w, conv, max_chunk_bytes=cap) == one  # bit-identical
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        conv_window_hist(x, w, conv, max_chunk_bytes=0)
+
+
+def test_chunk_plan_bounds_a_large_early_layer() -> None:
+    """ResNet-style 64->64 3x3 conv at 56x56, batch 8: unchunked, the (N, C, F, L) counts
+    alone are 8*64*64*3136 float32 = 411 MB (3.1 GB peak measured before chunking); the
+    plan keeps one chunk's modelled working memory under the default cap."""
+    n, c, fg, kk, positions = 8, 64, 64, 9, 56 * 56
+    nb, fb = window_hist_chunks(n, c, fg, kk, positions)
+    modelled = nb * (16 * c * kk * positions + fb * 12 * c * positions)
+    assert (nb, fb) == (1, 64) and modelled <= CHUNK_BYTES
+    nb, fb = window_hist_chunks(n, 512, 512, kk, positions)  # too big for one image: filters split
+    assert nb == 1 and 1 <= fb < 512 and 16 * 512 * kk * positions + fb * 12 * 512 * positions <= CHUNK_BYTES
 
 
 def test_grouped_filters_do_not_leak_across_groups() -> None:
