@@ -460,19 +460,28 @@ class IntFormat(Format):
         return q.reshape(*shape[:-1], -1)[..., :n].movedim(-1, axis)
 
     def _scale_zero(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """(scale, zero point, lowest code, highest code) per row of the grouped tensor."""
+        """(scale, zero point, lowest code, highest code) per row of the grouped tensor.
+
+        Row minimum and maximum give both the asymmetric range and the symmetric
+        ``amax = max(-min, max)`` (== ``abs().amax()``; a NaN propagates) without
+        materialising ``|g|`` (``amin`` + ``amax`` are vectorised reductions; ``aminmax``
+        is ~5x slower on CPU). All-zero rows (and NaN rows, as ``NaN > 0`` is false) get
+        scale 1.
+        """
+        mn = g.amin(-1, keepdim=True)
+        mx = g.amax(-1, keepdim=True)
         if self.asym:
-            lo = g.amin(-1, keepdim=True).clamp(max=0.0)
-            hi = g.amax(-1, keepdim=True).clamp(min=0.0)
+            lo = mn.clamp_(max=0.0)
+            hi = mx.clamp_(min=0.0)
             qmax = float(2**self.bits - 1)
             # tensor / tensor division: correctly rounded on every device (a CUDA tensor /
             # python-scalar division multiplies by the rounded reciprocal instead)
-            s = (hi - lo) / torch.full_like(hi, qmax)
+            s = (hi - lo).div_(torch.full_like(hi, qmax))
             s = torch.where(s > 0, s, torch.ones_like(s))
             return s, torch.round(-lo / s), 0.0, qmax
         qmax = float(2 ** (self.bits - 1) - 1)
-        amax = g.abs().amax(-1, keepdim=True)
-        s = amax / torch.full_like(amax, qmax)
+        amax = torch.maximum(mn.neg_(), mx)
+        s = amax.div_(torch.full_like(amax, qmax))
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.zeros_like(s), -qmax, qmax
 
@@ -491,10 +500,19 @@ class IntFormat(Format):
         return codes.to(torch.int32), s, z
 
     def _qdq(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        # One fresh full-size float32 buffer (the quotient; it reuses the float32 copy of a
+        # non-float32 input or the zero-padded group copy when there is one) and in-place
+        # ops on it; the quotient is a true tensor / tensor division (see _scale_zero).
         xf, dt = _prep(x)
         g, shape, n = self._groups(xf, axis)
+        owned = g.is_contiguous() and (
+            g.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
         s, z, lo, hi = self._scale_zero(g)
-        q = _round(g / s, self.rounding)
+        q = g.div_(s) if owned else torch.div(g, s)
+        if self.rounding == "rne":
+            q = q.round_()
+        else:
+            q = _round(q, self.rounding)
         if self.asym:
             q = q.add_(z).clamp_(lo, hi).sub_(z)
         else:

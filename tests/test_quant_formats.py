@@ -272,3 +272,56 @@ def test_non_contiguous_inputs(name: str) -> None:
     x = torch.randn(64, 96)
     assert torch.equal(f.quantize(x.t()), f.quantize(x.t().contiguous()))
     assert torch.equal(f.quantize(x[:, ::2]), f.quantize(x[:, ::2].contiguous()))
+
+
+_PIN_X = [[0.3, -1.7, 2.5, -0.05, 7.0, 0.0, -3.25, 1e-3],
+          [1.5, 0.5, -0.5, 100.0, -2.0, 0.125, 3.3, -6.6]]
+# Outputs of the IntFormat fake quantizer before its speed-up (commit f720c60), pinned
+# bit for bit (signs of zeros included) so optimisations cannot drift the values.
+_PINNED_INT = [
+    ("int8", -1, [[0.0, -1.574803113937378, 2.3622045516967773, -0.0, 7.08661413192749, 0.0,
+                   -3.149606227874756, 0.0],
+                  [1.574803113937378, 0.787401556968689, -0.787401556968689, 100.0,
+                   -2.3622045516967773, 0.0, 3.149606227874756, -6.299212455749512]]),
+    ("int4", -1, [[0.0, -0.0, 0.0, -0.0, 0.0, 0.0, -0.0, 0.0],
+                  [0.0, 0.0, -0.0, 100.0, -0.0, 0.0, 0.0, -0.0]]),
+    ("int4(asym,group=4)", -1,
+     [[0.2800000011920929, -1.6800000667572021, 2.5199999809265137, 0.0, 6.833333492279053,
+       0.0, -3.4166667461395264, 0.0],
+      [0.0, 0.0, 0.0, 100.5, -1.9799998998641968, 0.0, 3.299999713897705, -6.59999942779541]]),
+    ("int3(channel)", 0,
+     [[0.5, -1.7000000476837158, 2.5, -0.0, 7.0, 0.0, -3.3000001907348633, 0.0],
+      [1.5, 0.5666666626930237, -0.8333333134651184, 100.0, -2.3333332538604736, 0.125,
+       3.3000001907348633, -6.600000381469727]]),
+    ("int4(round=away,group=3)", -1,
+     [[0.3571428656578064, -1.7857143878936768, 2.5, 0.0, 7.0, 0.0, -3.25, 0.0],
+      [1.5, 0.4285714328289032, -0.4285714328289032, 100.0, 0.0, 0.0, 3.7714285850524902,
+       -6.599999904632568]]),
+    ("int8(asym,channel)", -1,
+     [[0.2813725471496582, -1.6882354021072388, 2.492156982421875, -0.04019607976078987,
+       6.994117736816406, 0.0, -3.255882501602173, 0.0],
+      [1.672156810760498, 0.4180392026901245, -0.4180392026901245, 99.91136932373047,
+       -2.090196132659912, 0.0, 3.344313621520996, -6.688627243041992]]),
+]
+
+
+@pytest.mark.parametrize(("name", "axis", "want"), _PINNED_INT)
+def test_int_quantize_pinned_bits(name: str, axis: int, want: list[list[float]]) -> None:
+    x = torch.tensor(_PIN_X)
+    keep = x.clone()
+    q = get_format(name).quantize(x, axis=axis)
+    assert torch.equal(q.view(torch.int32), torch.tensor(want).view(torch.int32))
+    assert torch.equal(x, keep)  # input untouched (the fast path works in place on copies)
+
+
+def test_int_quantize_pinned_bf16_and_nan() -> None:
+    q = get_format("int4(asym)").quantize(torch.tensor(_PIN_X).bfloat16())
+    assert q.dtype == torch.bfloat16
+    want = [[0.0, 0.0, 0.0, 0.0, 7.09375, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 99.5, 0.0, 0.0, 0.0, -7.09375]]
+    assert torch.equal(q.float().view(torch.int32), torch.tensor(want).view(torch.int32))
+    x = torch.tensor([[1.0, float("nan"), 300.0, -2.0]])
+    # symmetric: a NaN amax gives scale 1 (NaN > 0 is false), the NaN stays, the rest clamp
+    q = get_format("int8").quantize(x)
+    assert q[0, [0, 2, 3]].tolist() == [1.0, 127.0, -2.0] and bool(torch.isnan(q[0, 1]))
+    assert bool(torch.isnan(get_format("int8(asym)").quantize(x)).all())
