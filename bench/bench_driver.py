@@ -69,32 +69,10 @@ class PeakRSS:
 
 def spec_text(name: str, n_trials: int, delay_s: float, *, storage: str | None = None,
               tracking: bool = False) -> str:
-    storage_line = f'storage = "{storage}"' if storage else ""
-    return f"""
-[study]
-name = "{name}"
-seed = 0
-sampler = "nsga2"
-n_trials = {n_trials}
-{storage_line}
-[[objectives]]
-metric = "f1"
-ref = 1.1
-[[objectives]]
-metric = "f2"
-ref = 1.1
-[space.x]
-0 = {{ type = "float", low = 0.0, high = 1.0 }}
-1 = {{ type = "float", low = 0.0, high = 1.0 }}
-[[evaluators]]
-name = "zdt1"
-options = {{ n_vars = 2, delay_s = {delay_s} }}
-[ray]
-workers = 2
-[tracking]
-enabled = {"true" if tracking else "false"}
-artifact_every = 1000000
-"""
+    from dse.plugins.benchmarks import study_spec
+
+    return study_spec(name, n_trials=n_trials, options={"delay_s": delay_s}, storage=storage,
+                      tracking={"enabled": tracking, "artifact_every": 1000000})
 
 
 def run_dse(tmp: Path, name: str, n_trials: int, delay_s: float, **kw: Any) -> dict[str, Any]:

@@ -20,41 +20,16 @@ from optuna.trial import TrialState
 
 from dse.cli import main
 from dse.driver import open_storage
+from dse.plugins.benchmarks import study_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def spec_text(name: str, n_trials: int, *, delay_s: float = 0.0, tracking: str = "") -> str:
-    return f"""
-[study]
-name = "{name}"
-seed = 2
-sampler = "nsga2"
-n_trials = {n_trials}
-[study.sampler_options]
-population_size = 4
-[[objectives]]
-metric = "f1"
-ref = 1.1
-[[objectives]]
-metric = "f2"
-ref = 1.1
-[[constraints]]
-metric = "f1"
-op = "<="
-bound = 0.9
-[space.x]
-0 = {{ type = "float", low = 0.0, high = 1.0 }}
-1 = {{ type = "float", low = 0.0, high = 1.0 }}
-[[evaluators]]
-name = "zdt1"
-options = {{ n_vars = 2, delay_s = {delay_s} }}
-[ray]
-workers = 2
-[tracking]
-artifact_every = 50
-{tracking}
-"""
+def spec_text(name: str, n_trials: int, *, delay_s: float = 0.0,
+              tracking: dict[str, Any] | None = None) -> str:
+    return study_spec(name, n_trials=n_trials, seed=2, options={"delay_s": delay_s},
+                      sampler_options={"population_size": 4}, constraints=[("f1", "<=", 0.9)],
+                      tracking={"artifact_every": 50, **(tracking or {})})
 
 
 def child_runs(uri: str, study: str) -> list[Any]:
@@ -197,7 +172,7 @@ def test_ctrl_c_then_resume(ray_session: Any, tmp_path: Path) -> None:
 
 def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "d.toml"
-    spec.write_text(spec_text("deadml", 8, tracking='uri = "http://127.0.0.1:9"'))
+    spec.write_text(spec_text("deadml", 8, tracking={"uri": "http://127.0.0.1:9"}))
     root = tmp_path / "studies"
     assert main(["run", str(spec), "--dir", str(root), "--progress", "log"]) == 0
     assert states(root, "deadml")[TrialState.COMPLETE] == 8

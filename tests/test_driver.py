@@ -16,36 +16,14 @@ from optuna.trial import TrialState
 from dse import registry
 from dse.driver import Driver, open_storage
 from dse.pareto import study_hypervolume
-from dse.plugins.benchmarks import BenchmarkProblem, true_hypervolume
+from dse.plugins.benchmarks import BenchmarkProblem, study_spec, true_hypervolume
 from dse.spec import parse_spec
 
 
 def zdt_spec(name: str, *, n_trials: int, sampler: str = "tpe", evaluator: str = "zdt1",
-             n_vars: int = 2, extra: str = "", options: str = "") -> str:
-    space = "\n".join(f'{i} = {{ type = "float", low = 0.0, high = 1.0 }}' for i in range(n_vars))
-    return f"""
-[study]
-name = "{name}"
-seed = 1
-sampler = "{sampler}"
-n_trials = {n_trials}
-[[objectives]]
-metric = "f1"
-ref = 1.1
-[[objectives]]
-metric = "f2"
-ref = 1.1
-[space.x]
-{space}
-[[evaluators]]
-name = "{evaluator}"
-options = {{ n_vars = {n_vars} {options} }}
-[ray]
-workers = 2
-[tracking]
-enabled = false
-{extra}
-"""
+             n_vars: int = 2, options: dict[str, Any] | None = None) -> str:
+    return study_spec(name, n_trials=n_trials, seed=1, sampler=sampler, problem=evaluator,
+                      n_vars=n_vars, options=options, tracking={"enabled": False})
 
 
 def load(spec_name: str, root: Path) -> optuna.Study:
@@ -119,7 +97,7 @@ registry.register("test_upstream", Upstream)
 def test_actor_killed_mid_trial(ray_session: Any, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     spec = parse_spec(zdt_spec("kill", n_trials=12, sampler="nsga2", evaluator="test_kill_once",
-                               options=f', marker = "{marker}"').replace("n_vars = 2 ,", "n_vars = 2,"))
+                               options={"marker": str(marker)}))
     spec.evaluators[0].options.pop("n_vars")
     summary = Driver(spec, tmp_path, progress=False).run()
     assert marker.exists(), "the evaluator never killed its actor"

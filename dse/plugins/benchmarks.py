@@ -19,9 +19,10 @@ test problems for evolutionary multiobjective optimization", 2005.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -171,3 +172,55 @@ def dtlz2(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
 zdt1.validate_options = lambda options: _check(options, "zdt1")  # type: ignore[attr-defined]
 zdt2.validate_options = lambda options: _check(options, "zdt2")  # type: ignore[attr-defined]
 dtlz2.validate_options = lambda options: _check(options, "dtlz2")  # type: ignore[attr-defined]
+
+
+def _toml(value: Any) -> str:
+    """``value`` as a TOML literal (bool, int, float or str)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def study_spec(
+    name: str,
+    *,
+    n_trials: int,
+    problem: str = "zdt1",
+    n_vars: int = 2,
+    seed: int = 0,
+    sampler: str = "nsga2",
+    options: Mapping[str, Any] | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
+    constraints: Sequence[tuple[str, str, float]] = (),
+    storage: str | None = None,
+    workers: int = 2,
+    tracking: Mapping[str, Any] | None = None,
+) -> str:
+    """TOML text of a ready two-objective study of a benchmark problem.
+
+    For tests, benchmarks and notebooks: variables ``x.0 .. x.<n_vars-1>`` in [0, 1],
+    objectives ``f1``, ``f2`` (minimised, hypervolume reference 1.1 each), evaluator
+    ``problem`` (any registered name taking ``n_vars``) with ``options`` added,
+    ``constraints`` as ``(metric, op, bound)``, ``tracking`` as the ``[tracking]`` table.
+    """
+    lines = ["[study]", f"name = {_toml(name)}", f"seed = {seed}",
+             f"sampler = {_toml(sampler)}", f"n_trials = {n_trials}"]
+    if storage is not None:
+        lines.append(f"storage = {_toml(storage)}")
+    if sampler_options:
+        lines.append("[study.sampler_options]")
+        lines += [f"{k} = {_toml(v)}" for k, v in sampler_options.items()]
+    for metric in ("f1", "f2"):
+        lines += ["[[objectives]]", f'metric = "{metric}"', "ref = 1.1"]
+    for metric, op, bound in constraints:
+        lines += ["[[constraints]]", f"metric = {_toml(metric)}", f"op = {_toml(op)}",
+                  f"bound = {_toml(bound)}"]
+    lines.append("[space.x]")
+    lines += [f'{i} = {{ type = "float", low = 0.0, high = 1.0 }}' for i in range(n_vars)]
+    opts = ", ".join(f"{k} = {_toml(v)}" for k, v in {"n_vars": n_vars, **(options or {})}.items())
+    lines += ["[[evaluators]]", f"name = {_toml(problem)}", f"options = {{ {opts} }}",
+              "[ray]", f"workers = {workers}", "[tracking]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in (tracking or {}).items()]
+    return "\n".join(lines) + "\n"
