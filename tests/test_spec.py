@@ -180,5 +180,7 @@ def test_samplers_seeded(sampler: str) -> None:
 
 def test_examples_validate() -> None:
     root = Path(__file__).resolve().parents[1] / "examples"
-    for name in ("zdt1.toml", "quickstart.toml"):
+    names = sorted(f.name for f in root.glob("*.toml"))
+    assert {"zdt1.toml", "quickstart.toml"} <= set(names)
+    for name in names:  # raises SpecError on any problem, evaluator options included
         load_spec(root / name)
