@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_dir() -> Path:
-    """Directory of trusted reference outputs: $DSE_REFERENCE_DIR or ../shared/reference."""
+    """Directory of trusted reference outputs: $DSE_REFERENCE_DIR, else the in-repo copy
+    ``tests/reference/`` (a clone needs nothing beside it)."""
     env = os.environ.get("DSE_REFERENCE_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "reference"
+    return Path(env) if env else ROOT / "tests" / "reference"
 
 
 def reference_files(pattern: str) -> list[Path]:
