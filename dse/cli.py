@@ -151,10 +151,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
+    from dse.driver import study_dir
+    from dse.spec import study_info
     from tracking.artifacts import pareto_table, write_table
 
     spec, study = _load_study(args.study, args.dir)
-    table = pareto_table(study.get_trials(deepcopy=False), spec)
+    table = pareto_table(study.get_trials(deepcopy=False), study_info(spec, study_dir(args.study, args.dir)))
     if args.out:
         write_table(table, args.out)
         print(f"{table.num_rows} Pareto trials -> {args.out}")
@@ -168,10 +170,12 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from dse.driver import study_dir
+    from dse.spec import study_info
     from tracking.artifacts import trials_table, write_table
 
     spec, study = _load_study(args.study, args.dir)
-    table = trials_table(study.get_trials(deepcopy=False), spec)
+    table = trials_table(study.get_trials(deepcopy=False), study_info(spec, study_dir(args.study, args.dir)))
     write_table(table, args.out)
     print(f"{table.num_rows} trials -> {args.out}")
     return 0
@@ -179,17 +183,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     from dse.driver import study_dir
+    from dse.spec import study_info
     from tracking.mlflow_tracker import sync
 
     spec, study = _load_study(args.study, args.dir)
-    res = sync(spec, study_dir(args.study, args.dir), study.get_trials(deepcopy=False), uri=args.uri)
+    sdir = study_dir(args.study, args.dir)
+    res = sync(study_info(spec, sdir, uri=args.uri), sdir, study.get_trials(deepcopy=False))
     print(f"synced {args.study} to {res.uri}: {res.created} child runs created, {res.present} already there")
     return 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     from dse.driver import load_study_spec, study_dir
-    from tracking.mlflow_tracker import default_uri
+    from tracking import resolve_uri
 
     name = args.study
     if name is None:
@@ -198,7 +204,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
             raise SpecError([f"study: expected one of {found or 'the studies under ' + args.dir}; name it"])
         name = found[0]
     spec = load_study_spec(name, args.dir)
-    uri = spec.tracking_uri or default_uri(study_dir(name, args.dir))
+    uri = resolve_uri(spec.tracking_uri, study_dir(name, args.dir))
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}  ({uri})", flush=True)

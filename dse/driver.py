@@ -39,7 +39,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dse import registry
 from dse.pareto import FrontTracker, is_feasible
-from dse.spec import Spec, complete_params, parse_spec, sample_params
+from dse.spec import Spec, complete_params, parse_spec, sample_params, study_info
 from dse.storage import buffered_records, flush_storage, open_storage
 
 __all__ = ["Driver", "DriverError", "RunSummary", "open_storage", "open_study", "study_dir"]
@@ -394,7 +394,7 @@ class Driver:
         if self.tracking:
             from tracking.mlflow_tracker import Tracker
 
-            tracker = Tracker(self.spec, self.sdir, storage_desc=self.spec.storage or "journal:optuna.journal")
+            tracker = Tracker(study_info(self.spec, self.sdir), self.sdir)
             tracker.start([t for t in trials if t.state.is_finished()])
 
         old_handlers: dict[int, Any] = {}

@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.distributions import (
@@ -30,6 +30,9 @@ from optuna.distributions import (
 )
 
 from dse import registry
+
+if TYPE_CHECKING:
+    from tracking.info import StudyInfo
 
 SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random", "qmc")
 DIRECTIONS = ("minimize", "maximize")
@@ -107,6 +110,22 @@ class Param:
     def active(self, params: Mapping[str, Any]) -> bool:
         """Whether this parameter exists given the already-sampled ``params``."""
         return all(k in params and params[k] in vals for k, vals in self.when.items())
+
+    @property
+    def domain(self) -> str:
+        """The domain in words: ``int [1, 4] step 2``, ``float [0.001, 1] log``,
+        ``choices ['a', 'b']``, ``fixed 3``; ``when p.k in ['v']`` for a conditional one."""
+        if self.kind == "categorical":
+            out = f"choices {list(self.choices)}"
+        elif self.kind == "fixed":
+            out = f"fixed {self.value!r}"
+        else:
+            out = f"{self.kind} [{self.low:g}, {self.high:g}]"
+            out += f" step {self.step:g}" if self.step is not None else ""
+            out += " log" if self.log else ""
+        for k, vals in self.when.items():
+            out += f" when {k} in {list(vals)}"
+        return out
 
 
 @dataclass(frozen=True)
@@ -263,6 +282,49 @@ def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
         elif p.name in params:
             out[p.name] = params[p.name]
     return out
+
+
+def study_info(spec: Spec, sdir: str | Path, uri: str | None = None, storage_desc: str = "") -> StudyInfo:
+    """What tracking is told about ``spec`` (a :class:`tracking.StudyInfo`).
+
+    ``uri``: ``--tracking-uri`` from the command line; it wins over the spec's
+    ``[tracking] uri``, then ``MLFLOW_TRACKING_URI``, then ``<sdir>/mlflow.db``.
+    The study's rules (fixed parameters, feasibility, Pareto front, hypervolume) are passed
+    as picklable partials of this package's functions: tracking never imports ``dse``.
+    """
+    from functools import partial
+
+    from dse.pareto import is_feasible, pareto_trials, study_hypervolume
+    from tracking.info import ObjectiveInfo, ParamInfo, StudyInfo, resolve_uri  # noqa: F811
+
+    objs = ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)
+    cons = ", ".join(f"{c.metric} {c.op} {c.bound:g}" for c in spec.constraints)
+    desc = (
+        f"dse study {spec.name}: {objs}" + (f" subject to {cons}" if cons else "")
+        + f" over {len(spec.params)} parameters; sampler {spec.sampler}, seed {spec.seed}, "
+        f"{spec.n_trials} trials; evaluators {', '.join(e.name for e in spec.evaluators)}."
+    )
+    return StudyInfo(
+        name=spec.name,
+        description=desc,
+        objectives=tuple(ObjectiveInfo(o.metric, o.direction, o.ref) for o in spec.objectives),
+        constraint_keys=tuple(c.key for c in spec.constraints),
+        params=tuple(ParamInfo(p.name, p.domain) for p in spec.params),
+        complete_params=partial(complete_params, spec=spec),
+        is_feasible=is_feasible,
+        front=partial(pareto_trials, spec=spec),
+        hypervolume=partial(study_hypervolume, spec=spec),
+        uri=resolve_uri(uri or spec.tracking_uri, Path(sdir)),
+        sampler=spec.sampler,
+        sampler_options=dict(spec.sampler_options),
+        seed=spec.seed,
+        n_trials=spec.n_trials,
+        evaluators=tuple(e.name for e in spec.evaluators),
+        child_runs=spec.child_runs,
+        artifact_every=spec.artifact_every,
+        spec_text=spec.text,
+        storage_desc=storage_desc or spec.storage or "journal:optuna.journal",
+    )
 
 
 # ----------------------------------------------------------------------------- loading

@@ -18,9 +18,10 @@ from dse.pareto import (
     pareto_trials,
     study_hypervolume,
 )
-from dse.spec import parse_spec, sample_params
+from dse.spec import parse_spec, sample_params, study_info
+from tracking import default_uri
 from tracking.artifacts import trials_table, write_artifacts
-from tracking.mlflow_tracker import Tracker, default_uri
+from tracking.mlflow_tracker import Tracker
 
 SPEC = """
 [study]
@@ -122,7 +123,7 @@ def test_front_and_tables() -> None:
         ft.add(t.values)
     assert ft.size == len(front)
     assert ft.hypervolume() == pytest.approx(study_hypervolume(trials, spec))
-    table = trials_table(trials, spec)
+    table = trials_table(trials, study_info(spec, "."))
     assert table.num_rows == 30
     rows = table.to_pylist()
     assert rows[9]["state"] == "FAIL" and rows[9]["fail_reason"] == "boom"
@@ -134,7 +135,7 @@ def test_front_and_tables() -> None:
 
 def test_write_artifacts(tmp_path: Path) -> None:
     study, spec = _study()
-    paths = write_artifacts(study.trials, spec, tmp_path)
+    paths = write_artifacts(study.trials, study_info(spec, tmp_path), tmp_path)
     assert [p.name for p in paths] == ["trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"]
     assert pq.read_table(tmp_path / "trials.parquet").num_rows == 30
     assert pq.read_table(tmp_path / "pareto.parquet").column("pareto").to_pylist() == [True] * len(
@@ -149,7 +150,7 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
 
     study, spec = _study(20)
     trials = study.trials
-    tr = Tracker(spec, tmp_path, storage_desc="memory")
+    tr = Tracker(study_info(spec, tmp_path, storage_desc="memory"), tmp_path)
     tr.start(trials[:10])
     for t in trials[10:]:
         tr.trial_finished(t)
@@ -157,7 +158,7 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
     tr.finish(trials)
     assert tr.error is None
     # a second tracker on the same store (a resumed driver) logs nothing twice
-    tr2 = Tracker(spec, tmp_path)
+    tr2 = Tracker(study_info(spec, tmp_path), tmp_path)
     tr2.start(trials)
     tr2.finish(trials)
     c = MlflowClient(tracking_uri=default_uri(tmp_path))
@@ -179,7 +180,7 @@ def test_tracker_pareto_only_child_runs(tmp_path: Path) -> None:
 
     study, spec = _study(20)
     spec.child_runs = "pareto"
-    tr = Tracker(spec, tmp_path)
+    tr = Tracker(study_info(spec, tmp_path), tmp_path)
     tr.start([])
     for t in study.trials:
         tr.trial_finished(t)

@@ -21,8 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from optuna.trial import FrozenTrial, TrialState
 
-from dse.pareto import is_feasible, pareto_trials
-from dse.spec import Spec, complete_params
+from tracking.info import StudyInfo
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -32,12 +31,12 @@ def _column(values: list[Any]) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
-def trials_table(trials: Sequence[FrozenTrial], spec: Spec) -> pa.Table:
+def trials_table(trials: Sequence[FrozenTrial], info: StudyInfo) -> pa.Table:
     """One row per trial (every state), columns as in the module docstring."""
-    front = {t.number for t in pareto_trials(trials, spec)}
-    param_names = [p.name for p in spec.params]
+    front = {t.number for t in info.front(trials)}
+    param_names = info.param_names
     metric_names: list[str] = []
-    con_keys = [c.key for c in spec.constraints]
+    con_keys = list(info.constraint_keys)
     for t in trials:
         for k in t.user_attrs.get("metrics", {}) or {}:
             if k not in metric_names:
@@ -47,7 +46,7 @@ def trials_table(trials: Sequence[FrozenTrial], spec: Spec) -> pa.Table:
     }
     for n in param_names:
         cols[f"params.{n}"] = []
-    for o in spec.objectives:
+    for o in info.objectives:
         cols[f"values.{o.metric}"] = []
     for m in metric_names:
         cols[f"metrics.{m}"] = []
@@ -61,11 +60,11 @@ def trials_table(trials: Sequence[FrozenTrial], spec: Spec) -> pa.Table:
         cols["datetime_start"].append(t.datetime_start)
         cols["datetime_complete"].append(t.datetime_complete)
         cols["duration_s"].append(t.duration.total_seconds() if t.duration is not None else None)
-        params = complete_params(t.params, spec)
+        params = info.complete_params(t.params)
         for n in param_names:
             cols[f"params.{n}"].append(params.get(n))
         done = t.state == TrialState.COMPLETE and t.values is not None
-        for i, o in enumerate(spec.objectives):
+        for i, o in enumerate(info.objectives):
             cols[f"values.{o.metric}"].append(t.values[i] if done else None)
         metrics = t.user_attrs.get("metrics", {}) or {}
         for m in metric_names:
@@ -73,17 +72,17 @@ def trials_table(trials: Sequence[FrozenTrial], spec: Spec) -> pa.Table:
         cons = t.constraints
         for k in con_keys:
             cols[f"constraints.{k}"].append(cons.get(k))
-        cols["feasible"].append(done and is_feasible(t))
+        cols["feasible"].append(done and info.is_feasible(t))
         cols["pareto"].append(t.number in front)
         cols["fail_reason"].append(t.user_attrs.get("fail_reason"))
-        info = t.user_attrs.get("info")
-        cols["info"].append(json.dumps(info) if info else None)
+        extra = t.user_attrs.get("info")
+        cols["info"].append(json.dumps(extra) if extra else None)
     return pa.table({k: _column(v) for k, v in cols.items()})
 
 
-def pareto_table(trials: Sequence[FrozenTrial], spec: Spec) -> pa.Table:
+def pareto_table(trials: Sequence[FrozenTrial], info: StudyInfo) -> pa.Table:
     """The rows of :func:`trials_table` on the feasible Pareto front."""
-    table = trials_table(trials, spec)
+    table = trials_table(trials, info)
     return table.filter(table.column("pareto"))
 
 
@@ -100,8 +99,8 @@ def write_table(table: pa.Table, out: str | Path) -> Path:
     return out
 
 
-def _plot_data(table: pa.Table, spec: Spec) -> tuple[list[str], dict[str, list[list[float]]]]:
-    names = [o.metric for o in spec.objectives][:3]
+def _plot_data(table: pa.Table, info: StudyInfo) -> tuple[list[str], dict[str, list[list[float]]]]:
+    names = [o.metric for o in info.objectives][:3]
     rows = table.to_pylist()
     groups: dict[str, list[list[float]]] = {"pareto": [], "feasible": [], "infeasible": []}
     for r in rows:
@@ -120,7 +119,7 @@ def _plot_data(table: pa.Table, spec: Spec) -> tuple[list[str], dict[str, list[l
 _STYLE = {"pareto": ("tab:red", "o"), "feasible": ("tab:blue", "."), "infeasible": ("tab:gray", "x")}
 
 
-def plot_png(table: pa.Table, spec: Spec, out: str | Path) -> Path:
+def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     """Scatter of the objectives (2-D, or 3-D for 3+ objectives: the first three).
 
     Pareto members, other feasible trials and infeasible trials are marked differently.
@@ -130,7 +129,7 @@ def plot_png(table: pa.Table, spec: Spec, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, groups = _plot_data(table, spec)
+    names, groups = _plot_data(table, info)
     fig = plt.figure(figsize=(6, 5))
     ax: Any = fig.add_subplot(111, projection="3d") if len(names) == 3 else fig.add_subplot(111)
     for key, pts in groups.items():
@@ -143,7 +142,7 @@ def plot_png(table: pa.Table, spec: Spec, out: str | Path) -> Path:
     ax.set_ylabel(names[1])
     if len(names) == 3:
         ax.set_zlabel(names[2])
-    ax.set_title(f"{spec.name}: Pareto front")
+    ax.set_title(f"{info.name}: Pareto front")
     ax.legend(loc="best", fontsize=8)
     out = Path(out)
     fig.savefig(out, dpi=100, bbox_inches="tight")
@@ -151,11 +150,11 @@ def plot_png(table: pa.Table, spec: Spec, out: str | Path) -> Path:
     return out
 
 
-def plot_html(table: pa.Table, spec: Spec, out: str | Path) -> Path:
+def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     """Interactive plotly scatter (self-contained HTML, works offline); hover shows the trial."""
     import plotly.graph_objects as go
 
-    names, groups = _plot_data(table, spec)
+    names, groups = _plot_data(table, info)
     fig = go.Figure()
     for key, pts in groups.items():
         if not pts:
@@ -172,21 +171,21 @@ def plot_html(table: pa.Table, spec: Spec, out: str | Path) -> Path:
         fig.update_layout(scene={"xaxis_title": names[0], "yaxis_title": names[1], "zaxis_title": names[2]})
     else:
         fig.update_layout(xaxis_title=names[0], yaxis_title=names[1])
-    fig.update_layout(title=f"{spec.name}: Pareto front")
+    fig.update_layout(title=f"{info.name}: Pareto front")
     out = Path(out)
     fig.write_html(str(out), include_plotlyjs=True, full_html=True)
     return out
 
 
-def write_artifacts(trials: Sequence[FrozenTrial], spec: Spec, out_dir: str | Path) -> list[Path]:
+def write_artifacts(trials: Sequence[FrozenTrial], info: StudyInfo, out_dir: str | Path) -> list[Path]:
     """Write trials.parquet, pareto.parquet, pareto.png and pareto.html into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = trials_table(trials, spec)
+    table = trials_table(trials, info)
     paths = [
         write_table(table, out_dir / "trials.parquet"),
         write_table(table.filter(table.column("pareto")), out_dir / "pareto.parquet"),
-        plot_png(table, spec, out_dir / "pareto.png"),
-        plot_html(table, spec, out_dir / "pareto.html"),
+        plot_png(table, info, out_dir / "pareto.png"),
+        plot_html(table, info, out_dir / "pareto.html"),
     ]
     return paths

@@ -28,20 +28,14 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from dse.pareto import pareto_trials, study_hypervolume
-from dse.spec import Spec, complete_params
 from tracking.artifacts import write_artifacts
+from tracking.info import StudyInfo
 
 log = logging.getLogger("dse.tracking")
 
 TRIAL_TAG = "dse.trial_number"
 ROLE_TAG = "dse.role"
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def default_uri(sdir: Path) -> str:
-    """The default MLflow tracking URI of a study: ``sqlite:///<sdir>/mlflow.db``."""
-    return f"sqlite:///{(sdir / 'mlflow.db').resolve()}"
 
 
 def _ms(dt: Any) -> int:
@@ -72,16 +66,15 @@ def _sqlite_wal(client: Any) -> None:
 class MlflowLink:
     """The MLflow side of one study: its experiment, parent run and logged trials."""
 
-    def __init__(self, spec: Spec, sdir: Path, uri: str | None = None, storage_desc: str = "") -> None:
+    def __init__(self, info: StudyInfo, sdir: Path) -> None:
         # Fail fast on an unreachable server instead of minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         from mlflow.tracking import MlflowClient
 
-        self.spec = spec
+        self.info = info
         self.sdir = sdir
-        self.uri = uri or spec.tracking_uri or default_uri(sdir)
-        self.storage_desc = storage_desc
+        self.uri = info.uri
         self.client = MlflowClient(tracking_uri=self.uri)
         if self.uri.startswith("sqlite:"):
             _sqlite_wal(self.client)
@@ -94,10 +87,10 @@ class MlflowLink:
         from mlflow.entities import Param, RunTag
 
         c = self.client
-        exp = c.get_experiment_by_name(self.spec.name)
+        exp = c.get_experiment_by_name(self.info.name)
         if exp is None:
             loc = (self.sdir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
-            self.experiment_id = c.create_experiment(self.spec.name, artifact_location=loc)
+            self.experiment_id = c.create_experiment(self.info.name, artifact_location=loc)
         else:
             self.experiment_id = exp.experiment_id
         parents = c.search_runs(
@@ -108,21 +101,22 @@ class MlflowLink:
             if parents[0].info.status != "RUNNING":
                 c.update_run(self.parent_id, status="RUNNING")
         else:
+            info = self.info
             run = c.create_run(
                 self.experiment_id,
-                tags={ROLE_TAG: "parent", "dse.study": self.spec.name, "dse.storage": self.storage_desc},
-                run_name=self.spec.name,
+                tags={ROLE_TAG: "parent", "dse.study": info.name, "dse.storage": info.storage_desc},
+                run_name=info.name,
             )
             self.parent_id = run.info.run_id
             params = [
-                Param("seed", str(self.spec.seed)),
-                Param("sampler", self.spec.sampler),
-                Param("n_trials", str(self.spec.n_trials)),
-                Param("objectives", ",".join(f"{o.metric}:{o.direction}" for o in self.spec.objectives)),
-                Param("constraints", ",".join(c.key for c in self.spec.constraints) or "-"),
-                Param("evaluators", ",".join(e.name for e in self.spec.evaluators)),
+                Param("seed", str(info.seed)),
+                Param("sampler", info.sampler),
+                Param("n_trials", str(info.n_trials)),
+                Param("objectives", ",".join(f"{o.metric}:{o.direction}" for o in info.objectives)),
+                Param("constraints", ",".join(info.constraint_keys) or "-"),
+                Param("evaluators", ",".join(info.evaluators)),
             ]
-            c.log_batch(self.parent_id, params=params, tags=[RunTag("dse.spec", self.spec.text[:7000])])
+            c.log_batch(self.parent_id, params=params, tags=[RunTag("dse.spec", info.spec_text[:7000])])
         self._list_logged()
 
     def _list_logged(self) -> None:
@@ -162,14 +156,14 @@ class MlflowLink:
         )
         ts = _ms(t.datetime_complete)
         metrics = dict(t.user_attrs.get("metrics") or {})
-        for o, v in zip(self.spec.objectives, t.values or [], strict=False):
+        for o, v in zip(self.info.objectives, t.values or [], strict=False):
             metrics.setdefault(o.metric, v)
         for k, v in t.constraints.items():
             metrics[f"constraint.{k}"] = v
         c.log_batch(
             run.info.run_id,
             metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
-            params=[Param(k, str(v)[:6000]) for k, v in complete_params(t.params, self.spec).items()],
+            params=[Param(k, str(v)[:6000]) for k, v in self.info.complete_params(t.params).items()],
             tags=[RunTag("dse.feasible", str(all(v <= 0 for v in t.constraints.values())))],
         )
         c.set_terminated(run.info.run_id, "FINISHED", end_time=ts)
@@ -187,7 +181,7 @@ class MlflowLink:
 
     def log_artifacts(self, trials: Sequence[FrozenTrial]) -> None:
         """Write the tables and plots to ``<sdir>/artifacts`` and log them on the parent run."""
-        for p in write_artifacts(trials, self.spec, self.sdir / "artifacts"):
+        for p in write_artifacts(trials, self.info, self.sdir / "artifacts"):
             self.client.log_artifact(self.parent_id, str(p))
 
     def close(self, status: str = "FINISHED") -> None:
@@ -204,12 +198,11 @@ class Tracker:
     finished trial onto the queue.
     """
 
-    def __init__(self, spec: Spec, sdir: Path, storage_desc: str = "") -> None:
+    def __init__(self, info: StudyInfo, sdir: Path) -> None:
         import multiprocessing as mp
 
-        self.spec = spec
+        self.info = info
         self.sdir = sdir
-        self.storage_desc = storage_desc
         self.error: str | None = None
         self._ctx = mp.get_context("spawn")
         self._q: Any = self._ctx.Queue()
@@ -221,7 +214,7 @@ class Tracker:
         self._q.put(("init", list(existing)))
         self._proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.spec, self.sdir, self.storage_desc, self._q, self._status, os.getpid()),
+            args=(self.info, self.sdir, self._q, self._status, os.getpid()),
             name="dse-tracking",
             daemon=True,
         )
@@ -253,17 +246,15 @@ class Tracker:
         if self._proc is not None and self._proc.exitcode not in (0, None) and self.error is None:
             self.error = f"MLflow logging process exited with code {self._proc.exitcode}"
         if self.error is not None:
-            log.warning("MLflow: %s; backfill with `dse sync %s`", self.error, self.spec.name)
+            log.warning("MLflow: %s; backfill with `dse sync %s`", self.error, self.info.name)
         self._q.close()
         self._status.close()
 
 
-def _worker_main(
-    spec: Spec, sdir: Path, storage_desc: str, q: Any, status: Any, parent_pid: int | None = None
-) -> None:
+def _worker_main(info: StudyInfo, sdir: Path, q: Any, status: Any, parent_pid: int | None = None) -> None:
     """Entry point of the logging process."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    w = _TrackerWorker(spec, sdir, storage_desc)
+    w = _TrackerWorker(info, sdir)
     try:
         w.loop(q, parent_pid)
     finally:
@@ -273,10 +264,9 @@ def _worker_main(
 class _TrackerWorker:
     """The logging loop (runs in the tracking process)."""
 
-    def __init__(self, spec: Spec, sdir: Path, storage_desc: str) -> None:
-        self.spec = spec
+    def __init__(self, info: StudyInfo, sdir: Path) -> None:
+        self.info = info
         self.sdir = sdir
-        self.storage_desc = storage_desc
         self.error: str | None = None
         self._trials: dict[int, FrozenTrial] = {}
         self._link: MlflowLink | None = None
@@ -289,7 +279,7 @@ class _TrackerWorker:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - MLflow must never stop the search
             self.error = f"unreachable while {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            log.warning("MLflow %s; the search goes on; backfill later with `dse sync %s`", self.error, self.spec.name)
+            log.warning("MLflow %s; the search goes on; backfill later with `dse sync %s`", self.error, self.info.name)
 
     def loop(self, q: Any, parent_pid: int | None = None) -> None:
         while True:
@@ -297,7 +287,7 @@ class _TrackerWorker:
                 item = q.get(timeout=2.0)
             except queue.Empty:
                 if parent_pid is not None and os.getppid() != parent_pid:
-                    log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.spec.name)
+                    log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.info.name)
                     return
                 continue
             items = [item]
@@ -333,18 +323,18 @@ class _TrackerWorker:
                     hv = []
                     self._final()
             self._flush_hv(hv)
-            if self._since_artifacts >= self.spec.artifact_every:
+            if self._since_artifacts >= self.info.artifact_every:
                 self._since_artifacts = 0
                 self._artifacts()
             if done:
                 return
 
     def _connect(self) -> None:
-        self._link = MlflowLink(self.spec, self.sdir, storage_desc=self.storage_desc)
+        self._link = MlflowLink(self.info, self.sdir)
         self._link.connect()
 
     def _log_trials(self, trials: Sequence[FrozenTrial]) -> None:
-        if self.spec.child_runs != "all" or self._link is None:
+        if self.info.child_runs != "all" or self._link is None:
             return
         for t in trials:
             self._guard("logging a trial", self._link.log_trial, t)
@@ -358,13 +348,13 @@ class _TrackerWorker:
         if self._link is not None and self.error is None:
             self._guard("logging artifacts", self._link.log_artifacts, trials)
         else:
-            write_artifacts(trials, self.spec, self.sdir / "artifacts")
+            write_artifacts(trials, self.info, self.sdir / "artifacts")
 
     def _final(self) -> None:
         trials = sorted(self._trials.values(), key=lambda t: t.number)
         link = self._link
-        if link is not None and self.spec.child_runs == "pareto":
-            for t in pareto_trials(trials, self.spec):
+        if link is not None and self.info.child_runs == "pareto":
+            for t in self.info.front(trials):
                 self._guard("logging a Pareto trial", link.log_trial, t)
         elif link is not None:
             for t in trials:  # anything missed
@@ -383,26 +373,26 @@ class SyncResult:
     uri: str
 
 
-def sync(spec: Spec, sdir: Path, trials: Sequence[FrozenTrial], uri: str | None = None) -> SyncResult:
+def sync(info: StudyInfo, sdir: Path, trials: Sequence[FrozenTrial]) -> SyncResult:
     """Backfill MLflow from the Optuna trials: missing child runs, hypervolume, artifacts.
 
     Safe to run repeatedly: trials already logged are skipped. Raises whatever MLflow
     raises when it is still unreachable.
     """
-    link = MlflowLink(spec, sdir, uri=uri)
+    link = MlflowLink(info, sdir)
     link.connect()
     present = len(link.logged)
     trials = sorted(trials, key=lambda t: t.number)
-    to_log = pareto_trials(trials, spec) if spec.child_runs == "pareto" else trials
+    to_log = info.front(trials) if info.child_runs == "pareto" else trials
     created = sum(link.log_trial(t) for t in to_log)
-    if len(spec.objectives) > 1 and not link.client.get_metric_history(link.parent_id, "hypervolume"):
+    if len(info.objectives) > 1 and not link.client.get_metric_history(link.parent_id, "hypervolume"):
         done = sorted(
             (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number)
         )
         stride = max(1, len(done) // 200)
         pts = []
         for i in range(stride, len(done) + 1, stride):
-            pts.append((i, study_hypervolume(done[:i], spec), _ms(done[i - 1].datetime_complete)))
+            pts.append((i, info.hypervolume(done[:i]), _ms(done[i - 1].datetime_complete)))
         link.log_hypervolume(pts)
     link.log_artifacts(trials)
     link.close()

@@ -1,0 +1,65 @@
+"""The arrows between packages point one way (read from the source with ``ast``).
+
+``dse`` composes ``tracking`` and the libraries; ``tracking`` never imports ``dse``; the
+libraries (``quant``, ``evaluators``, ``simulators``) import neither ``dse`` nor ``tracking``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "tracking": {"dse"},
+    "quant": {"dse", "tracking"},
+    "evaluators": {"dse", "tracking"},
+    "simulators": {"dse", "tracking"},
+}
+
+
+def imported_packages(path: Path, package: str) -> set[tuple[int, str]]:
+    """(line, top-level package) of every import in ``path``, static or ``import_module``,
+    TYPE_CHECKING blocks and function bodies included; relative imports resolve to
+    ``package``."""
+    out: set[tuple[int, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out.update((node.lineno, a.name.split(".")[0]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top = package if node.level else (node.module or "").split(".")[0]
+            out.add((node.lineno, top))
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            out.add((node.lineno, node.args[0].value.split(".")[0]))
+    return out
+
+
+def test_finds_imports(tmp_path: Path) -> None:
+    """The reader sees every form of import (so the arrow test can fail)."""
+    f = tmp_path / "m.py"
+    f.write_text(
+        "import dse.spec\nfrom tracking import x\nfrom . import y\n"
+        "def f():\n    import importlib\n    importlib.import_module('dse.pareto')\n"
+    )
+    assert {p for _, p in imported_packages(f, "quant")} == {"dse", "tracking", "quant", "importlib"}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_direction(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no Python files under {package}/"
+    bad = [
+        f"{f.relative_to(ROOT)}:{line}: imports {top}"
+        for f in files
+        for line, top in sorted(imported_packages(f, package))
+        if top in FORBIDDEN[package]
+    ]
+    assert not bad, "\n".join(bad)
