@@ -224,7 +224,11 @@ class AccuracyEvaluator:
 
     # ------------------------------------------------------------------ transform
     def calibration_inputs(self) -> list[Any]:
-        """Calibration batches for the transforms (salience, LQER scales, act statistics)."""
+        """Calibration batches for the transforms (salience, LQER scales, act statistics).
+
+        Drawn from a calibration split disjoint from every evaluated window / image (see
+        docs/evaluators.md, "Calibration split"); the same list object on every call.
+        """
         raise NotImplementedError
 
     def calibration_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Data sets the evaluators measure on, all available offline.
 
 * Text: Python's own ``pydoc_data.topics`` (English prose about Python), split by topic
-  into a training part and a held-out part (every 10th topic in sorted key order).
+  into a training part and a held-out part (every 10th topic in sorted key order); the
+  calibration text is the training part without any topic whose text is also a held-out
+  topic (``else`` and ``if`` share one text).
 * Glyphs: the 36 characters ``0-9A-Z`` rendered at 16x16 from the TrueType fonts that
   matplotlib ships; a fixed set of fonts is held out for testing. The committed test set
   (``weights/glyph_test.npz``) makes evaluation independent of font versions.
@@ -66,6 +68,18 @@ def text_splits() -> tuple[str, str]:
     train = [topics.topics[k] for i, k in enumerate(keys) if i % 10 != 0]
     held = [topics.topics[k] for i, k in enumerate(keys) if i % 10 == 0]
     return "\n".join(train), "\n".join(held)
+
+
+def calibration_text() -> str:
+    """Training topics (as in :func:`text_splits`) minus every topic whose text equals a
+    held-out topic's text: calibration data that shares no topic with the evaluation text.
+    """
+    import pydoc_data.topics as topics
+
+    keys = sorted(topics.topics)
+    held = {topics.topics[k] for i, k in enumerate(keys) if i % 10 == 0}
+    return "\n".join(topics.topics[k] for i, k in enumerate(keys)
+                     if i % 10 != 0 and topics.topics[k] not in held)
 
 
 def text_digest(text: str) -> str:

@@ -6,7 +6,11 @@
 
 The held-out token stream is cut into fixed, non-overlapping windows of ``window``
 tokens; ``budget_tokens`` predicted tokens at the ``full`` level, ``proxy_tokens`` (the
-first windows) at the ``proxy`` level. Metrics: ``loss_nats`` (mean next-token cross
+first windows) at the ``proxy`` level. Calibration (LQER scales, gradient saliences,
+activation statistics) reads only ``calib_batches`` windows of a *disjoint* token stream:
+the training topics of ``pydoc_data.topics`` (:func:`evaluators.data.calibration_text`,
+cut by :func:`calibration_windows`).
+Metrics: ``loss_nats`` (mean next-token cross
 entropy, nats/token), ``perplexity`` = exp(loss_nats), ``kl_to_fp_nats`` (mean over
 positions of KL(p_fp || p_candidate), nats), ``act_sparsity``.
 """
@@ -24,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluators.base import AccuracyEvaluator, ActSparsityMeter
-from evaluators.data import WEIGHTS_DIR, text_digest, text_splits
+from evaluators.data import WEIGHTS_DIR, calibration_text, text_digest, text_splits
 from evaluators.models import load_model, state_digest
 
 LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -34,11 +38,34 @@ def _plain_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return model(idx)
 
 
+def calibration_windows(tokens: torch.Tensor, window: int, n: int) -> list[torch.Tensor]:
+    """``n`` non-overlapping windows ``(1, window)`` spread evenly over ``tokens``.
+
+    Window ``i`` starts at ``i * ((len - window) // max(1, n - 1))`` (the first at 0, the
+    last near the end), so the calibration set samples the whole stream, deterministically.
+
+    Raises:
+        ValueError: the stream holds fewer than ``n`` windows (``calib_batches``).
+    """
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"calib_batches: expected an integer >= 1, got {n!r}")
+    if n * window > tokens.numel():
+        raise ValueError(f"calib_batches: at most {tokens.numel() // window} windows of "
+                         f"{window} tokens in the calibration text, got {n}")
+    stride = (tokens.numel() - window) // max(1, n - 1)
+    return [tokens[i * stride : i * stride + window].reshape(1, window).clone()
+            for i in range(n)]
+
+
 class LMEvaluator(AccuracyEvaluator):
     """Perplexity of a causal LM over fixed windows of a token stream.
 
     Args:
         model: the unquantized LM; tokens: 1-D int64 held-out token stream.
+        calib_tokens: 1-D int64 calibration token stream, disjoint from ``tokens`` (the
+            caller's responsibility; the identity should name it).
+        calib_batches: calibration batches, one window each (see
+            :func:`calibration_windows`); the gradient saliences average over them.
         window: tokens per window; budget_tokens / proxy_tokens: predicted tokens per level
             (rounded down to whole windows, at least one window).
         batch_windows: windows per forward pass.
@@ -47,8 +74,9 @@ class LMEvaluator(AccuracyEvaluator):
     """
 
     def __init__(
-        self, model: nn.Module, tokens: torch.Tensor, *, window: int, budget_tokens: int,
-        proxy_tokens: int, batch_windows: int = 8, logits_fn: LogitsFn = _plain_logits,
+        self, model: nn.Module, tokens: torch.Tensor, *, calib_tokens: torch.Tensor,
+        calib_batches: int, window: int, budget_tokens: int, proxy_tokens: int,
+        batch_windows: int = 8, logits_fn: LogitsFn = _plain_logits,
         identity: Mapping[str, Any], cache_dir: str | os.PathLike[str] | None = None,
         fidelity: str = "full", gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
     ) -> None:
@@ -64,21 +92,23 @@ class LMEvaluator(AccuracyEvaluator):
                 f"{window}, got {budget_tokens}"
             )
         n_proxy = max(1, min(n_full, proxy_tokens // window))
+        calib = calibration_windows(calib_tokens, window, calib_batches)
         ident = {**identity, "window": window, "budget_tokens": n_full * window,
-                 "proxy_tokens": n_proxy * window}
+                 "proxy_tokens": n_proxy * window, "calib_batches": calib_batches}
         super().__init__(model, ident, cache_dir, fidelity, gate_kl_nats, num_threads, seed)
         x = tokens[: n_full * window + 1]
         self.inputs = x[:-1].view(n_full, window)
         self.targets = x[1:].view(n_full, window)
+        self.calib = calib
         self.n_windows = {"proxy": n_proxy, "full": n_full}
         self.batch_windows = batch_windows
         self.logits_fn = logits_fn
         self._ref_logp: torch.Tensor | None = None  # fp log-probs, (n_full, window, V)
         self._memo: tuple[nn.Module, dict[int, tuple[float, float]], ActSparsityMeter] | None = None
 
-    # -- calibration: the first window(s) of the evaluation stream, as the proxy batch
+    # -- calibration: windows of the calibration stream, never of the evaluation stream
     def calibration_inputs(self) -> list[torch.Tensor]:
-        return [self.inputs[: self.n_windows["proxy"]]]
+        return self.calib
 
     def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         logits = self.logits_fn(model, batch)[:, :-1]
@@ -166,6 +196,8 @@ class CharLMEvaluator(LMEvaluator):
         weights: a ``.safetensors`` written by ``evaluators.train.train_char_lm``.
         budget_tokens: characters predicted at the ``full`` level (default 4096).
         proxy_tokens: characters at the ``proxy`` level (default 256).
+        calib_batches: calibration windows of 64 characters from the *training* topics
+            (default 8; the evaluation text is the held-out topics).
         Other arguments: see :class:`LMEvaluator`.
     """
 
@@ -173,7 +205,7 @@ class CharLMEvaluator(LMEvaluator):
 
     def __init__(
         self, weights: str | os.PathLike[str] | None = None, *, budget_tokens: int = 4096,
-        proxy_tokens: int = 256, batch_windows: int = 16,
+        proxy_tokens: int = 256, batch_windows: int = 16, calib_batches: int = 8,
         cache_dir: str | os.PathLike[str] | None = None, fidelity: str = "full",
         gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
     ) -> None:
@@ -184,12 +216,16 @@ class CharLMEvaluator(LMEvaluator):
             raise ValueError(f"weights: no such file {path}")
         model, meta = load_model(path)
         _, held = text_splits()
+        train = calibration_text()
         tokens = encode(held, meta["vocab"])
         window = int(model.config["context"])  # type: ignore[index]
         identity = {"evaluator": self.name, "model": state_digest(model)[:16],
-                    "data": "pydoc_data.topics/heldout:" + text_digest(held)}
+                    "data": "pydoc_data.topics/heldout:" + text_digest(held),
+                    "calib": "pydoc_data.topics/train:" + text_digest(train)}
         super().__init__(
-            model, tokens, window=window, budget_tokens=budget_tokens, proxy_tokens=proxy_tokens,
+            model, tokens, calib_tokens=encode(train, meta["vocab"]),
+            calib_batches=calib_batches, window=window, budget_tokens=budget_tokens,
+            proxy_tokens=proxy_tokens,
             batch_windows=batch_windows, identity=identity, cache_dir=cache_dir,
             fidelity=fidelity, gate_kl_nats=gate_kl_nats, num_threads=num_threads, seed=seed,
         )
@@ -208,7 +244,8 @@ class HFCausalLMEvaluator(LMEvaluator):
             once to fp32 under ``cache_root`` (default ``$DSE_CACHE_DIR`` or ``~/.cache/dse``).
         window: tokens per window (default 512); budget_tokens: tokens at the ``full`` level
             (default 2048); proxy_tokens: tokens at the ``proxy`` level (default 512, one
-            window).
+            window); calib_batches: calibration windows from the *training* topics
+            (default 2).
         Other arguments: see :class:`LMEvaluator`.
     """
 
@@ -217,7 +254,7 @@ class HFCausalLMEvaluator(LMEvaluator):
     def __init__(
         self, model_dir: str | os.PathLike[str] | None = None, *, window: int = 512,
         budget_tokens: int = 2048, proxy_tokens: int = 512, batch_windows: int = 1,
-        cache_root: str | os.PathLike[str] | None = None,
+        calib_batches: int = 2, cache_root: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None, fidelity: str = "full",
         gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
     ) -> None:
@@ -233,12 +270,20 @@ class HFCausalLMEvaluator(LMEvaluator):
         with torch_threads(num_threads):
             model, tok, digest = load_causal_lm(path)
         _, held = text_splits()
-        tokens = torch.tensor(tok(held, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        train = calibration_text()
+
+        def ids(text: str) -> torch.Tensor:
+            return torch.tensor(tok(text, add_special_tokens=False)["input_ids"],
+                                dtype=torch.int64)
+
+        tokens = ids(held)
         identity = {"evaluator": self.name, "model": f"{label}:{digest}",
-                    "data": "pydoc_data.topics/heldout:" + text_digest(held)}
+                    "data": "pydoc_data.topics/heldout:" + text_digest(held),
+                    "calib": "pydoc_data.topics/train:" + text_digest(train)}
         self.model_dir = path
         super().__init__(
-            model, tokens, window=window, budget_tokens=budget_tokens, proxy_tokens=proxy_tokens,
+            model, tokens, calib_tokens=ids(train), calib_batches=calib_batches, window=window,
+            budget_tokens=budget_tokens, proxy_tokens=proxy_tokens,
             batch_windows=batch_windows, logits_fn=_hf_logits, identity=identity,
             cache_dir=cache_dir, fidelity=fidelity, gate_kl_nats=gate_kl_nats,
             num_threads=num_threads, seed=seed,

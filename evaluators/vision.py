@@ -7,8 +7,9 @@ statistics on calibration images, see :mod:`evaluators.sparsity_stats`) for the
 dataflow simulator.
 
 Data: the committed glyph test set (fonts never seen in training) or the digits test
-split; calibration images come from the training distribution (``glyph_calib.npz`` /
-the digits training split).
+split. Calibration images (LQER scales, gradient saliences, ``layer_sparsity``) come only
+from a disjoint split of the training distribution: ``glyph_calib.npz`` (training fonts,
+a rendering seed unused in training) / the digits training split; never a test image.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ class VisionEvaluator(AccuracyEvaluator):
             is used, so any prefix covers every font and class); proxy_images: images at
             the ``proxy`` level (default 128).
         sparsity_images: calibration images for ``layer_sparsity`` and the transforms
-            (default 32); batch: images per forward pass.
+            (default 32); calib_batches: batches the calibration images are split into
+            (default 4; the gradient saliences average over them); batch: images per
+            forward pass.
         Other arguments: see :class:`evaluators.base.AccuracyEvaluator`.
     """
 
     def __init__(
         self, kind: str = "glyph_cnn", weights: str | os.PathLike[str] | None = None, *,
         budget_images: int | None = None, proxy_images: int = 128, sparsity_images: int = 32,
-        batch: int = 512, cache_dir: str | os.PathLike[str] | None = None,
+        calib_batches: int = 4, batch: int = 512, cache_dir: str | os.PathLike[str] | None = None,
         fidelity: str = "full", gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
     ) -> None:
         if kind not in VISION_KINDS:
@@ -91,18 +94,24 @@ class VisionEvaluator(AccuracyEvaluator):
         budget = budget_images
         for opt, v, hi in (("budget_images", budget, n_max), ("proxy_images", proxy_images, n_max),
                            ("sparsity_images", sparsity_images, len(cy)),
+                           ("calib_batches", calib_batches, sparsity_images),
                            ("batch", batch, 1 << 20)):
             if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi):
                 raise ValueError(f"{opt}: expected an integer in [1, {hi}], got {v!r}")
         proxy = min(proxy_images, budget)
         identity = {"evaluator": kind, "model": state_digest(model)[:16],
                     "data": f"{data}:{_digest(x, y)}", "budget_images": budget,
-                    "proxy_images": proxy, "sparsity_images": sparsity_images}
+                    "proxy_images": proxy, "sparsity_images": sparsity_images,
+                    "calib": f"{data}-calib:{_digest(cx, cy)}", "calib_batches": calib_batches}
         super().__init__(model, identity, cache_dir, fidelity, gate_kl_nats, num_threads, seed)
         self.images = torch.from_numpy(x[:budget])
         self.labels = torch.from_numpy(y[:budget])
         self.calib_images = torch.from_numpy(cx[:sparsity_images])
         self.calib_labels = torch.from_numpy(cy[:sparsity_images])
+        # contiguous, near-equal chunks; labels found by the batch object itself
+        self._calib = list(torch.tensor_split(self.calib_images, calib_batches))
+        labels = torch.tensor_split(self.calib_labels, calib_batches)
+        self._calib_labels = {id(b): y for b, y in zip(self._calib, labels, strict=True)}
         self.n_images = {"proxy": proxy, "full": budget}
         self.batch = batch
         self._act: tuple[float, dict[str, float]] = (0.0, {})
@@ -110,10 +119,13 @@ class VisionEvaluator(AccuracyEvaluator):
             self._ref_logp = self._logp(self.model, budget)
 
     def calibration_inputs(self) -> list[torch.Tensor]:
-        return [self.calib_images]
+        return self._calib
 
     def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(batch), self.calib_labels[: batch.shape[0]])
+        y = self._calib_labels.get(id(batch))
+        if y is None:
+            raise ValueError("calibration_loss: batch is not one of calibration_inputs()")
+        return F.cross_entropy(model(batch), y)
 
     def _logp(self, model: nn.Module, n: int) -> torch.Tensor:
         parts = [model(self.images[i : min(n, i + self.batch)]).float().log_softmax(-1)

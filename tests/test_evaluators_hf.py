@@ -135,3 +135,33 @@ def test_shared_input_quantized_once_and_exactly() -> None:
     xg = torch.randn(5, 32, requires_grad=True)
     a(xg).sum().backward()  # with gradients: no reuse, straight-through gradient
     assert xg.grad is not None and not hasattr(xg, "_dse_xq")
+
+
+def test_hf_calibration_windows_come_from_the_training_topics(tiny_llama_dir: Path) -> None:
+    """The HF evaluator calibrates on windows of the training topics: none of them occurs
+    in the scored stream, and LQER / saliences feed the model only those."""
+    from evaluators.lm import HFCausalLMEvaluator
+
+    ev = HFCausalLMEvaluator(tiny_llama_dir, window=32, budget_tokens=256, proxy_tokens=32,
+                             calib_batches=3)
+    assert ev.identity()["calib"].startswith("pydoc_data.topics/train:")
+    scored = ev.inputs.flatten().to(torch.uint8).numpy().tobytes()
+    calib = ev.calibration_inputs()
+    assert len(calib) == 3
+    assert all(c.flatten().to(torch.uint8).numpy().tobytes() not in scored for c in calib)
+    seen: list[torch.Tensor] = []
+
+    class Rec:
+        def __deepcopy__(self, memo: dict) -> Rec:
+            return self
+
+        def __call__(self, mod: torch.nn.Module, args: tuple) -> None:
+            seen.append(args[0].detach().clone())
+
+    h = ev.model.model.embed_tokens.register_forward_pre_hook(Rec())
+    try:
+        ev.transform({"quant.weights": "int4", "quant.lqer.rank": 2, "sparsity.density": 0.5,
+                      "sparsity.salience": "snip"})
+    finally:
+        h.remove()
+    assert {s.numpy().tobytes() for s in seen} == {c.numpy().tobytes() for c in calib}

@@ -25,6 +25,8 @@ def test_registered_names() -> None:
         ("hf_lm", {}, "model_dir"),
         ("glyph_cnn", {"gate_kl_nats": -1}, "gate_kl_nats"),
         ("digits", {"cache": "yes"}, "cache"),
+        ("smollm2", {"calib_batches": 0}, "calib_batches"),
+        ("glyph_vit", {"calib_batches": 1.5}, "calib_batches"),
     ],
 )
 def test_bad_options(name: str, options: dict, match: str) -> None:

@@ -13,6 +13,7 @@ Options (all optional except ``model_dir`` for ``hf_lm``):
 | ``fidelity`` | all | ``full`` / ``proxy`` / ``gated`` | ``full`` |
 | ``gate_kl_nats`` | all | ``gated``: full run only if the proxy KL <= this | 1.0 |
 | ``cache`` | all | cache results on disk under the study directory | true |
+| ``calib_batches`` | all | calibration windows (from the training topics, disjoint from the scored text) for LQER, saliences, statistics | char_lm 8, others 2 |
 | ``weights`` | char_lm | a ``.safetensors`` from ``evaluators.train.train_char_lm`` | shipped |
 | ``model_dir`` | hf_lm | local Hugging Face causal-LM directory | required |
 | ``window`` | smollm2, hf_lm | tokens per window | 512 |
@@ -63,6 +64,7 @@ COMMON: dict[str, Callable[[Any], None]] = {
     "fidelity": _str("fidelity", ("full", "proxy", "gated")),
     "gate_kl_nats": _gate,
     "cache": _bool("cache"),
+    "calib_batches": _int("calib_batches", 1),
 }
 OPTIONS: dict[str, dict[str, Callable[[Any], None]]] = {
     "char_lm": {**COMMON, "weights": _str("weights")},
@@ -94,7 +96,7 @@ def _common(options: Mapping[str, Any], ctx: EvalContext) -> dict[str, Any]:
         "fidelity": options.get("fidelity", "full"),
         "gate_kl_nats": float(options.get("gate_kl_nats", 1.0)),
     }
-    for k in ("budget_tokens", "proxy_tokens", "window"):
+    for k in ("budget_tokens", "proxy_tokens", "window", "calib_batches"):
         if k in options:
             kw[k] = options[k]
     return kw

@@ -8,7 +8,8 @@ consumes as ``upstream`` (docs/dataflow.md).
 
 Options (all optional): ``budget_images`` (test images at the ``full`` level; default
 576 glyph / all 540 digits test images), ``proxy_images`` (default 128), ``sparsity_images`` (calibration images for
-``layer_sparsity``, default 32), ``fidelity`` (``full``/``proxy``/``gated``),
+``layer_sparsity``, default 32; from the training distribution, never test images),
+``calib_batches`` (batches those images are split into, default 4), ``fidelity`` (``full``/``proxy``/``gated``),
 ``gate_kl_nats`` (1.0), ``cache`` (true), ``weights`` (a ``.safetensors`` written by
 ``evaluators.train.train_vision``).
 """
@@ -25,6 +26,7 @@ OPTIONS: dict[str, Callable[[Any], None]] = {
     "budget_images": _int("budget_images", 1),
     "proxy_images": _int("proxy_images", 1),
     "sparsity_images": _int("sparsity_images", 1),
+    "calib_batches": _int("calib_batches", 1),
     "fidelity": _str("fidelity", ("full", "proxy", "gated")),
     "gate_kl_nats": _gate,
     "cache": _bool("cache"),
@@ -45,7 +47,8 @@ def _make(kind: str, options: Mapping[str, Any], ctx: EvalContext) -> Any:
     from evaluators.vision import VisionEvaluator
 
     check_options(kind, options)
-    kw = {k: options[k] for k in ("budget_images", "proxy_images", "sparsity_images")
+    kw = {k: options[k]
+          for k in ("budget_images", "proxy_images", "sparsity_images", "calib_batches")
           if k in options}
     return VisionEvaluator(
         kind, options.get("weights"),
