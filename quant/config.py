@@ -170,8 +170,9 @@ class SparsityConfig:
 
     Attributes:
         density: share of weights kept in every prunable layer, in [0, 1].
-        salience: how weights are ranked: ``magnitude`` |w|, ``gradient`` |w * mean g|,
-            ``snip`` mean |w * g| over batches, ``fisher`` mean g**2, ``random`` (seeded).
+        salience: how weights are ranked (``quant.salience_scores``, g = gradient of the
+            mean calibration loss, g_b per batch): ``magnitude`` |w|, ``gradient`` |g|,
+            ``snip`` |w * g|, ``fisher`` mean_b 0.5 (w * g_b)^2, ``random`` (seeded).
         layer_density: ``(pattern, density)`` overrides (longest pattern wins).
         act_threshold: inputs with |a| < threshold are zeroed (HASS-style), >= 0.
         layer_act_threshold: ``(pattern, threshold)`` overrides.

@@ -89,13 +89,24 @@ def salience_scores(
 ) -> dict[str, torch.Tensor]:
     """Salience of every weight of the named modules (higher = keep).
 
-    * ``magnitude``: |w|;
-    * ``gradient``: |w * mean_b g_b| (first-order Taylor estimate of the loss change);
-    * ``snip``: mean_b |w * g_b| (SNIP connection sensitivity, averaged over batches);
-    * ``fisher``: mean_b g_b**2 (diagonal empirical Fisher);
+    With ``B`` calibration batches, ``g_b = dL_b/dw`` the gradient of batch ``b``'s loss
+    ``L_b = loss_fn(model, batch_b)`` and ``g = (1/B) sum_b g_b`` the gradient of the mean
+    calibration loss (the definitions of SPEFT, Liu et al., arXiv 2412.13488, sec. 3):
+
+    * ``magnitude``: ``S = |w|``;
+    * ``gradient``: ``S = |g|`` (gradient magnitude);
+    * ``snip``: ``S = |w * g|``, SNIP's connection sensitivity ``|dL/dc_j|`` at ``c = 1``
+      for ``w_j -> c_j w_j`` (Lee et al., ICLR 2019, eq. 6; the normalisation by
+      ``sum_k |.|`` does not change a per-layer ranking and is left out);
+    * ``fisher``: ``S = (1/B) sum_b 0.5 (w * g_b)^2``, the loss increase of removing
+      ``w_j`` under the diagonal empirical Fisher ``F_jj = (1/B) sum_b g_b,j^2``:
+      ``0.5 F_jj w_j^2`` (Theis et al., "Faster gaze prediction with dense networks and
+      Fisher pruning", 2018, eq. 3-5; per-batch gradients stand in for per-example ones);
     * ``random``: uniform scores from ``torch.Generator().manual_seed(seed + layer index)``.
 
-    Gradient-based saliences need ``calib`` batches and ``loss_fn(model, batch) -> loss``.
+    Gradient-based saliences need ``calib`` batches and ``loss_fn(model, batch) -> loss``;
+    every batch adds its gradient (``gradient``, ``snip``) or squared product (``fisher``),
+    so more batches give a better estimate at one forward and backward pass each.
     """
     mods = dict(model.named_modules())
     weights = [mods[n].weight for n in names]
@@ -107,14 +118,15 @@ def salience_scores(
             g = torch.Generator().manual_seed(seed + i)
             out[n] = torch.rand(w.shape, generator=g).to(w.device)  # same on every device
         return out
+    if salience not in ("gradient", "snip", "fisher"):
+        raise ValueError(f"sparsity.salience: expected one of magnitude, gradient, snip, "
+                         f"fisher, random, got {salience!r}")
     if calib is None or loss_fn is None:
         raise ValueError(f"sparsity.salience={salience}: needs calib batches and a loss_fn")
     req = [w.requires_grad for w in weights]
     for w in weights:
         w.requires_grad_(True)
-    g_sum = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    wg_abs = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    g_sq = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    acc = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     nb = 0
     try:
         for batch in calib:
@@ -124,9 +136,10 @@ def salience_scores(
                 if g is None:
                     continue
                 g = g.detach().float()
-                g_sum[i] += g
-                wg_abs[i] += (w.detach().float() * g).abs()
-                g_sq[i] += g * g
+                if salience == "fisher":
+                    acc[i] += (w.detach().float() * g).square_().mul_(0.5)
+                else:
+                    acc[i] += g
             nb += 1
     finally:
         for w, r in zip(weights, req, strict=True):
@@ -134,11 +147,11 @@ def salience_scores(
     if nb == 0:
         raise ValueError(f"sparsity.salience={salience}: calib yielded no batches")
     if salience == "gradient":
-        sc = [(w.detach().float() * gs / nb).abs() for w, gs in zip(weights, g_sum, strict=True)]
+        sc = [(a / nb).abs() for a in acc]
     elif salience == "snip":
-        sc = [s / nb for s in wg_abs]
+        sc = [(w.detach().float() * (a / nb)).abs() for w, a in zip(weights, acc, strict=True)]
     else:
-        sc = [s / nb for s in g_sq]
+        sc = [a / nb for a in acc]
     return dict(zip(names, sc, strict=True))
 
 

@@ -274,12 +274,13 @@ def test_masks_hit_density(gpt: TinyGPT, salience: str) -> None:
 def test_salience_choices_differ_and_random_is_seeded(gpt: TinyGPT) -> None:
     calib = [_tokens(i) for i in range(2)]
     masks = {}
-    for sal in ("magnitude", "gradient", "fisher", "random"):
+    for sal in ("magnitude", "gradient", "snip", "fisher", "random"):
         sm, _ = apply_sparsity(gpt, SparsityConfig(density=0.5, salience=sal, seed=0),
                                calib=calib, loss_fn=_lm_loss)
         masks[sal] = sm.blocks[0]["mlp"][0].weight_mask
     assert not torch.equal(masks["magnitude"], masks["gradient"])
     assert not torch.equal(masks["gradient"], masks["fisher"])
+    assert not torch.equal(masks["gradient"], masks["snip"])
     sm2, _ = apply_sparsity(gpt, SparsityConfig(density=0.5, salience="random", seed=0))
     assert torch.equal(sm2.blocks[0]["mlp"][0].weight_mask, masks["random"])
     with pytest.raises(ValueError, match="loss_fn"):
