@@ -261,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, for run-time failures
         from dse.driver import DriverError
+        from dse.storage import StorageError
 
-        if isinstance(e, DriverError):
+        if isinstance(e, DriverError | StorageError):
             print(f"dse {args.command}: {e}", file=sys.stderr)
             return 1
         raise

@@ -547,11 +547,13 @@ class Driver:
                 ray.shutdown()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            study._storage.set_study_system_attr(study._study_id, DRIVER_ATTR, {"pid": None, "time": 0.0})
-            flush_storage(study._storage)
-            all_trials = study.get_trials(deepcopy=False)
-            if tracker is not None:
-                tracker.finish(all_trials)
+            try:  # a full disk raises here again (StorageError): still stop the tracker
+                study._storage.set_study_system_attr(study._study_id, DRIVER_ATTR, {"pid": None, "time": 0.0})
+                flush_storage(study._storage)
+            finally:
+                all_trials = study.get_trials(deepcopy=False)
+                if tracker is not None:
+                    tracker.finish(all_trials)
         counts = {s: 0 for s in TrialState}
         for t in all_trials:
             counts[t.state] += 1

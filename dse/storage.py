@@ -11,11 +11,26 @@ Measured here: Optuna's stock backend fsyncs every record (about 7 per trial), w
 more than half of the driver's per-trial time (docs/benchmarks.md).
 
 Readers in other processes (``dse status``) see a consistent prefix of the journal.
+
+Faults (docs/driver.md, "What survives which fault"):
+
+* a torn last record (a kill or a full disk mid-write) is cut back to the last complete
+  record when a writer opens the journal, said so in one log line;
+* a complete line that is not a journal record (garbage) stops every reader and writer
+  with :class:`StorageError`: one line naming its byte offset and the way out (cut the
+  journal there; the records before it are intact);
+* a failed write (``ENOSPC``, ``EIO``, ...) is cut back to the journal's previous size and
+  raises :class:`StorageError`; the study is intact up to the last flush and ``dse resume``
+  continues it once the disk has room.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
+import json
+import logging
+import os
 from collections.abc import Container, Generator
 from pathlib import Path
 from typing import Any
@@ -23,7 +38,104 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger("dse")
+
+_CHUNK_BYTES = 1 << 16  # backwards reads of a journal's tail
+
+
+class StorageError(RuntimeError):
+    """The study's storage cannot be read or written; the message is one line with the way out."""
+
+
+def _is_record(line: bytes) -> bool:
+    """Whether ``line`` (without its newline) is one Optuna journal record."""
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSON and Unicode decoding errors
+        return False
+    return isinstance(rec, dict) and isinstance(rec.get("op_code"), int)
+
+
+def find_damage(path: str | Path) -> tuple[int, int, int] | None:
+    """The first complete line of journal ``path`` that is not a record, if any.
+
+    Returns ``(byte_offset, records_before, records_after)``, or ``None`` when every
+    complete line is a record (a torn last line without its newline is not damage).
+    """
+    offset = n_good = 0
+    bad: int | None = None
+    n_after = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # a torn tail
+            if bad is None:
+                if _is_record(line[:-1]):
+                    n_good += 1
+                else:
+                    bad = offset
+            else:
+                n_after += 1
+            offset += len(line)
+    return None if bad is None else (bad, n_good, n_after)
+
+
+def damage_message(path: str | Path, resume_hint: str = "") -> str | None:
+    """One line naming the first damaged byte of journal ``path`` and the way out, or None."""
+    found = find_damage(path)
+    if found is None:
+        return None
+    off, before, after = found
+    return (
+        f"{path}: byte {off} (line {before + 1}) is not an Optuna journal record; the {before} "
+        f"records before it are intact, {after} line(s) after it would be dropped: keep the "
+        f"intact part with `truncate -s {off} {path}` (copy the file first){resume_hint}"
+    )
+
+
+def _tail(path: str | Path) -> tuple[int, int, bytes]:
+    """``(size, end of the last complete line, that line)`` of journal ``path``."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        found: list[int] = []  # offsets of the last two newlines
+        end = size
+        while end > 0 and len(found) < 2:  # read backwards
+            start = max(0, end - _CHUNK_BYTES)
+            f.seek(start)
+            chunk = f.read(end - start)
+            i = len(chunk)
+            while len(found) < 2 and (i := chunk.rfind(b"\n", 0, i)) >= 0:
+                found.append(start + i)
+            end = start
+        if not found:
+            return size, 0, b""
+        first = found[1] + 1 if len(found) == 2 else 0
+        f.seek(first)
+        return size, found[0] + 1, f.read(found[0] - first)
+
+
+def check_journal(path: str | Path, *, heal: bool, resume_hint: str = "") -> None:
+    """Check the end of journal ``path``; with ``heal``, cut a torn last record.
+
+    A torn last record (bytes after the last newline) is what a kill or a full disk
+    mid-write leaves; readers skip it, a writer (``heal``, holding the journal's lock)
+    cuts it and says so in one log line. A last complete line that is not a record is
+    damage: :class:`StorageError` with the first damaged offset and the way out.
+    """
+    if not os.path.exists(path):
+        return
+    size, keep, last = _tail(path)
+    if keep and not _is_record(last):
+        raise StorageError(damage_message(path, resume_hint) or f"{path}: damaged")
+    if heal and keep < size:
+        os.truncate(path, keep)
+        log.warning(
+            "%s: cut a torn last record (%d bytes at byte %d, an interrupted write); "
+            "the journal ends with its last complete record", path, size - keep, keep,
+        )
 
 
 class BufferedJournalFileBackend(JournalFileBackend):
@@ -32,8 +144,11 @@ class BufferedJournalFileBackend(JournalFileBackend):
     Only for a single writing process; other processes may read the file at any time.
     """
 
-    def __init__(self, file_path: str) -> None:
+    def __init__(self, file_path: str, resume_hint: str = "") -> None:
         super().__init__(file_path)
+        self._resume_hint = resume_hint
+        with get_lock_file(self._lock):
+            check_journal(file_path, heal=True, resume_hint=f", then{resume_hint}")
         self._buffer: list[dict[str, Any]] = []
         self._n_file = 0  # records known to be in the file
         self._synced = False  # read the whole file once
@@ -55,13 +170,47 @@ class BufferedJournalFileBackend(JournalFileBackend):
         yield from self._buffer[start:]
 
     def flush(self) -> int:
-        """Write the buffered records (one lock, one fsync); returns how many."""
+        """Write the buffered records (one lock, one fsync); returns how many.
+
+        Raises:
+            StorageError: the write failed (e.g. the disk is full). The file is cut back to
+                its size before the write and the records stay buffered.
+        """
         if not self._buffer:
             return 0
-        logs, self._buffer = self._buffer, []
-        super().append_logs(logs)
-        self._n_file += len(logs)
-        return len(logs)
+        data = ("\n".join(json.dumps(r, separators=(",", ":")) for r in self._buffer) + "\n").encode()
+        try:
+            with get_lock_file(self._lock):
+                size = os.path.getsize(self._file_path)
+                try:
+                    _append(self._file_path, data)
+                except OSError:
+                    os.truncate(self._file_path, size)  # shrinking needs no space
+                    raise
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            free = " free space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise StorageError(
+                f"cannot write {self._file_path}: {why}; the study is intact up to its last "
+                f"flush ({len(self._buffer)} records not written, their trials run again);"
+                f"{free} continue with{self._resume_hint or ' `dse resume`'}"
+            ) from None
+        n = len(self._buffer)
+        self._buffer = []
+        self._n_file += n
+        return n
+
+
+def _append(path: str, data: bytes) -> None:
+    """Append ``data`` to ``path`` and fsync (every byte, or OSError)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DriverJournalStorage(JournalStorage):
@@ -116,9 +265,17 @@ def open_storage(url: str | None, sdir: Path, *, buffered: bool = False) -> Base
     sdir.mkdir(parents=True, exist_ok=True)
     if url is None or (url.endswith((".journal", ".log")) and "://" not in url):
         path = str(sdir / "optuna.journal") if url is None else url
-        if buffered:
-            return DriverJournalStorage(BufferedJournalFileBackend(path))
-        return JournalStorage(JournalFileBackend(path))
+        hint = f" `dse resume {sdir.name} --dir {sdir.parent}`"
+        try:
+            if buffered:
+                return DriverJournalStorage(BufferedJournalFileBackend(path, resume_hint=hint))
+            check_journal(path, heal=False, resume_hint=f", then{hint}")
+            return JournalStorage(JournalFileBackend(path))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            msg = damage_message(path, f", then{hint}")
+            if msg is None:
+                raise
+            raise StorageError(msg) from e
     return optuna.storages.RDBStorage(url)
 
 

@@ -1,0 +1,191 @@
+"""The journal under faults: torn last records, garbage, a failed write, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dse import storage as dse_storage
+from dse.cli import main
+from dse.driver import open_study
+from dse.plugins.benchmarks import study_spec
+from dse.spec import parse_spec
+from dse.storage import BufferedJournalFileBackend, StorageError, flush_storage, open_storage
+
+
+def _make_study(root: Path, name: str, n: int) -> Path:
+    """A study of ``n`` COMPLETE trials written through the driver's buffered storage."""
+    spec = parse_spec(study_spec(name, n_trials=50, sampler="random", tracking={"enabled": False}))
+    sdir = root / name
+    study = open_study(spec, sdir, buffered=True)
+    for _ in range(n):
+        t = study.ask()
+        x = [t.suggest_float(f"x.{i}", 0.0, 1.0) for i in range(2)]
+        study.tell(t, x)
+        flush_storage(study._storage)  # one write per trial, as the driver's 0.2 s batches
+    return sdir / "optuna.journal"
+
+
+def _reader(path: Path, name: str = "s") -> list[Any]:
+    return optuna.load_study(study_name=name, storage=open_storage(None, path.parent)).trials
+
+
+def _record_ends(data: bytes) -> list[int]:
+    return [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+
+
+@pytest.mark.parametrize("cut", [1, 7, 40, -2, "batch"])
+def test_torn_last_record_is_cut_and_the_study_continues(
+    tmp_path: Path, cut: int | str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _make_study(tmp_path, "s", 6)
+    data = path.read_bytes()
+    ends = _record_ends(data)
+    # a torn write: the file ends inside a record (inside the last one, or inside the
+    # second-to-last of the last batch: a write of several records cut short)
+    last_start = ends[-2]
+    at = ends[-3] + 5 if cut == "batch" else (last_start + cut if cut > 0 else len(data) + cut)  # type: ignore[operator]
+    path.write_bytes(data[:at])
+    keep = max(e for e in ends if e <= at)
+    want = [(t.number, t.state, t.params, t.values) for t in _reader(path)]  # readers skip the tail
+    caplog.set_level(logging.WARNING, logger="dse")
+    storage = open_storage(None, path.parent, buffered=True)
+    lines = [r.getMessage() for r in caplog.records if "torn" in r.getMessage()]
+    assert lines == [f"{path}: cut a torn last record ({at - keep} bytes at byte {keep}, an "
+                     "interrupted write); the journal ends with its last complete record"]
+    assert path.read_bytes() == data[:keep]
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [(t.number, t.state, t.params, t.values) for t in study.trials] == want
+    for _ in range(3):  # appending after the cut gives a journal every reader can read
+        t = study.ask()
+        study.tell(t, [t.suggest_float("x.0", 0, 1), t.suggest_float("x.1", 0, 1)])
+    flush_storage(storage)
+    got = _reader(path)
+    assert [(t.number, t.state, t.params, t.values) for t in got[: len(want)]] == want
+    assert len(got) == len(want) + 3 and all(t.state == TrialState.COMPLETE for t in got[len(want):])
+    assert main(["status", "s", "--dir", str(tmp_path)]) == 0
+
+
+def _garbage_cases(data: bytes) -> dict[str, tuple[bytes, int]]:
+    """name -> (damaged journal, offset of the first damaged byte)."""
+    ends = _record_ends(data)
+    mid = ends[len(ends) // 2]
+    fused = ends[-4]  # what stock Optuna leaves: a torn record with the next batch appended
+    return {
+        "text_appended": (data + b"garbage\n", len(data)),
+        "json_appended": (data + b'{"a": 1}\n', len(data)),
+        "bytes_appended": (data + bytes(range(256)) * 4, len(data)),
+        "line_in_middle": (data[:mid] + b"xx\n" + data[mid:], mid),
+        "torn_then_appended": (data[: fused - 9] + data[fused:], ends[-5]),
+    }
+
+
+@pytest.mark.parametrize("case", ["text_appended", "json_appended", "bytes_appended",
+                                  "line_in_middle", "torn_then_appended"])
+def test_garbage_is_one_line_with_its_offset(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _make_study(tmp_path, "s", 6)
+    good = path.read_bytes()
+    bad, off = _garbage_cases(good)[case]
+    path.write_bytes(bad)
+    n_before = good[:off].count(b"\n")
+    for argv in (["status", "s"], ["export", "s", "--out", str(tmp_path / "t.csv")],
+                 ["resume", "s", "--no-tracking"], ["run", str(path.parent / "spec.toml")]):
+        assert main([*argv, "--dir", str(tmp_path)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert f"byte {off} (line {n_before + 1}) is not an Optuna journal record" in err[0]
+        assert f"the {n_before} records before it are intact" in err[0]
+        assert f"truncate -s {off} {path}" in err[0] and "dse resume s" in err[0]
+    assert path.read_bytes() == bad  # nothing written to a damaged journal
+    # the way out works: cut at the offset, every reader and writer opens it again
+    os.truncate(path, off)
+    assert main(["status", "s", "--dir", str(tmp_path)]) == 0
+    assert path.read_bytes() == good[:off] and len(_reader(path)) >= 3
+    open_storage(None, path.parent, buffered=True)
+
+
+def test_failed_write_cuts_back_and_keeps_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC after half a batch was written (simulated at the file-write layer)."""
+    path = _make_study(tmp_path, "s", 3)
+    size = path.stat().st_size
+    storage = open_storage(None, path.parent, buffered=True)
+    study = optuna.load_study(study_name="s", storage=storage)
+    for _ in range(2):
+        t = study.ask()
+        study.tell(t, [t.suggest_float("x.0", 0, 1), t.suggest_float("x.1", 0, 1)])
+    real_write = os.write
+
+    def half_then_full(fd: int, data: Any) -> int:
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dse_storage.os, "write", half_then_full)
+    with pytest.raises(StorageError) as exc:
+        flush_storage(storage)
+    msg = str(exc.value)
+    assert "\n" not in msg and "No space left on device" in msg and "free space, then" in msg
+    assert f"dse resume s --dir {tmp_path}" in msg
+    assert path.stat().st_size == size  # cut back: the journal holds whole records only
+    assert len(_reader(path)) == 3
+    monkeypatch.setattr(dse_storage.os, "write", real_write)
+    flush_storage(storage)  # space is back: the kept records are written
+    got = _reader(path)
+    assert len(got) == 5 and all(t.state == TrialState.COMPLETE for t in got)
+    assert isinstance(storage._backend, BufferedJournalFileBackend)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 2 MB tmpfs (needs root and mount rights; skipped with the reason otherwise)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_stops_the_run_then_resume_completes(
+    ray_session: Any, small_tmpfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    n = 120  # about 1.3 KB of journal each: 64 KB hold some 45, in batches of a few
+    spec = tmp_path / "full.toml"
+    spec.write_text(study_spec("full", n_trials=n, sampler="random", options={"delay_s": 0.05},
+                               tracking={"enabled": False}))
+    root = small_tmpfs / "studies"
+    filler = small_tmpfs / "filler"
+    st = os.statvfs(small_tmpfs)
+    filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 64 * 1024))  # 64 KB left
+    assert main(["run", str(spec), "--dir", str(root), "--progress", "log"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"dse run: cannot write {root / 'full' / 'optuna.journal'}: "
+                             "No space left on device; the study is intact up to its last flush")
+    assert err[0].endswith(f"free space, then continue with `dse resume full --dir {root}`")
+    journal = root / "full" / "optuna.journal"
+    assert journal.read_bytes().endswith(b"\n") and dse_storage.find_damage(journal) is None
+    before = Counter(t.state for t in _reader(journal, "full"))
+    assert 0 < before[TrialState.COMPLETE] < n
+    filler.unlink()  # space is back
+    assert main(["resume", "full", "--dir", str(root), "--progress", "log"]) == 0
+    after = Counter(t.state for t in _reader(journal, "full"))
+    assert after[TrialState.COMPLETE] == n and after[TrialState.RUNNING] == 0
+    assert after[TrialState.FAIL] == before[TrialState.RUNNING]
