@@ -184,13 +184,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_sync(args: argparse.Namespace) -> int:
     from dse.driver import study_dir
     from dse.spec import study_info
-    from tracking.mlflow_tracker import sync
+    from tracking.mlflow_tracker import TrackingError, sync
 
     spec, study = _load_study(args.study, args.dir)
     sdir = study_dir(args.study, args.dir)
-    res = sync(study_info(spec, sdir, uri=args.uri), sdir, study.get_trials(deepcopy=False))
+    try:
+        res = sync(study_info(spec, sdir, uri=args.uri), sdir, study.get_trials(deepcopy=False))
+    except TrackingError as e:
+        print(f"dse sync: {e}", file=sys.stderr)
+        return 1
     print(f"synced {args.study} to {res.uri}: {res.created} child runs created, {res.present} already there")
-    return 0
+    for line in res.rejected:
+        print(f"dse sync: MLflow rejected {line}", file=sys.stderr)
+    return 1 if res.rejected else 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:

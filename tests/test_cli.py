@@ -177,6 +177,10 @@ def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.
     assert main(["run", str(spec), "--dir", str(root), "--progress", "log"]) == 0
     assert states(root, "deadml")[TrialState.COMPLETE] == 8
     assert not (root / "deadml" / "mlflow.db").exists()
+    capsys.readouterr()
+    assert main(["sync", "deadml", "--dir", str(root)]) == 1  # still down: one line, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dse sync: MLflow at http://127.0.0.1:9: connecting failed ("), err
     uri = f"sqlite:///{root / 'deadml' / 'mlflow.db'}"  # the store is reachable again
     assert main(["sync", "deadml", "--dir", str(root), "--uri", uri]) == 0
     assert "8 child runs created, 0 already there" in capsys.readouterr().out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -18,10 +21,12 @@ from dse.pareto import (
     pareto_trials,
     study_hypervolume,
 )
-from dse.spec import parse_spec, sample_params, study_info
+from dse.spec import load_spec, parse_spec, sample_params, study_info
 from tracking import default_uri
 from tracking.artifacts import trials_table, write_artifacts
-from tracking.mlflow_tracker import Tracker
+from tracking.mlflow_tracker import NAMES_TAG, TRIAL_TAG, MlflowLink, Tracker, mlflow_key
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = """
 [study]
@@ -190,3 +195,47 @@ def test_tracker_pareto_only_child_runs(tmp_path: Path) -> None:
     runs = c.search_runs([c.get_experiment_by_name("t").experiment_id])
     logged = sorted(int(r.data.tags["dse.trial_number"]) for r in runs if "dse.trial_number" in r.data.tags)
     assert logged == [t.number for t in pareto_trials(study.trials, spec)]
+
+
+def _domain_value(p: Any) -> Any:
+    return {"categorical": lambda: p.choices[-1], "fixed": lambda: p.value}.get(p.kind, lambda: p.high)()
+
+
+@pytest.mark.slow
+def test_every_example_parameter_round_trips(tmp_path: Path) -> None:
+    """Every parameter of every shipped spec (glob names such as ``layer1*`` included) and
+    a metric MLflow would reject are logged on a child run and read back under their names."""
+    from mlflow.tracking import MlflowClient
+
+    examples = sorted((ROOT / "examples").glob("*.toml"))
+    assert len(examples) >= 5
+    for path in examples:
+        spec = load_spec(path, check_options=False)
+        values = {p.name: _domain_value(p) for p in spec.params}
+        info = replace(study_info(spec, tmp_path), complete_params=lambda _p, v=values: dict(v))
+        link = MlflowLink(info, tmp_path)
+        link.connect()
+        metrics = {o.metric: 1.0 for o in spec.objectives} | {"acc[top1]*": 0.5}
+        t = optuna.trial.create_trial(values=[1.0] * len(spec.objectives), user_attrs={"metrics": metrics})
+        assert link.log_trial(t), path.name
+        (run,) = MlflowClient(tracking_uri=info.uri).search_runs(
+            [link.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{t.number}'"
+        )
+        names = json.loads(run.data.tags.get(NAMES_TAG, "{}"))
+        params = {names.get(k, k): v for k, v in run.data.params.items()}
+        assert params == {k: str(v) for k, v in values.items()}, path.name
+        assert {names.get(k, k): v for k, v in run.data.metrics.items()} == metrics, path.name
+        assert run.info.status == "FINISHED"
+
+
+def test_mlflow_key_is_legal_and_distinct() -> None:
+    from mlflow.utils.validation import _validate_param_name
+
+    names = ["a.b", "layer1*.density", "layer1?.density", "layer1[0].density", "x" * 300, "a b/c"]
+    keys = [mlflow_key(n) for n in names]
+    for k in keys:
+        _validate_param_name(k)
+        assert len(k) <= 250
+    assert len(set(keys)) == len(names)
+    assert keys[0] == "a.b" and keys[-1] == "a b/c"  # legal names are kept as they are
+    assert keys == [mlflow_key(n) for n in names]  # deterministic

@@ -143,7 +143,8 @@ def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     if len(names) == 3:
         ax.set_zlabel(names[2])
     ax.set_title(f"{info.name}: Pareto front")
-    ax.legend(loc="best", fontsize=8)
+    if any(groups.values()):
+        ax.legend(loc="best", fontsize=8)
     out = Path(out)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)

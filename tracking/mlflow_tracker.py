@@ -3,8 +3,15 @@
 The Optuna storage is the source of truth; MLflow is a view of it. The driver hands each
 finished trial to :class:`Tracker`, which logs it from a background process with
 ``MlflowClient`` (``create_run`` + one ``log_batch`` + ``set_terminated``), so MLflow never
-blocks the search. If MLflow is unreachable the tracker logs one warning and stops
-trying; ``dse sync <study>`` (:func:`sync`) backfills later.
+blocks the search. If MLflow fails (unreachable, or an error it answers with) the tracker
+logs one warning naming what failed; a server that is gone stops the logging for the run,
+and ``dse sync <study>`` (:func:`sync`) backfills later.
+
+Any parameter or metric name a spec accepts is tracked: a name MLflow rejects (MLflow
+allows letters, digits, ``_ - . / :`` and spaces, 250 characters at most; a spec also
+accepts glob patterns such as ``sparsity.layer.layer1*.density``) is logged under
+:func:`mlflow_key` (a deterministic legal key); the run's tag ``dse.names`` maps the keys
+back to the original names (JSON), and the parent run's ``search_space`` table lists both.
 
 No trial is logged twice: a child run carries the tag ``dse.trial_number``; before logging,
 the tracker lists the child runs already under the parent, and deletes any left
@@ -17,9 +24,12 @@ trials.parquet, pareto.parquet, pareto.png, pareto.html).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +46,55 @@ log = logging.getLogger("dse.tracking")
 TRIAL_TAG = "dse.trial_number"
 ROLE_TAG = "dse.role"
 PARENT_TAG = "mlflow.parentRunId"
+NAMES_TAG = "dse.names"
+MAX_KEY_CHARS = 250  # MLflow's limit on param/metric/tag keys
+_LEGAL_KEY = re.compile(r"^[A-Za-z0-9_./ -]*$")  # MLflow's rule, minus ':' (not legal on Windows)
+
+
+class TrackingError(RuntimeError):
+    """MLflow failed; the message names the step and the cause in one line."""
+
+
+def mlflow_key(name: str) -> str:
+    """The MLflow key of a parameter or metric ``name``: the name itself when MLflow
+    accepts it; otherwise each illegal character becomes ``_`` and 8 hex digits of the
+    name's SHA-1 are appended (``sparsity.layer.layer1*.density`` ->
+    ``sparsity.layer.layer1_.density_<hash>``), so distinct names never share a key."""
+    if _LEGAL_KEY.match(name) and len(name) <= MAX_KEY_CHARS and not _path_like(name):
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[: MAX_KEY_CHARS - 9]
+    return f"{base}_{digest}"
+
+
+def _path_like(name: str) -> bool:
+    """MLflow rejects keys that change under path normalisation (``a//b``, ``./a``, ``..``)."""
+    import posixpath
+
+    norm = posixpath.normpath(name)
+    return norm != name or norm == "." or norm.startswith(("..", "/"))
+
+
+def _legal(items: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``items`` under their MLflow keys; renamed keys are recorded in ``names`` (key -> name)."""
+    out: dict[str, Any] = {}
+    for k, v in items.items():
+        key = mlflow_key(k)
+        if key != k:
+            names[key] = k
+        out[key] = v
+    return out
+
+
+def _why(e: BaseException) -> str:
+    """``Type: first line`` of an exception (MLflow's messages run to many lines)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+def _rejected(e: BaseException) -> bool:
+    """Whether MLflow answered and rejected the input (the server is fine; go on)."""
+    return getattr(e, "error_code", "") in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS")
 
 
 def _ms(dt: Any) -> int:
@@ -160,12 +219,22 @@ class MlflowLink:
             metrics.setdefault(o.metric, v)
         for k, v in t.constraints.items():
             metrics[f"constraint.{k}"] = v
-        c.log_batch(
-            run.info.run_id,
-            metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
-            params=[Param(k, str(v)[:6000]) for k, v in self.info.complete_params(t.params).items()],
-            tags=[RunTag("dse.feasible", str(all(v <= 0 for v in t.constraints.values())))],
-        )
+        names: dict[str, str] = {}
+        metrics = _legal(metrics, names)
+        params = _legal(self.info.complete_params(t.params), names)
+        tags = [RunTag("dse.feasible", str(self.info.is_feasible(t)))]
+        if names:
+            tags.append(RunTag(NAMES_TAG, json.dumps(names, sort_keys=True)[:8000]))
+        try:
+            c.log_batch(
+                run.info.run_id,
+                metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                tags=tags,
+            )
+        except Exception:
+            c.delete_run(run.info.run_id)  # nothing half-logged stays behind
+            raise
         c.set_terminated(run.info.run_id, "FINISHED", end_time=ts)
         self.logged.add(t.number)
         return True
@@ -273,12 +342,17 @@ class _TrackerWorker:
         self._since_artifacts = 0
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
+        """Run one MLflow step; a failure is logged naming the step. A rejected input
+        (MLflow answered) skips that step only; anything else stops the logging."""
         if self.error is not None:
             return
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - MLflow must never stop the search
-            self.error = f"unreachable while {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            if _rejected(e):
+                log.warning("MLflow rejected %s (%s); the rest is logged", what, _why(e))
+                return
+            self.error = f"failed while {what} at {self.info.uri} ({_why(e)})"
             log.warning("MLflow %s; the search goes on; backfill later with `dse sync %s`", self.error, self.info.name)
 
     def loop(self, q: Any, parent_pid: int | None = None) -> None:
@@ -337,7 +411,7 @@ class _TrackerWorker:
         if self.info.child_runs != "all" or self._link is None:
             return
         for t in trials:
-            self._guard("logging a trial", self._link.log_trial, t)
+            self._guard(f"logging trial {t.number}", self._link.log_trial, t)
 
     def _flush_hv(self, hv: list[tuple[int, float, int]]) -> None:
         if hv and self._link is not None:
@@ -355,10 +429,10 @@ class _TrackerWorker:
         link = self._link
         if link is not None and self.info.child_runs == "pareto":
             for t in self.info.front(trials):
-                self._guard("logging a Pareto trial", link.log_trial, t)
+                self._guard(f"logging Pareto trial {t.number}", link.log_trial, t)
         elif link is not None:
             for t in trials:  # anything missed
-                self._guard("logging a trial", link.log_trial, t)
+                self._guard(f"logging trial {t.number}", link.log_trial, t)
         self._artifacts()
         if link is not None:
             self._guard("closing the parent run", link.close)
@@ -366,34 +440,53 @@ class _TrackerWorker:
 
 @dataclass
 class SyncResult:
-    """What :func:`sync` did: child runs created and already present, the tracking URI."""
+    """What :func:`sync` did: child runs created and already present, the tracking URI,
+    and one line per trial MLflow rejected (the rest was still logged)."""
 
     created: int
     present: int
     uri: str
+    rejected: list[str]
 
 
 def sync(info: StudyInfo, sdir: Path, trials: Sequence[FrozenTrial]) -> SyncResult:
     """Backfill MLflow from the Optuna trials: missing child runs, hypervolume, artifacts.
 
-    Safe to run repeatedly: trials already logged are skipped. Raises whatever MLflow
-    raises when it is still unreachable.
+    Safe to run repeatedly: trials already logged are skipped. Raises
+    :class:`TrackingError` (one line: the step, the URI, the cause) when MLflow fails
+    other than by rejecting one trial's input.
     """
-    link = MlflowLink(info, sdir)
-    link.connect()
-    present = len(link.logged)
-    trials = sorted(trials, key=lambda t: t.number)
-    to_log = info.front(trials) if info.child_runs == "pareto" else trials
-    created = sum(link.log_trial(t) for t in to_log)
-    if len(info.objectives) > 1 and not link.client.get_metric_history(link.parent_id, "hypervolume"):
-        done = sorted(
-            (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number)
-        )
-        stride = max(1, len(done) // 200)
-        pts = []
-        for i in range(stride, len(done) + 1, stride):
-            pts.append((i, info.hypervolume(done[:i]), _ms(done[i - 1].datetime_complete)))
-        link.log_hypervolume(pts)
-    link.log_artifacts(trials)
-    link.close()
-    return SyncResult(created, present, link.uri)
+    step = "connecting"
+    try:
+        link = MlflowLink(info, sdir)
+        link.connect()
+        present = len(link.logged)
+        trials = sorted(trials, key=lambda t: t.number)
+        to_log = info.front(trials) if info.child_runs == "pareto" else trials
+        created = 0
+        rejected: list[str] = []
+        for t in to_log:
+            step = f"logging trial {t.number}"
+            try:
+                created += link.log_trial(t)
+            except Exception as e:
+                if not _rejected(e):
+                    raise
+                rejected.append(f"trial {t.number}: {_why(e)}")
+        step = "logging the hypervolume history"
+        if len(info.objectives) > 1 and not link.client.get_metric_history(link.parent_id, "hypervolume"):
+            done = sorted(
+                (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number)
+            )
+            stride = max(1, len(done) // 200)
+            pts = []
+            for i in range(stride, len(done) + 1, stride):
+                pts.append((i, info.hypervolume(done[:i]), _ms(done[i - 1].datetime_complete)))
+            link.log_hypervolume(pts)
+        step = "logging the artifacts"
+        link.log_artifacts(trials)
+        step = "closing the parent run"
+        link.close()
+    except Exception as e:  # noqa: BLE001 - one line for the user, not a traceback
+        raise TrackingError(f"MLflow at {info.uri}: {step} failed ({_why(e)})") from e
+    return SyncResult(created, present, link.uri, rejected)
