@@ -94,7 +94,9 @@ def open_study(spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = 
     """
     storage = open_storage(spec.storage, sdir, buffered=buffered)
     if not create:
-        return optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler())
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler())
+        _reseed(study, spec)
+        return study
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
@@ -112,7 +114,15 @@ def open_study(spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = 
         spec_path.write_text(spec.text, encoding="utf-8")
     if SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, spec.text)
+    _reseed(study, spec)
     return study
+
+
+def _reseed(study: optuna.Study, spec: Spec) -> None:
+    """A resumed study's sampler continues the search: seeded from (seed, trials so far)."""
+    n = len(study._storage.get_all_trials(study._study_id, deepcopy=False))
+    if n:
+        study.sampler = spec.make_sampler(n)
 
 
 # ----------------------------------------------------------------------------- actors

@@ -226,13 +226,27 @@ class Spec:
             out["memory"] = float(mem)
         return out
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
-        """The seeded Optuna sampler named by ``study.sampler``."""
+    def make_sampler(self, n_trials_in_study: int = 0) -> optuna.samplers.BaseSampler:
+        """The seeded Optuna sampler named by ``study.sampler``.
+
+        ``n_trials_in_study``: trials the study already holds (a resume). With 0 the
+        sampler is seeded with ``seed`` (the same seed reproduces a run); otherwise with a
+        seed derived from ``(seed, n_trials_in_study)``, so a resumed run continues the
+        search instead of replaying its first draws. QMC keeps ``seed`` (its sequence
+        continues from the study's sample count) and derives its fallback sampler's.
+        """
         cls = _sampler_class(self.sampler)
         kwargs = dict(self.sampler_options)
+        seed = self.seed
+        if n_trials_in_study:
+            import numpy as np
+
+            seed = int(np.random.SeedSequence([self.seed, n_trials_in_study]).generate_state(1)[0])
         if self.sampler == "qmc":
             kwargs.setdefault("scramble", True)
-        return cls(seed=self.seed, **kwargs)
+            kwargs.setdefault("independent_sampler", optuna.samplers.RandomSampler(seed=seed))
+            return cls(seed=self.seed, **kwargs)
+        return cls(seed=seed, **kwargs)
 
 
 def _sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:

@@ -1,0 +1,111 @@
+"""A resumed study continues its search: the sampler never replays its first draws."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dse.cli import main
+from dse.driver import open_study
+from dse.plugins.benchmarks import study_spec
+from dse.spec import parse_spec
+from dse.storage import flush_storage, open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ask_tell(study: optuna.Study, n: int) -> list[tuple[float, float]]:
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        x = (t.suggest_float("x.0", 0.0, 1.0), t.suggest_float("x.1", 0.0, 1.0))
+        study.tell(t, list(x))
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", pytest.param("qmc", marks=pytest.mark.slow)])
+def test_reopened_study_does_not_replay_its_draws(tmp_path: Path, sampler: str) -> None:
+    """(NSGA-II children may copy a parent by design, so it is left out of this check.)"""
+    spec = parse_spec(study_spec("s", n_trials=20, sampler=sampler, seed=5))
+    first = _ask_tell(open_study(spec, tmp_path / "a"), 4)
+    again = _ask_tell(open_study(spec, tmp_path / "b"), 4)
+    assert first == again  # a fresh study: the seed reproduces the run
+    resumed = _ask_tell(open_study(spec, tmp_path / "a", buffered=True), 4)  # a resume
+    assert not set(resumed) & set(first), (first, resumed)
+    # the resumed state is a function of (seed, trials so far): reproducible too
+    study_b = open_study(spec, tmp_path / "b", buffered=True)
+    assert _ask_tell(study_b, 4) == resumed
+    flush_storage(study_b._storage)
+
+
+def _states(root: Path, name: str) -> Counter[TrialState]:
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(None, root / name))
+    except KeyError:  # the study is being created
+        return Counter()
+    return Counter(t.state for t in study.trials)
+
+
+def _start_then_kill(argv: list[str], root: Path, name: str, at_complete: int) -> None:
+    """Run ``dse argv`` in its own process group and SIGKILL it once the study has
+    ``at_complete`` COMPLETE trials and one RUNNING."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv, "--dir", str(root),
+                             "--progress", "log"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            c = _states(root, name) if (root / name / "optuna.journal").exists() else Counter()
+            if c[TrialState.COMPLETE] >= at_complete and c[TrialState.RUNNING] >= 1:
+                return
+            time.sleep(0.1)
+        pytest.fail("driver made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_three_sigkills_then_resume_repeat_no_parameters(ray_session: Any, tmp_path: Path) -> None:
+    n = 40
+    spec = tmp_path / "r.toml"
+    spec.write_text(study_spec("rk", n_trials=n, sampler="random", seed=3,
+                               options={"delay_s": 0.1}, tracking={"enabled": False}))
+    root = tmp_path / "studies"
+    _start_then_kill(["run", str(spec)], root, "rk", 5)
+    _start_then_kill(["resume", "rk"], root, "rk", 14)
+    _start_then_kill(["resume", "rk"], root, "rk", 24)
+    assert main(["resume", "rk", "--dir", str(root), "--progress", "log"]) == 0
+    study = optuna.load_study(study_name="rk", storage=open_storage(None, root / "rk"))
+    states = Counter(t.state for t in study.trials)
+    assert states[TrialState.COMPLETE] == n and states[TrialState.RUNNING] == 0
+    assert states[TrialState.FAIL] >= 3  # each kill left at least one trial RUNNING
+    complete = [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(set(complete)) == n  # a continuous space: not one parameter set twice
+    # the only repeated parameter sets in the whole study are the re-enqueued retries
+    retries = {t.number: t.user_attrs.get("dse:retry_of") for t in study.trials}
+    by_params: dict[tuple[Any, ...], list[int]] = {}
+    for t in study.trials:
+        by_params.setdefault(tuple(sorted(t.params.items())), []).append(t.number)
+
+    def first(k: int) -> int:  # a retry of a retry leads back to the first trial
+        while retries[k] is not None:
+            k = retries[k]
+        return k
+
+    for numbers in by_params.values():
+        assert len({first(k) for k in numbers}) == 1, numbers
