@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dir", default=DEFAULT_DIR, help="where studies live (default ./dse-studies)")
 
+    def tracking_uri(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--tracking-uri", "--uri", dest="tracking_uri", metavar="URI",
+                        help="MLflow tracking URI (default: the spec's [tracking] uri, else "
+                             "$MLFLOW_TRACKING_URI, else the study's mlflow.db)")
+
     def overrides(sp: argparse.ArgumentParser) -> None:
         common(sp)
         sp.add_argument("--n-trials", type=int, help="COMPLETE trials to reach (overrides the spec)")
@@ -35,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, help="sampler seed (overrides the spec)")
         sp.add_argument("--address", help="Ray address: local, auto or ray://host:port")
         sp.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        tracking_uri(sp)
         sp.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
                         help="progress display (default: bar on a TTY, log lines otherwise)")
 
@@ -58,11 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     sp = sub.add_parser("sync", help="backfill MLflow from the Optuna storage")
     sp.add_argument("study")
-    sp.add_argument("--uri", help="MLflow tracking URI (default: the spec's, else the study's mlflow.db)")
+    tracking_uri(sp)
     common(sp)
     sp = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for a study's store")
     sp.add_argument("study", nargs="?")
     sp.add_argument("--port", type=int, default=5000)
+    tracking_uri(sp)
     common(sp)
     sp = sub.add_parser("validate", help="check spec files (and evaluator options) without running")
     sp.add_argument("specs", type=Path, nargs="+")
@@ -78,9 +85,41 @@ def _positive(args: argparse.Namespace) -> None:
         raise SpecError([f"--seed: expected an integer >= 0, got {args.seed}"])
 
 
+def _complete(spec: Any, args: argparse.Namespace) -> str | None:
+    """The message for a study that already has its COMPLETE trials, else ``None``.
+
+    Reads the storage only: no Ray, no MLflow, the parent run stays as it is."""
+    from optuna.trial import TrialState
+
+    from dse.driver import open_storage, study_dir
+
+    sdir = study_dir(spec.name, args.dir)
+    if not (sdir / "spec.toml").exists():
+        return None
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage, sdir))
+    except KeyError:  # created but not yet in the storage
+        return None
+    n = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    target = args.n_trials or spec.n_trials
+    if n < target:
+        return None
+    again = f"dse resume {spec.name}" if args.command == "resume" else f"dse run {args.spec}"
+    return (f"study {spec.name} is complete: {n} COMPLETE trials (target {target}); nothing run. "
+            f"Extend it with `{again} --n-trials {n + target} --dir {args.dir}`")
+
+
 def _drive(spec: Any, args: argparse.Namespace) -> int:
     from dse.driver import Driver
 
+    done = _complete(spec, args)
+    if done is not None:
+        print(done)
+        return 0
+    if args.tracking_uri:
+        spec.tracking_uri = args.tracking_uri  # --tracking-uri > spec > $MLFLOW_TRACKING_URI > mlflow.db
     progress = {"auto": None, "bar": True, "log": False}[args.progress]
     driver = Driver(
         spec,
@@ -189,7 +228,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     spec, study = _load_study(args.study, args.dir)
     sdir = study_dir(args.study, args.dir)
     try:
-        res = sync(study_info(spec, sdir, uri=args.uri), sdir, study.get_trials(deepcopy=False))
+        res = sync(study_info(spec, sdir, uri=args.tracking_uri), sdir, study.get_trials(deepcopy=False))
     except TrackingError as e:
         print(f"dse sync: {e}", file=sys.stderr)
         return 1
@@ -210,7 +249,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
             raise SpecError([f"study: expected one of {found or 'the studies under ' + args.dir}; name it"])
         name = found[0]
     spec = load_study_spec(name, args.dir)
-    uri = resolve_uri(spec.tracking_uri, study_dir(name, args.dir))
+    uri = resolve_uri(args.tracking_uri or spec.tracking_uri, study_dir(name, args.dir))
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}  ({uri})", flush=True)

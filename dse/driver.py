@@ -401,7 +401,7 @@ class Driver:
                 front.add(t.values)
 
         tracker = None
-        if self.tracking:
+        if self.tracking and n_complete < self.n_trials:  # a complete study's runs stay as they are
             from tracking.mlflow_tracker import Tracker
 
             tracker = Tracker(study_info(self.spec, self.sdir), self.sdir)

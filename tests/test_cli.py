@@ -42,6 +42,15 @@ def child_runs(uri: str, study: str) -> list[Any]:
     return [r for r in runs if "dse.trial_number" in r.data.tags]
 
 
+def parent_run(uri: str, study: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(study)
+    (run,) = c.search_runs([exp.experiment_id], filter_string="tags.`dse.role` = 'parent'")
+    return run
+
+
 def states(root: Path, name: str) -> Counter[TrialState]:
     study = optuna.load_study(study_name=name, storage=open_storage(None, root / name))
     return Counter(t.state for t in study.trials)
@@ -83,11 +92,25 @@ def test_run_status_pareto_export(ray_session: Any, tmp_path: Path, capsys: pyte
     sdir = root / "cli"
     for f in ("trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"):
         assert (sdir / "artifacts" / f).stat().st_size > 0
-    runs = child_runs(f"sqlite:///{sdir / 'mlflow.db'}", "cli")
+    uri = f"sqlite:///{sdir / 'mlflow.db'}"
+    runs = child_runs(uri, "cli")
     assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(12))
-    # --n-trials extends the same study
-    assert main(["run", str(spec), "--dir", str(root), "--n-trials", "14", "--no-tracking", "--progress", "log"]) == 0
+    parent = parent_run(uri, "cli")
+    # a complete study: says so, imports no Ray, leaves the parent run untouched
+    code = f"import sys; from dse.cli import main; main({['run', str(spec), '--dir', str(root)]!r}); print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [f"study cli is complete: 12 COMPLETE trials (target 12); nothing run. "
+                   f"Extend it with `dse run {spec} --n-trials 24 --dir {root}`", "False"]
+    again = parent_run(uri, "cli")
+    assert again.info.status == "FINISHED" and again.info.end_time == parent.info.end_time
+    # --n-trials extends the same study; --tracking-uri wins over the spec and the default
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert main(["run", str(spec), "--dir", str(root), "--n-trials", "14", "--tracking-uri", other,
+                 "--progress", "log"]) == 0
     assert states(root, "cli")[TrialState.COMPLETE] == 14
+    assert sorted(int(r.data.tags["dse.trial_number"]) for r in child_runs(other, "cli")) == list(range(14))
+    assert len(child_runs(uri, "cli")) == 12
 
 
 def start_driver_until_progress(spec: Path, root: Path, name: str) -> subprocess.Popen[bytes]:
@@ -184,7 +207,7 @@ def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.
     uri = f"sqlite:///{root / 'deadml' / 'mlflow.db'}"  # the store is reachable again
     assert main(["sync", "deadml", "--dir", str(root), "--uri", uri]) == 0
     assert "8 child runs created, 0 already there" in capsys.readouterr().out
-    assert main(["sync", "deadml", "--dir", str(root), "--uri", uri]) == 0
+    assert main(["sync", "deadml", "--dir", str(root), "--tracking-uri", uri]) == 0
     assert "0 child runs created, 8 already there" in capsys.readouterr().out
     runs = child_runs(uri, "deadml")
     assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(8))

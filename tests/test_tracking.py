@@ -239,3 +239,15 @@ def test_mlflow_key_is_legal_and_distinct() -> None:
     assert len(set(keys)) == len(names)
     assert keys[0] == "a.b" and keys[-1] == "a b/c"  # legal names are kept as they are
     assert keys == [mlflow_key(n) for n in names]  # deterministic
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tracking-uri > the spec's [tracking] uri > MLFLOW_TRACKING_URI > <study dir>/mlflow.db."""
+    spec = parse_spec(SPEC)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert study_info(spec, tmp_path).uri == default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert study_info(spec, tmp_path).uri == "http://env:5000"
+    spec.tracking_uri = "http://spec:5000"
+    assert study_info(spec, tmp_path).uri == "http://spec:5000"
+    assert study_info(spec, tmp_path, uri="http://cli:5000").uri == "http://cli:5000"
