@@ -24,20 +24,33 @@ and the evaluator is called once per trial::
   (units in the name: ``ttft_s``, ``area_mm2``); any other JSON-able value (a dict of
   per-layer sparsity, a string naming the fidelity level) is kept as trial information,
   not as a metric. A NaN metric or a raised exception fails the trial with a reason.
-* Bad options raise ``ValueError`` with a one-line message naming the option and what was
-  expected; the spec validator calls ``validate_options`` (if the factory has it) up front.
+* A factory that is a :class:`dse.schema.Plugin` carries its :class:`~dse.schema.EvaluatorSchema`
+  (options, parameters read, metrics returned): the spec validator checks a spec against
+  it up front, and the plugin checks its options before building.
 
-Built-in names are resolved lazily (``"module:attribute"``) so that importing the registry
-never imports torch or a model.
+Where names come from, in this order:
+
+1. built-ins registered below and :func:`register` calls (a notebook, a test);
+2. installed packages: entry points in the group ``dse.evaluators`` (entry-point name =
+   evaluator name, value = ``"package.module:factory"``);
+3. a spec name of the form ``"package.module:factory"``: that module is imported and the
+   factory called, i.e. the spec runs that code (as any plugin does).
+
+Names are resolved lazily (``"module:attribute"``) so that importing the registry never
+imports torch or a model.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
+
+from dse.schema import EvaluatorSchema, schema_of
+from evaluators.kinds import VISION_KINDS
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,6 @@ class EvalContext:
     seed: int = 0
     num_threads: int = 1
     name: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def cache_dir(self) -> Path:
@@ -93,28 +105,73 @@ def register(name: str, target: str | Factory) -> None:
         _LOADED[name] = target
 
 
+ENTRY_POINT_GROUP = "dse.evaluators"
+_SCANNED = False
+
+
+def _scan_entry_points() -> None:
+    """Register the ``dse.evaluators`` entry points of installed packages (once)."""
+    global _SCANNED
+    if _SCANNED:
+        return
+    _SCANNED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _BUILTIN and ep.name not in _LOADED:
+            _BUILTIN[ep.name] = ep.value
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` has the form ``"package.module:attribute"`` (run as code)."""
+    module, sep, attr = name.partition(":")
+    return bool(sep and module and attr.isidentifier()
+                and all(p.isidentifier() for p in module.split(".")))
+
+
 def names() -> list[str]:
-    """All registered evaluator names, sorted."""
+    """All registered evaluator names (built-in, registered, entry points), sorted."""
+    _scan_entry_points()
     return sorted(set(_BUILTIN) | set(_LOADED))
 
 
+def _resolve(target: str, name: str) -> Factory:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise KeyError(f"evaluator {name!r}: cannot import {module_name!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise KeyError(f"evaluator {name!r}: {module_name!r} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
 def get(name: str) -> Factory:
-    """Return the factory registered under ``name``.
+    """Return the factory registered under ``name`` (or named by ``"package.module:attr"``).
 
     Raises:
-        KeyError: with a one-line message listing the registered names.
+        KeyError: with a one-line message listing the registered names, or saying why an
+            import path does not resolve.
     """
     if name in _LOADED:
         return _LOADED[name]
-    if name not in _BUILTIN:
-        raise KeyError(f"unknown evaluator {name!r}; expected one of: {', '.join(names())}")
-    module_name, _, attr = _BUILTIN[name].partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    _LOADED[name] = factory
-    return factory
+    _scan_entry_points()
+    if name in _BUILTIN:
+        factory = _resolve(_BUILTIN[name], name)
+        _LOADED[name] = factory
+        return factory
+    if is_import_path(name):  # not cached in _LOADED: workers import it themselves
+        return _resolve(name, name)
+    raise KeyError(f"unknown evaluator {name!r}; expected one of: {', '.join(names())} "
+                   "or 'package.module:factory'")
 
 
-# Built-in evaluators. Each plugin module owns its entries; add yours here in one line.
+def schema(name: str) -> EvaluatorSchema | None:
+    """The schema of evaluator ``name`` (``None``: a plain factory without one)."""
+    return schema_of(get(name))
+
+
+# Built-in evaluators. Each plugin module owns its entries; add yours here in one line
+# (or, outside this repository, as a ``dse.evaluators`` entry point).
 register("zdt1", "dse.plugins.benchmarks:zdt1")
 register("zdt2", "dse.plugins.benchmarks:zdt2")
 register("dtlz2", "dse.plugins.benchmarks:dtlz2")
@@ -125,6 +182,5 @@ register("tpu", "dse.plugins.plena:tpu")
 register("char_lm", "dse.plugins.lm:char_lm")
 register("smollm2", "dse.plugins.lm:smollm2")
 register("hf_lm", "dse.plugins.lm:hf_lm")
-register("glyph_cnn", "dse.plugins.vision:glyph_cnn")
-register("glyph_vit", "dse.plugins.vision:glyph_vit")
-register("digits", "dse.plugins.vision:digits")
+for _kind in VISION_KINDS:
+    register(_kind, f"dse.plugins.vision:{_kind}")

@@ -12,12 +12,14 @@ so only exists in the trial) when its condition holds.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,8 @@ from optuna.distributions import (
 )
 
 from dse import registry
+from dse.schema import EvaluatorSchema
+from dse.schema import Param as ParamDecl
 
 if TYPE_CHECKING:
     from tracking.info import StudyInfo
@@ -349,8 +353,8 @@ def load_spec(path: str | Path, *, check_options: bool = True) -> Spec:
 
     Args:
         path: the TOML file.
-        check_options: also call each evaluator factory's ``validate_options`` (imports
-            the plugin module).
+        check_options: also check each evaluator's options and the space and metrics
+            against its schema (imports the plugin module; docs/driver.md).
 
     Raises:
         SpecError: every problem found, one line each, naming the file and the field.
@@ -513,7 +517,9 @@ class _Validator:
         constraints = self.constraints(data)
         params = self.space(data)
         enqueue = self.enqueue(study, params)
-        evaluators = self.evaluators(data, check_options)
+        evaluators, schemas = self.evaluators(data, check_options)
+        if check_options and evaluators:
+            self.contract(params, objectives, constraints, schemas)
 
         ray_t = self.table(data, "ray", "ray")
         self.unknown(ray_t, _RAY_KEYS, "ray.")
@@ -781,11 +787,15 @@ class _Validator:
                 out.append({k: v for k, v in flat.items() if by_name[k].kind != "fixed"})
         return out
 
-    def evaluators(self, data: Mapping[str, Any], check_options: bool) -> list[EvaluatorSpec]:
+    def evaluators(
+        self, data: Mapping[str, Any], check_options: bool
+    ) -> tuple[list[EvaluatorSpec], list[tuple[str, EvaluatorSchema | None, dict[str, Any]]]]:
+        """The ``[[evaluators]]`` entries, and per entry its schema and checked options."""
         items = self.array_of_tables(data, "evaluators")
         if not items:
             self.err("evaluators", "required; expected at least one [[evaluators]] table")
         out: list[EvaluatorSpec] = []
+        schemas: list[tuple[str, EvaluatorSchema | None, dict[str, Any]]] = []
         known = registry.names()
         for i, t in enumerate(items):
             pre = f"evaluators[{i}]."
@@ -802,24 +812,102 @@ class _Validator:
                         resources[k] = val
             if name is None:
                 continue
-            if name not in known:
-                self.err(pre + "name", f"expected a registered evaluator ({', '.join(known)}), got {name!r}")
+            if name not in known and not registry.is_import_path(name):
+                self.err(pre + "name", f"expected a registered evaluator ({', '.join(known)}) "
+                         f"or 'package.module:factory', got {name!r}")
                 continue
             if check_options:
                 try:
-                    factory = registry.get(name)
+                    schema = registry.schema(name)
                 except Exception as e:  # noqa: BLE001 - a plugin that cannot import
-                    self.err(pre + "name", f"expected an importable evaluator, got {type(e).__name__}: {e}")
+                    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                    self.err(pre + "name", f"expected an importable evaluator, got "
+                             f"{type(e).__name__}: {msg}")
                     continue
-                validate = getattr(factory, "validate_options", None)
-                if validate is not None:
+                checked = dict(options)
+                if schema is not None:
                     try:
-                        validate(dict(options))
+                        checked = schema.check_options(options)
                     except (ValueError, TypeError, KeyError) as e:
                         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                         self.err(pre + "options", msg)
+                        schema = None
+                        checked = {}
+                schemas.append((name, schema, checked))
             out.append(EvaluatorSpec(name, dict(options), resources))
-        return out
+        return out, schemas
+
+    def contract(
+        self, params: list[Param], objectives: list[Objective], constraints: list[Constraint],
+        schemas: list[tuple[str, EvaluatorSchema | None, dict[str, Any]]],
+    ) -> None:
+        """Check the space and the metrics against the evaluators' schemas.
+
+        A parameter must be read by some evaluator (unless it only conditions others with
+        ``when``) and every value it can take must be valid for each evaluator reading it;
+        each objective/constraint metric must be returned by some evaluator. An evaluator
+        without a schema (a plain factory) may read and return anything: with one in the
+        spec, only the values of the parameters the others declare are checked.
+        """
+        complete = bool(schemas) and all(sc is not None for _, sc, _ in schemas)
+        reads: list[tuple[str, str, ParamDecl]] = []
+        metrics: list[str] = []
+        for ename, sc, opts in schemas:
+            if sc is not None:
+                reads += [(ename, pat, decl) for pat, decl in sc.params_read(opts)]
+                metrics += [m for m in sc.metric_names(opts) if m not in metrics]
+        conditioning = {ref for p in params for ref in p.when}
+        for p in params:
+            fld = f"space.{p.name}"
+            matches = [(e, pat, d) for e, pat, d in reads if fnmatchcase(p.name, pat)]
+            if not matches:
+                if complete and p.name not in conditioning:
+                    self.err(fld, "expected a parameter an evaluator reads, got a name none "
+                             f"reads{_suggest(p.name, [pat for _, pat, _ in reads])}; "
+                             "`dse evaluators NAME` lists what each reads")
+                continue
+            for ename, pat, decl in matches:
+                problem = _value_problem(p, decl)
+                if problem is not None:
+                    where, msg = problem
+                    self.err(f"{fld}{where}", f"{msg} ({ename} reads {pat})")
+                    break
+        if not complete:
+            return
+        for kind, items in (("objectives", objectives), ("constraints", constraints)):
+            for i, item in enumerate(items):
+                if item.metric not in metrics:
+                    self.err(f"{kind}[{i}].metric", "expected a metric an evaluator returns, "
+                             f"got {item.metric!r}{_suggest(item.metric, metrics)}; "
+                             "`dse evaluators NAME` lists what each returns")
+
+
+def _suggest(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _value_problem(p: Param, decl: ParamDecl) -> tuple[str, str] | None:
+    """Whether every value search-space parameter ``p`` can take suits ``decl``:
+    ``(field suffix, message)`` of the first problem, or ``None``."""
+    if p.kind == "fixed":
+        msg = decl.problem(p.value)
+        return None if msg is None else (".value", msg)
+    if p.kind == "categorical":
+        for c in p.choices:
+            msg = decl.problem(c)
+            if msg is not None:
+                return ".choices", msg
+        return None
+    if decl.type not in ("int", "float", "any"):
+        return ".type", f"expected {decl.expected()}, got a {p.kind} range"
+    if decl.type == "int" and p.kind == "float":
+        return ".type", f"expected {decl.expected()} (type = \"int\"), got a float range"
+    for end, v in (("low", p.low), ("high", p.high)):
+        msg = decl.problem(int(v) if decl.type == "int" else v)  # type: ignore[arg-type]
+        if msg is not None:
+            return f".{end}", msg
+    return None
 
 
 def _flatten(t: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

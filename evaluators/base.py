@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 
 from evaluators.cache import ResultCache, cache_key, software_params
+from evaluators.kinds import FIDELITIES
 from evaluators.sparsity_stats import effective_weight, quantized_input, weighted_modules
 from quant import QLinear
 
-FIDELITIES = ("proxy", "full", "gated")
 #: SQNR reported when a weight is reproduced exactly (fp32): a finite stand-in for +inf.
 SQNR_CAP_DB = 300.0
 

@@ -25,16 +25,9 @@ import torch.nn.functional as F
 
 from evaluators.base import AccuracyEvaluator, ActSparsityMeter, torch_threads
 from evaluators.data import WEIGHTS_DIR, digits_splits, glyph_test_set
+from evaluators.kinds import VISION_KINDS
 from evaluators.models import load_model, state_digest
 from evaluators.sparsity_stats import layer_sparsity
-
-#: evaluator kind -> (weights file, data set name)
-VISION_KINDS: dict[str, tuple[str, str]] = {
-    "glyph_cnn": ("glyph_cnn.safetensors", "glyphs"),
-    "glyph_vit": ("glyph_vit.safetensors", "glyphs"),
-    "digits": ("digits_cnn.safetensors", "digits"),
-}
-
 
 DEFAULT_BUDGET_IMAGES = 576
 

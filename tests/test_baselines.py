@@ -125,13 +125,13 @@ def test_plugins_via_registry() -> None:
     ("plena", {"hw": {"mlem": 4}}, "hw.mlem"),
     ("gpu", {"quant": {"weight": "bf16"}}, "quant.weight"),
     ("plena", {"quant": {"weights": "int99"}}, "quant.weights"),
-    ("plena", {"batch": 0}, "workload.batch"),
+    ("plena", {"batch": 0}, "option batch"),
     ("gpu", {"preset": "tpu-v6e"}, "preset"),
     ("tpu", {"iso": "yes"}, "iso"),
 ])
 def test_bad_options(name: str, options: dict, match: str) -> None:
     factory = registry.get(name)
     with pytest.raises(ValueError, match=match):
-        factory.validate_options(options)  # type: ignore[attr-defined]
+        factory.validate_options(options)
     with pytest.raises(ValueError, match=match):
         factory(options, CTX)

@@ -4,13 +4,8 @@ They have known true Pareto fronts, so samplers, the hypervolume and the driver 
 tested against ground truth independent of the project's simulators.
 
 Parameters are ``<prefix>.0 ... <prefix>.<n_vars-1>`` (default prefix ``x``), each in
-[0, 1]; metrics are ``f1 ... fM`` (dimensionless, all minimised). Options:
-
-* ``n_vars`` (int >= 2): number of decision variables (ZDT default 30; DTLZ2 default
-  ``n_obj + 9``, i.e. k = 10).
-* ``n_obj`` (int >= 2, DTLZ2 only): number of objectives (default 3).
-* ``prefix`` (str): the parameter-name prefix.
-* ``delay_s`` (float >= 0): seconds to sleep per evaluation (orchestration benchmarks).
+[0, 1]; metrics are ``f1 ... fM`` (dimensionless, all minimised). Options (``n_vars``,
+``n_obj``, ``prefix``, ``delay_s``): the schemas below, ``dse evaluators zdt1``.
 
 References: Zitzler, Deb, Thiele, "Comparison of multiobjective evolutionary algorithms:
 empirical results", Evol. Comput. 8(2), 2000; Deb, Thiele, Laumanns, Zitzler, "Scalable
@@ -27,31 +22,53 @@ from typing import Any
 
 import numpy as np
 
-from dse.registry import EvalContext
-
-_OPTIONS = ("n_vars", "n_obj", "prefix", "delay_s")
+from dse.schema import EvaluatorSchema, Metric, Option, Param, Plugin, positive_int
 
 
-def _check(options: Mapping[str, Any], problem: str) -> dict[str, Any]:
-    """Validate options; return them with defaults filled in."""
-    allowed = _OPTIONS if problem == "dtlz2" else tuple(k for k in _OPTIONS if k != "n_obj")
-    for k in options:
-        if k not in allowed:
-            raise ValueError(f"{problem} option {k!r} is unknown; expected one of {', '.join(allowed)}")
-    n_obj = options.get("n_obj", 3 if problem == "dtlz2" else 2)
-    if isinstance(n_obj, bool) or not isinstance(n_obj, int) or n_obj < 2:
-        raise ValueError(f"{problem} option n_obj: expected an integer >= 2, got {n_obj!r}")
-    n_vars = options.get("n_vars", n_obj + 9 if problem == "dtlz2" else 30)
-    minimum = n_obj if problem == "dtlz2" else 2
-    if isinstance(n_vars, bool) or not isinstance(n_vars, int) or n_vars < minimum:
-        raise ValueError(f"{problem} option n_vars: expected an integer >= {minimum}, got {n_vars!r}")
-    prefix = options.get("prefix", "x")
-    if not isinstance(prefix, str) or not prefix:
-        raise ValueError(f"{problem} option prefix: expected a non-empty string, got {prefix!r}")
-    delay_s = options.get("delay_s", 0.0)
-    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float) or delay_s < 0:
-        raise ValueError(f"{problem} option delay_s: expected a number >= 0, got {delay_s!r}")
-    return {"n_vars": n_vars, "n_obj": n_obj, "prefix": prefix, "delay_s": float(delay_s)}
+def _finish(problem: str) -> Any:
+    def finish(o: dict[str, Any]) -> dict[str, Any]:
+        o.setdefault("n_obj", 2)  # ZDT: always 2 objectives
+        if o["n_vars"] is None:
+            o["n_vars"] = o["n_obj"] + 9 if problem == "dtlz2" else 30
+        minimum = o["n_obj"] if problem == "dtlz2" else 2
+        if o["n_vars"] < minimum:
+            raise ValueError(f"{problem} option n_vars: expected an integer >= {minimum}, "
+                             f"got {o['n_vars']!r}")
+        o["delay_s"] = float(o["delay_s"])
+        return o
+
+    return finish
+
+
+def _schema(problem: str, doc: str) -> EvaluatorSchema:
+    options = [
+        positive_int("n_vars", "number of decision variables (default: ZDT 30, DTLZ2 "
+                     "n_obj + 9)", low=2),
+        Option("prefix", "str", "the parameter-name prefix", default="x"),
+        Option("delay_s", "float", "seconds to sleep per evaluation (orchestration "
+               "benchmarks)", low=0.0, default=0.0),
+    ]
+    if problem == "dtlz2":
+        options.insert(1, positive_int("n_obj", "number of objectives", default=3, low=2))
+        metrics: tuple[Metric, ...] = (Metric("f{i}", "objective i (dimensionless, minimised)",
+                                              repeat=("n_obj", 1)),)
+    else:
+        metrics = tuple(Metric(f"f{i}", f"objective {i} (dimensionless, minimised)")
+                        for i in (1, 2))
+    return EvaluatorSchema(
+        problem, doc, options=tuple(options),
+        params=(Param("{prefix}.{i}", "float", "decision variable i", low=0.0, high=1.0,
+                      repeat=("n_vars", 0)),),
+        metrics=metrics,
+        finish=_finish(problem),
+    )
+
+
+SCHEMAS = {
+    "zdt1": _schema("zdt1", "ZDT1: 2 objectives, convex front f2 = 1 - sqrt(f1)"),
+    "zdt2": _schema("zdt2", "ZDT2: 2 objectives, concave front f2 = 1 - f1^2"),
+    "dtlz2": _schema("dtlz2", "DTLZ2: n_obj objectives, front the positive unit sphere"),
+}
 
 
 def zdt1_objectives(x: np.ndarray) -> np.ndarray:
@@ -128,7 +145,7 @@ class BenchmarkProblem:
     """A warm evaluator for one test problem; see the module docstring for options."""
 
     def __init__(self, problem: str, options: Mapping[str, Any]) -> None:
-        opts = _check(options, problem)
+        opts = SCHEMAS[problem].check_options(options)
         self.problem = problem
         self.n_vars: int = opts["n_vars"]
         self.n_obj: int = opts["n_obj"]
@@ -154,24 +171,9 @@ class BenchmarkProblem:
         return {f"f{i + 1}": float(v) for i, v in enumerate(f)}
 
 
-def zdt1(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
-    """Factory of the ZDT1 evaluator (2 objectives, convex front f2 = 1 - sqrt(f1))."""
-    return BenchmarkProblem("zdt1", options)
-
-
-def zdt2(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
-    """Factory of the ZDT2 evaluator (2 objectives, concave front f2 = 1 - f1^2)."""
-    return BenchmarkProblem("zdt2", options)
-
-
-def dtlz2(options: dict[str, Any], ctx: EvalContext) -> BenchmarkProblem:
-    """Factory of the DTLZ2 evaluator (n_obj objectives, front: unit sphere, f >= 0)."""
-    return BenchmarkProblem("dtlz2", options)
-
-
-zdt1.validate_options = lambda options: _check(options, "zdt1")  # type: ignore[attr-defined]
-zdt2.validate_options = lambda options: _check(options, "zdt2")  # type: ignore[attr-defined]
-dtlz2.validate_options = lambda options: _check(options, "dtlz2")  # type: ignore[attr-defined]
+zdt1 = Plugin(SCHEMAS["zdt1"], lambda o, ctx: BenchmarkProblem("zdt1", o))
+zdt2 = Plugin(SCHEMAS["zdt2"], lambda o, ctx: BenchmarkProblem("zdt2", o))
+dtlz2 = Plugin(SCHEMAS["dtlz2"], lambda o, ctx: BenchmarkProblem("dtlz2", o))
 
 
 def _toml(value: Any) -> str:

@@ -7,8 +7,8 @@ runs the greedy folding optimiser within the device budget (or takes the folding
 ``partitions``, ``bandwidth_gbps``, ``interval_cycles``, ``zero_product_share`` (MAC-
 weighted share of zero products the design skips); beside them (trial information)
 ``dataflow_layers`` (per-stage II, resources, folding), ``dataflow_bottleneck`` and
-``dataflow_sparsity_source``. See docs/dataflow.md for options, the ``layer_sparsity``
-contract and the parameter names read.
+``dataflow_sparsity_source``. Options, parameters and metrics: :data:`SCHEMA`
+(``dse evaluators dataflow``); the ``layer_sparsity`` contract: docs/dataflow.md.
 """
 
 from __future__ import annotations
@@ -20,6 +20,19 @@ from typing import Any
 import numpy as np
 
 from dse.registry import EvalContext
+from dse.schema import (
+    REQUIRED,
+    EvaluatorSchema,
+    Metric,
+    Option,
+    Param,
+    Plugin,
+    flag,
+    positive_int,
+    quant_params,
+    sparsity_params,
+)
+from evaluators.kinds import VISION_KINDS
 from simulators.dataflow.devices import DEVICES, get_device
 from simulators.dataflow.layers import WEIGHT_MEMORIES, WEIGHT_OPS
 from simulators.dataflow.networks import NETWORKS, get_network
@@ -27,52 +40,114 @@ from simulators.dataflow.optimiser import optimise
 from simulators.dataflow.pipeline import FIELDS, RESOURCES, Folding, Network, Pipeline
 from simulators.dataflow.sparsity import Sparsity, from_record, synthetic
 
-TRACED = ("glyph_cnn", "glyph_vit", "digits")
-_OPTIONS = {
-    "network": None, "input_shape": None, "device": "u250", "device_overrides": {},
-    "act_bits": None, "weight_bits": None, "weight_memory": "auto", "batch": 256,
-    "allow_partitions": True, "budget": {}, "max_utilisation": 1.0, "optimise": True,
-    "sparsity": "auto", "act_density": 1.0,
-}
+TRACED = tuple(VISION_KINDS)
 _SPARSITY_MODES = ("auto", "measured", "synthetic", "dense")
 
 
-def _check(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate options; return them with defaults filled in (one-line ValueErrors)."""
-    for k in options:
-        if k not in _OPTIONS:
-            raise ValueError(f"dataflow option {k!r} is unknown; expected one of {', '.join(_OPTIONS)}")
-    o = {**_OPTIONS, **options}
-    known = sorted(NETWORKS) + list(TRACED)
-    if o["network"] not in known:
-        raise ValueError(f"dataflow option network: expected one of {', '.join(known)}, got {o['network']!r}")
-    if o["input_shape"] is not None and (not isinstance(o["input_shape"], list | tuple) or len(o["input_shape"]) != 3
-                                         or not all(isinstance(v, int) and v > 0 for v in o["input_shape"])):
-        raise ValueError(f"dataflow option input_shape: expected [channels, height, width], got {o['input_shape']!r}")
-    if str(o["device"]).lower() not in DEVICES:
-        raise ValueError(f"dataflow option device: expected one of {', '.join(DEVICES)}, got {o['device']!r}")
-    get_device(o["device"], **dict(o["device_overrides"]))
-    for k in ("act_bits", "weight_bits"):
-        v = o[k]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32):
-            raise ValueError(f"dataflow option {k}: expected an integer in [1, 32], got {v!r}")
-    if o["weight_memory"] not in WEIGHT_MEMORIES:
-        raise ValueError(f"dataflow option weight_memory: expected one of {', '.join(WEIGHT_MEMORIES)}, got {o['weight_memory']!r}")
-    if isinstance(o["batch"], bool) or not isinstance(o["batch"], int) or o["batch"] < 1:
-        raise ValueError(f"dataflow option batch: expected a positive integer, got {o['batch']!r}")
-    bad = set(o["budget"]) - set(RESOURCES)
+def _input_shape(v: Any) -> None:
+    if len(v) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        raise ValueError(f"expected [channels, height, width], got {v!r}")
+
+
+def _device(v: Any) -> None:
+    try:
+        get_device(v)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("device: ")) from None
+
+
+def _budget(v: Any) -> None:
+    bad = sorted(set(v) - set(RESOURCES))
     if bad:
-        raise ValueError(f"dataflow option budget: unknown resource(s) {sorted(bad)}; expected {', '.join(RESOURCES)}")
-    if not isinstance(o["max_utilisation"], int | float) or not 0 < o["max_utilisation"] <= 1:
-        raise ValueError(f"dataflow option max_utilisation: expected a number in (0, 1], got {o['max_utilisation']!r}")
-    if o["sparsity"] not in _SPARSITY_MODES:
-        raise ValueError(f"dataflow option sparsity: expected one of {', '.join(_SPARSITY_MODES)}, got {o['sparsity']!r}")
-    ad = o["act_density"]
-    items = ad.items() if isinstance(ad, Mapping) else [("*", ad)]
-    for pat, v in items:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
-            raise ValueError(f"dataflow option act_density[{pat!r}]: expected a number in [0, 1], got {v!r}")
+        raise ValueError(f"expected resources among {', '.join(RESOURCES)}, got {bad}")
+
+
+def _act_density(v: Any) -> None:
+    items = v.items() if isinstance(v, Mapping) else [("*", v)]
+    for pat, x in items:
+        if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1:
+            raise ValueError(f"expected a number in [0, 1] (or a table pattern -> number), "
+                             f"got {x!r} for {pat!r}")
+
+
+def _positive(v: Any) -> None:
+    if v <= 0:
+        raise ValueError(f"expected a number in (0, 1], got {v!r}")
+
+
+def _finish(o: dict[str, Any]) -> dict[str, Any]:
+    try:
+        get_device(o["device"], **dict(o["device_overrides"]))
+    except ValueError as e:
+        raise ValueError(f"dataflow option device_overrides: {e}") from None
     return o
+
+
+def _quant_read(o: Mapping[str, Any]) -> bool:
+    return o["act_bits"] is None or o["weight_bits"] is None
+
+
+SCHEMA = EvaluatorSchema(
+    "dataflow", "a layer-pipelined (fpgaConvNet-style) FPGA accelerator (simulators.dataflow)",
+    options=(
+        Option("network", "str", "the network", choices=(*sorted(NETWORKS), *TRACED),
+               default=REQUIRED),
+        Option("input_shape", "list", "[channels, height, width] of a traced network "
+               "(default: its data set's)", check=_input_shape),
+        Option("device", "str", f"the FPGA ({', '.join(DEVICES)})", default="u250",
+               check=_device),
+        Option("device_overrides", "table", "device fields to override", default={}),
+        Option("act_bits", "int", "activation operand bits for every layer (default: from "
+               "quant.acts)", low=1, high=32),
+        Option("weight_bits", "int", "weight operand bits for every layer (default: from "
+               "quant.weights)", low=1, high=32),
+        Option("weight_memory", "str", "where weights live", choices=WEIGHT_MEMORIES,
+               default="auto"),
+        positive_int("batch", "images per batch", default=256),
+        flag("allow_partitions", "split a network that does not fit into partitions", True),
+        Option("budget", "table", f"optimiser resource budget ({', '.join(RESOURCES)})",
+               default={}, check=_budget),
+        Option("max_utilisation", "float", "share of each device resource the optimiser may "
+               "use, in (0, 1]", high=1.0, default=1.0, check=_positive),
+        flag("optimise", "choose the folding with the greedy optimiser (else read "
+             "hw.layer.*)", True),
+        Option("sparsity", "str", "where layer sparsity comes from (docs/dataflow.md)",
+               choices=_SPARSITY_MODES, default="auto"),
+        Option("act_density", "any", "activation density for synthetic sparsity: a number "
+               "in [0, 1] or a table pattern -> number", default=1.0, check=_act_density),
+    ),
+    params=(
+        Param("hw.device", "str", "overrides option device", check=_device),
+        *(Param(f"hw.layer.*.{f}", "int", f"folding of a stage: {f}", low=1,
+                when=lambda o: not o["optimise"], when_doc="optimise = false")
+          for f in FIELDS),
+        Param("hw.layer.*.use_uram", "int", "weights of a stage in URAM (1) or BRAM (0)",
+              low=0, high=1, when=lambda o: not o["optimise"], when_doc="optimise = false"),
+        *(Param(f"hw.budget.{r}", "float", f"optimiser budget of {r} (overrides option "
+                "budget)", low=0.0, when=lambda o: bool(o["optimise"]), when_doc="optimise = true")
+          for r in RESOURCES),
+        *quant_params(("quant.weights", "quant.acts", "quant.layer.*.weights",
+                       "quant.layer.*.acts"), _quant_read,
+                      "act_bits or weight_bits not set"),
+        *sparsity_params(("sparsity.density", "sparsity.layer.*.density"),
+                         lambda o: o["sparsity"] in ("auto", "synthetic"),
+                         "sparsity = auto (no upstream layer_sparsity) or synthetic"),
+    ),
+    metrics=tuple(Metric(n, d) for n, d in (
+        ("images_per_s", "throughput, images/s"), ("latency_s", "latency of one batch, s"),
+        ("interval_cycles", "initiation interval of the pipeline, cycles"),
+        ("dsp", "DSP slices used"), ("bram18", "BRAM18 blocks used"), ("uram", "URAMs used"),
+        ("lut", "LUTs used"), ("ff", "flip-flops used"),
+        ("images_per_s_per_dsp", "images/s per DSP"),
+        ("fits_device", "1 if the design fits the device, else 0"),
+        ("partitions", "number of partitions (reconfigurations)"),
+        ("bandwidth_gbps", "off-chip bandwidth needed, GB/s"),
+        ("zero_product_share", "MAC-weighted share of zero products the design skips"))),
+    info=(Metric("dataflow_layers", "per-stage II, resources, folding"),
+          Metric("dataflow_bottleneck", "the slowest stage, or off-chip bandwidth"),
+          Metric("dataflow_sparsity_source", "measured, synthetic or dense")),
+    finish=_finish,
+)
 
 
 def _traced_network(kind: str, input_shape: tuple[int, int, int] | None) -> tuple[Network, tuple[int, int, int]]:
@@ -83,7 +158,6 @@ def _traced_network(kind: str, input_shape: tuple[int, int, int] | None) -> tupl
 
     from evaluators.data import WEIGHTS_DIR, glyph_test_set
     from evaluators.models import MODEL_CLASSES
-    from evaluators.vision import VISION_KINDS
     from simulators.dataflow.trace import trace
 
     torch.set_num_threads(1)
@@ -114,7 +188,7 @@ class DataflowEvaluator:
     """A warm dataflow simulator for one network (see module docstring)."""
 
     def __init__(self, options: Mapping[str, Any], ctx: EvalContext | None = None) -> None:
-        o = _check(options)
+        o = SCHEMA.check_options(options)
         self.o = o
         if o["network"] in TRACED:
             self.net, _ = _traced_network(o["network"], o["input_shape"])
@@ -237,9 +311,4 @@ class DataflowEvaluator:
         return metrics
 
 
-def dataflow(options: dict[str, Any], ctx: EvalContext) -> DataflowEvaluator:
-    """Factory of the ``dataflow`` evaluator."""
-    return DataflowEvaluator(options, ctx)
-
-
-dataflow.validate_options = _check  # type: ignore[attr-defined]
+dataflow = Plugin(SCHEMA, lambda o, ctx: DataflowEvaluator(o, ctx))

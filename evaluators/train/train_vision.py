@@ -30,6 +30,7 @@ from evaluators.data import (
     digits_splits,
     render_glyphs,
 )
+from evaluators.kinds import VISION_KINDS
 from evaluators.models import GlyphCNN, GlyphViT, save_model, state_digest
 
 TEST_SET_SEED = 12345
@@ -121,7 +122,7 @@ def write_test_set(path: Path, calib_path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=["glyph_cnn", "glyph_vit", "digits", "test_set"])
+    ap.add_argument("kind", choices=[*VISION_KINDS, "test_set"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=4)
     args = ap.parse_args()

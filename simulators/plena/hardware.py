@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-_INT_FIELDS = ("mlen", "blen", "vlen", "hlen")
+#: the integer-valued fields of PlenaHardware
+INT_FIELDS = ("mlen", "blen", "vlen", "hlen")
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,13 @@ class PlenaHardware:
         for f in fields(self):
             raw = getattr(self, f.name)
             if type(raw) in (int, float) and raw > 0 and math.isfinite(raw) and (
-                    f.name not in _INT_FIELDS or raw == int(raw)):
+                    f.name not in INT_FIELDS or raw == int(raw)):
                 object.__setattr__(self, f.name, np.float64(raw))
                 continue
             arr = np.asarray(raw, dtype=np.float64) if _numeric(raw) else None
             if arr is None or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
                 raise ValueError(f"hw.{f.name}: expected a positive number, got {raw!r}")
-            if f.name in _INT_FIELDS and np.any(arr != np.round(arr)):
+            if f.name in INT_FIELDS and np.any(arr != np.round(arr)):
                 raise ValueError(f"hw.{f.name}: expected a positive integer, got {raw!r}")
             object.__setattr__(self, f.name, arr)
         if np.any(self.hlen > self.mlen):
