@@ -125,6 +125,32 @@ def _reseed(study: optuna.Study, spec: Spec) -> None:
         study.sampler = spec.make_sampler(n)
 
 
+def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
+    """``ray.init(**kwargs)`` of a local cluster whose processes listen on 127.0.0.1 only.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node's IP address, and
+    picks the host's routable address unless Ray clusters are disabled, as on macOS and
+    Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; a plain ``_node_ip_address =
+    "127.0.0.1"`` is turned back into the routable address). The flag is set for this
+    call only (the module value and the environment that Ray's processes inherit).
+    """
+    import ray
+    from ray._private import ray_constants
+
+    env_var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env = os.environ.get(env_var)
+    old_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[env_var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(**kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(env_var, None)
+        else:
+            os.environ[env_var] = old_env
+
+
 # ----------------------------------------------------------------------------- actors
 
 
@@ -332,7 +358,10 @@ class Driver:
         else:
             kwargs["address"] = self.address
         try:
-            ray.init(**kwargs)
+            if self.address == "local":
+                _init_loopback_ray(kwargs)
+            else:
+                ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}") from None
