@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=5000)
     tracking_uri(sp)
     common(sp)
+    sp = sub.add_parser("evaluators", help="each evaluator's options, parameters read and metrics")
+    sp.add_argument("name", nargs="?", help="one evaluator (default: all)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--markdown", action="store_true", help="the docs/params.md reference")
     sp = sub.add_parser("validate", help="check spec files (and evaluator options) without running")
     sp.add_argument("specs", type=Path, nargs="+")
     return p
@@ -257,6 +261,25 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _cmd_evaluators(args: argparse.Namespace) -> int:
+    from dse import registry
+    from dse.schema import as_markdown, as_text
+
+    names = [args.name] if args.name else registry.names()
+    try:
+        schemas = [(n, registry.schema(n)) for n in names]
+    except KeyError as e:
+        raise SpecError([f"dse evaluators: {e.args[0]}"]) from None
+    if args.json:
+        print(json.dumps({n: None if sc is None else sc.describe() for n, sc in schemas}))
+    elif args.markdown:
+        print(as_markdown([sc for _, sc in schemas if sc is not None]), end="")
+    else:
+        print("\n\n".join(as_text(sc) if sc is not None else f"{n}: (no schema: a plain factory)"
+                          for n, sc in schemas))
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     errors: list[str] = []
     for path in args.specs:
@@ -293,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sync": _cmd_sync,
             "ui": _cmd_ui,
             "validate": _cmd_validate,
+            "evaluators": _cmd_evaluators,
         }[args.command](args)
     except SpecError as e:
         for line in e.errors:

@@ -287,6 +287,63 @@ class EvaluatorSchema:
         }
 
 
+def _cond(x: Param | Metric) -> str:
+    out = []
+    if x.repeat is not None:
+        out.append(f"i = {x.repeat[1]} .. {x.repeat[1]} + {x.repeat[0]} - 1")
+    if x.when_doc:
+        out.append(f"when {x.when_doc}")
+    return "; ".join(out)
+
+
+def as_text(schema: EvaluatorSchema) -> str:
+    """A plain-text listing of ``schema`` (what ``dse evaluators NAME`` prints)."""
+    lines = [f"{schema.name}: {schema.doc}", "  options:"]
+    for o in schema.options:
+        d = "required" if o.required else f"default {o.default!r}"
+        lines.append(f"    {o.name:<18} {o.expected()}; {d}. {o.doc}")
+    lines.append("  parameters read:")
+    for p in schema.params:
+        c = _cond(p)
+        lines.append(f"    {p.name:<30} {p.expected()}. {p.doc}" + (f" [{c}]" if c else ""))
+    lines.append("  metrics returned:")
+    for m in schema.metrics:
+        c = _cond(m)
+        lines.append(f"    {m.name:<30} {m.doc}" + (f" [{c}]" if c else ""))
+    if schema.info:
+        lines.append("  trial information (not metrics):")
+        lines += [f"    {m.name:<30} {m.doc}" + (f" [{_cond(m)}]" if _cond(m) else "")
+                  for m in schema.info]
+    return "\n".join(lines)
+
+
+def as_markdown(schemas: Sequence[EvaluatorSchema]) -> str:
+    """The evaluators' reference section of docs/params.md (a test keeps it in step)."""
+
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|")
+
+    out: list[str] = []
+    for sc in schemas:
+        out += [f"### `{sc.name}`", "", cell(sc.doc), "",
+                "| option | expected | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{o.name}` | {cell(o.expected())} | "
+                f"{'required' if o.required else f'`{o.default!r}`'} | {cell(o.doc)} |"
+                for o in sc.options]
+        out += ["", "| parameter read | expected | meaning |", "|---|---|---|"]
+        out += [f"| `{p.name}` | {cell(p.expected())} | {cell(p.doc)}"
+                f"{' (' + cell(_cond(p)) + ')' if _cond(p) else ''} |" for p in sc.params]
+        out += ["", "Metrics: " + ", ".join(
+            f"`{m.name}`" + (f" ({cell(_cond(m))})" if _cond(m) else "") for m in sc.metrics)
+            + "."]
+        if sc.info:
+            out += ["", "Trial information: " + ", ".join(
+                f"`{m.name}`" + (f" ({cell(_cond(m))})" if _cond(m) else "") for m in sc.info)
+                + "."]
+        out.append("")
+    return "\n".join(out)
+
+
 Build = Callable[[dict[str, Any], "EvalContext"], "Evaluator"]
 
 
@@ -376,5 +433,6 @@ def merge(*groups: Sequence[Any]) -> tuple[Any, ...]:
 
 
 __all__ = ["CheckedOptions", "EvaluatorSchema", "Metric", "Option", "Param", "Plugin", "REQUIRED", "TYPES",
+           "as_markdown", "as_text",
            "flag", "format_error", "merge", "positive_int", "quant_params", "schema_of",
            "sparsity_params"]

@@ -178,3 +178,23 @@ def test_schema_metrics_are_what_the_evaluator_returns(
     assert floats == set(sc.metric_names(opts))
     info = {m.name.format(**{k: v for k, v in opts.items() if isinstance(v, str)}) for m in sc.info}
     assert set(out) - floats <= info
+
+
+def test_docs_params_reference_is_generated_from_the_schemas(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (EXAMPLES.parent / "docs" / "params.md").read_text()
+    begin, end = "<!-- evaluators:begin -->\n", "<!-- evaluators:end -->"
+    documented = text[text.index(begin) + len(begin): text.index(end)]
+    assert main(["evaluators", "--markdown"]) == 0
+    assert documented == capsys.readouterr().out, "regenerate: dse evaluators --markdown"
+
+
+def test_cli_evaluators_lists_schemas(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["evaluators", "plena", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["plena"]
+    assert "hw.mlen" in [p["name"] for p in d["params"]]
+    assert "area_mm2" in [m["name"] for m in d["metrics"]]
+    assert main(["evaluators", "zdt1"]) == 0
+    assert "{prefix}.{i}" in capsys.readouterr().out
+    assert main(["evaluators", "zdt9"]) == 2
