@@ -150,6 +150,7 @@ def test_write_artifacts(tmp_path: Path) -> None:
     assert b"plotly" in (tmp_path / "pareto.html").read_bytes()[:200000]
 
 
+@pytest.mark.slow
 def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -178,8 +179,34 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
     assert [(m.step, m.value) for m in hist] == [(1, 0.5)]
     one = next(r for r in children if r.data.tags["dse.trial_number"] == "0")
     assert one.data.params["p.f"] == "fixed" and "a" in one.data.metrics
+    # the study as the UI shows it: a model-training experiment with a description,
+    # the space, objectives and summary on the parent run, the front as a table
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.tags["mlflow.note.content"].startswith("dse study t: minimize a, maximize b subject to c <= 0.8")
+    p = parent[0].data
+    assert p.params["space.p.x"] == "float [0, 1]" and p.params["space.p.f"] == "fixed 'fixed'"
+    assert p.params["space.p.y"] == "int [1, 4] when p.k in ['v']"
+    assert p.params["objective.a"] == "minimize" and p.params["objective.b"] == "maximize"
+    assert p.params["sampler"] == "random" and p.params["seed"] == "0"
+    front = pareto_trials(trials, spec)
+    feas = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["metrics"]["c"] <= 0.8]
+    assert p.metrics["pareto_size"] == len(front) and p.metrics["n_complete"] == len(complete)
+    assert p.metrics["n_failed"] == sum(t.state == TrialState.FAIL for t in trials) == 2
+    assert p.metrics["best.a"] == min(t.values[0] for t in feas)
+    assert p.metrics["best.b"] == max(t.values[1] for t in feas)
+    tables = json.loads(p.tags["mlflow.loggedArtifacts"])
+    assert {"path": "pareto_front.json", "type": "table"} in tables
+    assert {"path": "search_space.json", "type": "table"} in tables
+
+    def table(name: str) -> dict[str, list[Any]]:
+        doc = json.loads(Path(c.download_artifacts(parent[0].info.run_id, name, str(tmp_path))).read_text())
+        return {col: [row[i] for row in doc["data"]] for i, col in enumerate(doc["columns"])}
+
+    assert sorted(table("pareto_front.json")["number"]) == [t.number for t in front]  # replaced, not appended
+    assert table("search_space.json")["name"] == ["p.x", "p.k", "p.y", "p.f"]
 
 
+@pytest.mark.slow
 def test_tracker_pareto_only_child_runs(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

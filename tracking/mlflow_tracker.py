@@ -47,6 +47,9 @@ TRIAL_TAG = "dse.trial_number"
 ROLE_TAG = "dse.role"
 PARENT_TAG = "mlflow.parentRunId"
 NAMES_TAG = "dse.names"
+KIND_TAG = "mlflow.experimentKind"
+NOTE_TAG = "mlflow.note.content"  # the description on the experiment and run pages
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 MAX_KEY_CHARS = 250  # MLflow's limit on param/metric/tag keys
 _LEGAL_KEY = re.compile(r"^[A-Za-z0-9_./ -]*$")  # MLflow's rule, minus ':' (not legal on Windows)
 
@@ -83,6 +86,37 @@ def _legal(items: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
         if key != k:
             names[key] = k
         out[key] = v
+    return out
+
+
+def parent_params(info: StudyInfo) -> dict[str, str]:
+    """The parent run's params: the search settings, every search-space parameter with its
+    domain (``space.<name>``), every objective with its direction and reference point
+    (``objective.<metric>``), the constraints and the evaluators."""
+    out = {"sampler": info.sampler, "seed": str(info.seed), "n_trials": str(info.n_trials)}
+    out |= {mlflow_key(f"sampler.{k}"): str(v) for k, v in info.sampler_options.items()}
+    out |= {mlflow_key(f"space.{p.name}"): p.domain for p in info.params}
+    for o in info.objectives:
+        out[mlflow_key(f"objective.{o.metric}")] = o.direction + (f", ref {o.ref:g}" if o.ref is not None else "")
+    out["constraints"] = ", ".join(info.constraint_keys) or "-"
+    out["evaluators"] = ", ".join(info.evaluators)
+    return out
+
+
+def summary_metrics(trials: Sequence[FrozenTrial], info: StudyInfo) -> dict[str, float]:
+    """The parent run's summary: ``pareto_size``, ``n_complete``, ``n_failed`` and
+    ``best.<metric>`` (the best feasible value of each objective, in its direction)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    out = {
+        "pareto_size": float(len(info.front(trials))),
+        "n_complete": float(len(done)),
+        "n_failed": float(sum(t.state == TrialState.FAIL for t in trials)),
+    }
+    feasible = [t for t in done if info.is_feasible(t)]
+    for i, o in enumerate(info.objectives):
+        vals = [t.values[i] for t in feasible]
+        if vals:
+            out[f"best.{o.metric}"] = float(min(vals) if o.direction == "minimize" else max(vals))
     return out
 
 
@@ -152,6 +186,10 @@ class MlflowLink:
             self.experiment_id = c.create_experiment(self.info.name, artifact_location=loc)
         else:
             self.experiment_id = exp.experiment_id
+        # MLflow 3 opens an experiment of unknown kind in GenAI mode; a study is model training.
+        for key, value in ((KIND_TAG, "custom_model_development"), (NOTE_TAG, self.info.description)):
+            if exp is None or exp.tags.get(key) != value:
+                c.set_experiment_tag(self.experiment_id, key, value)
         parents = c.search_runs(
             [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1
         )
@@ -167,15 +205,16 @@ class MlflowLink:
                 run_name=info.name,
             )
             self.parent_id = run.info.run_id
-            params = [
-                Param("seed", str(info.seed)),
-                Param("sampler", info.sampler),
-                Param("n_trials", str(info.n_trials)),
-                Param("objectives", ",".join(f"{o.metric}:{o.direction}" for o in info.objectives)),
-                Param("constraints", ",".join(info.constraint_keys) or "-"),
-                Param("evaluators", ",".join(info.evaluators)),
-            ]
-            c.log_batch(self.parent_id, params=params, tags=[RunTag("dse.spec", info.spec_text[:7000])])
+            params = [Param(k, str(v)[:6000]) for k, v in parent_params(info).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                c.log_batch(self.parent_id, params=params[i : i + 100])
+            c.log_batch(self.parent_id, tags=[RunTag("dse.spec", info.spec_text[:7000]),
+                                              RunTag(NOTE_TAG, info.description)])
+            self._log_table(
+                {"name": info.param_names, "mlflow_key": [mlflow_key(n) for n in info.param_names],
+                 "domain": [p.domain for p in info.params]},
+                "search_space.json",
+            )
         self._list_logged()
 
     def _list_logged(self) -> None:
@@ -249,9 +288,40 @@ class MlflowLink:
             )
 
     def log_artifacts(self, trials: Sequence[FrozenTrial]) -> None:
-        """Write the tables and plots to ``<sdir>/artifacts`` and log them on the parent run."""
-        for p in write_artifacts(trials, self.info, self.sdir / "artifacts"):
+        """Write the tables and plots to ``<sdir>/artifacts`` and log them on the parent run,
+        with the summary metrics (:func:`summary_metrics`) and the front as an MLflow table
+        (``pareto_front.json``: trial number, objective values, constraints, parameters)."""
+        import pyarrow.parquet as pq
+        from mlflow.entities import Metric
+
+        paths = write_artifacts(trials, self.info, self.sdir / "artifacts")
+        for p in paths:
             self.client.log_artifact(self.parent_id, str(p))
+        front = pq.read_table(self.sdir / "artifacts" / "pareto.parquet")
+        cols = ["number"] + [c for c in front.column_names if c.startswith(("values.", "constraints.", "params."))]
+        self._log_table(front.select(cols).to_pydict(), "pareto_front.json")
+        summary = summary_metrics(trials, self.info)
+        step = int(summary["n_complete"])
+        ts = int(time.time() * 1000)
+        self.client.log_batch(
+            self.parent_id, metrics=[Metric(mlflow_key(k), v, ts, step) for k, v in summary.items()]
+        )
+
+    def _log_table(self, data: dict[str, list[Any]], name: str) -> None:
+        """``MlflowClient.log_table`` that replaces the table (log_table appends to it):
+        the same JSON (pandas ``split``) and the ``mlflow.loggedArtifacts`` tag the UI reads."""
+        import tempfile
+
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            pd.DataFrame(data).to_json(path, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(self.parent_id, str(path))
+        logged = json.loads(self.client.get_run(self.parent_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        entry = {"path": name, "type": "table"}
+        if entry not in logged:
+            self.client.set_tag(self.parent_id, LOGGED_ARTIFACTS_TAG, json.dumps(logged + [entry]))
 
     def close(self, status: str = "FINISHED") -> None:
         """Mark the parent run finished."""
