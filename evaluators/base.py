@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn as nn
 from evaluators.cache import ResultCache, cache_key, software_params
 from evaluators.kinds import FIDELITIES
 from evaluators.sparsity_stats import effective_weight, quantized_input, weighted_modules
-from quant import QLinear
+from quant import LQERCache, QLinear
 
 #: SQNR reported when a weight is reproduced exactly (fp32): a finite stand-in for +inf.
 SQNR_CAP_DB = 300.0
@@ -189,6 +190,10 @@ class AccuracyEvaluator:
         self._identity = {**identity, "fidelity": fidelity, "seed": seed,
                           **({"gate_kl_nats": self.gate_kl_nats} if fidelity == "gated" else {})}
         self.cache = ResultCache(cache_dir)
+        # LQER: each layer's SVD once per (weights, format, scaling), reused across ranks and
+        # candidates, in memory and beside the results (<cache_dir>/lqer/)
+        self.lqer_cache = LQERCache(Path(cache_dir) / "lqer" if cache_dir is not None else None)
+        self._input_scales: dict[str, torch.Tensor] | None = None
         self._names = [n for n, _ in self.model.named_modules() if n]
         self._weight_signal: dict[str, float] | None = None
 
@@ -243,7 +248,7 @@ class AccuracyEvaluator:
         import quant
 
         self.check_params(params)
-        qcfg = quant.QuantConfig.from_params(params)
+        qcfg = quant.QuantConfig.from_params(params, seed=self.seed)
         scfg = quant.SparsityConfig.from_params(params, seed=self.seed)
         calib = self.calibration_inputs()
         model, srep = self.model, None
@@ -251,7 +256,16 @@ class AccuracyEvaluator:
             with torch.enable_grad():
                 model, srep = quant.apply_sparsity(self.model, scfg, calib=calib,
                                                    loss_fn=self.calibration_loss)
-        model, qrep = quant.quantize_model(model, qcfg, calib=calib)
+        scales = None
+        need = qcfg.lqer_rank > 0 or (qcfg.ratio is not None and qcfg.ratio_rule == "sensitivity")
+        if need and model is self.model:  # no mask: the calibration scales never change
+            if self._input_scales is None:
+                lay = {n for n, m in self.model.named_modules()
+                       if isinstance(m, nn.Linear | nn.Conv2d)}
+                self._input_scales = quant.calibrate_input_scales(self.model, calib, lay)
+            scales = self._input_scales
+        model, qrep = quant.quantize_model(model, qcfg, calib=calib, input_scales=scales,
+                                           lqer_cache=self.lqer_cache)
         if model is self.model:
             raise RuntimeError("quant returned the evaluator's own model; a copy was expected")
         return model.eval(), qrep, srep

@@ -19,6 +19,7 @@ from quant.formats import (
     get_format,
     multiplier_cost,
 )
+from quant.lqer import LQERCache
 from quant.model import (
     KVQuant,
     QConv2d,
@@ -48,6 +49,7 @@ __all__ = [
     "Format",
     "IntFormat",
     "KVQuant",
+    "LQERCache",
     "LogFormat",
     "MinifloatFormat",
     "QConv2d",

@@ -15,10 +15,12 @@ from typing import Any
 
 from quant.formats import Format, get_format
 
-__all__ = ["QuantConfig", "SparsityConfig", "SALIENCES", "match_pattern"]
+__all__ = ["QuantConfig", "SparsityConfig", "SALIENCES", "RATIO_RULES", "match_pattern"]
 
 SALIENCES = ("magnitude", "gradient", "snip", "fisher", "random")
+RATIO_RULES = ("depth", "sensitivity", "random")
 FP32 = get_format("fp32")
+BF16 = get_format("bf16")
 
 
 def match_pattern(name: str, overrides: tuple[tuple[str, Any], ...]) -> Any | None:
@@ -93,6 +95,13 @@ class QuantConfig:
             quantization runs along the last axis (the hidden dim, head-aligned when the head
             dim is a multiple of the block), before RoPE: an approximation of a post-RoPE
             cache, documented in docs/quant.md. Empty tuple disables it.
+        ratio: share of the weight parameters to hold in ``weights`` (the low-precision
+            format); the other layers get ``ratio_high``. Only layers without a
+            ``layer_weights`` override take part; ``None`` (default): every layer gets
+            ``weights``. Layers are chosen by ``ratio_rule`` (``quant.ratio``).
+        ratio_rule: ``depth`` | ``sensitivity`` | ``random`` (``quant.ratio.select_low``).
+        ratio_high: format of the layers outside the low-precision share (default bf16).
+        seed: seed of the ``random`` ratio rule.
     """
 
     weights: Format = FP32
@@ -104,10 +113,24 @@ class QuantConfig:
     layer_weights: tuple[tuple[str, Format], ...] = ()
     layer_acts: tuple[tuple[str, Format], ...] = ()
     kv_proj_patterns: tuple[str, ...] = ("*k_proj", "*v_proj")
+    ratio: float | None = None
+    ratio_rule: str = "depth"
+    ratio_high: Format = BF16
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for fld in ("weights", "acts", "kv", "lqer_format"):
+        for fld in ("weights", "acts", "kv", "lqer_format", "ratio_high"):
             object.__setattr__(self, fld, _fmt(f"quant.{fld}", getattr(self, fld)))
+        if self.ratio is not None:
+            object.__setattr__(self, "ratio", _float("quant.ratio", self.ratio, 0.0, 1.0))
+            lo, hi = self.weights.bits_per_element(), self.ratio_high.bits_per_element()
+            if hi <= lo:
+                raise ValueError(f"quant.ratio_high: expected a format wider than quant.weights "
+                                 f"({self.weights.name}, {lo:g} bits), got "
+                                 f"{self.ratio_high.name} ({hi:g} bits)")
+        if self.ratio_rule not in RATIO_RULES:
+            raise ValueError(f"quant.ratio_rule: expected one of {', '.join(RATIO_RULES)}, "
+                             f"got {self.ratio_rule!r}")
         if self.attn is not None:
             object.__setattr__(self, "attn", _fmt("quant.attn", self.attn))
         object.__setattr__(self, "lqer_rank", _int("quant.lqer.rank", self.lqer_rank, 0))
@@ -145,7 +168,8 @@ class QuantConfig:
         lw: list[tuple[str, Format]] = []
         la: list[tuple[str, Format]] = []
         simple = {"quant.weights": "weights", "quant.acts": "acts", "quant.kv": "kv",
-                  "quant.attn": "attn", "quant.lqer.format": "lqer_format"}
+                  "quant.attn": "attn", "quant.lqer.format": "lqer_format",
+                  "quant.ratio_high": "ratio_high"}
         for key, v in params.items():
             if not key.startswith("quant."):
                 continue
@@ -153,13 +177,20 @@ class QuantConfig:
                 kw[simple[key]] = _fmt(key, v)
             elif key == "quant.lqer.rank":
                 kw["lqer_rank"] = _int(key, v, 0)
+            elif key == "quant.ratio":
+                kw["ratio"] = _float(key, v, 0.0, 1.0)
+            elif key == "quant.ratio_rule":
+                if v not in RATIO_RULES:
+                    raise ValueError(f"{key}: expected one of {', '.join(RATIO_RULES)}, got {v!r}")
+                kw["ratio_rule"] = v
             elif key.startswith("quant.layer."):
                 pattern, fld = _layer_key(key, "quant.layer.", ("weights", "acts"))
                 (lw if fld == "weights" else la).append((pattern, _fmt(key, v)))
             else:
                 raise ValueError(
                     f"{key}: unknown quant parameter (expected one of {', '.join(simple)}, "
-                    "quant.lqer.rank, quant.layer.<pattern>.weights|acts)"
+                    "quant.lqer.rank, quant.ratio, quant.ratio_rule, "
+                    "quant.layer.<pattern>.weights|acts)"
                 )
         return cls(layer_weights=tuple(lw), layer_acts=tuple(la), **kw, **extra)
 

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, match_pattern
 from quant.formats import Format, get_format
+from quant.lqer import LQERCache, lqer_svd
+from quant.ratio import select_low
 
 __all__ = [
     "QMatmul",
@@ -106,17 +108,21 @@ class _KVOutputHook:
 def calibrate_input_scales(
     model: nn.Module, calib: Iterable[Any], names: set[str]
 ) -> dict[str, torch.Tensor]:
-    """Mean |x| per input feature of the named Linear modules over the calibration batches.
+    """Mean |x| per input feature of the named Linear (last axis) and Conv2d (axis 1,
+    channels) modules over the calibration batches.
 
-    Returns ``{name: tensor(in_features)}`` (float32). ``model`` is run under ``no_grad``.
+    Returns ``{name: tensor(in_features or in_channels)}`` (float32). ``model`` is run under
+    ``no_grad``.
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
 
-    def make(name: str) -> Callable[..., None]:
+    def make(name: str, conv: bool) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach().float()
+            if conv:
+                x = x.movedim(1, -1)
             x = x.reshape(-1, x.shape[-1]).abs()
             sums[name] = sums.get(name, 0) + x.sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
@@ -125,7 +131,7 @@ def calibrate_input_scales(
 
     for name, mod in model.named_modules():
         if name in names:
-            hooks.append(mod.register_forward_pre_hook(make(name)))
+            hooks.append(mod.register_forward_pre_hook(make(name, isinstance(mod, nn.Conv2d))))
     try:
         with torch.no_grad():
             for batch in calib:
@@ -142,6 +148,8 @@ def lqer_factors(
     rank: int,
     act_scale: torch.Tensor | None = None,
     fmt: Format = FP32,
+    cache: LQERCache | None = None,
+    w_fmt: Format | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LQER factors ``A (in, k)``, ``B (k, out)`` with ``X A B ~= X (W - Wq)^T``.
 
@@ -150,16 +158,17 @@ def lqer_factors(
     rank k: ``A = S^-1 V_k``, ``B = Sigma_k U_k^T``, then A and B are fake-quantized in
     ``fmt`` along their reduction axis (axis 0 of both). At full rank with fp32 factors,
     ``A B = E^T`` to float tolerance (the SVD runs in float64).
+
+    With ``cache`` (and ``w_fmt``, the format that made ``weight_q``), the SVD is computed
+    once per (weights, ``w_fmt``, ``act_scale``) and reused for every rank up to the
+    stored one; the factors are bit-identical to computing them here (quant/lqer.py).
     """
-    e = (weight.detach() - weight_q.detach()).double()
-    n_in = e.shape[1]
-    s = (torch.ones(n_in, dtype=torch.float64, device=e.device) if act_scale is None
-         else act_scale.to(e.device, torch.float64))
-    s = s.clamp(min=1e-8 * max(float(s.max()), 1e-30))
-    u, sig, vh = torch.linalg.svd(e * s, full_matrices=False)
-    k = min(rank, sig.numel())
-    a = (vh[:k].T / s[:, None]).float().contiguous()
-    b = (sig[:k, None] * u[:, :k].T).float().contiguous()
+    if cache is not None:
+        if w_fmt is None:
+            raise ValueError("lqer_factors: a cache needs w_fmt (the weight format)")
+        a, b = cache.factors(weight, weight_q, w_fmt.name, act_scale, rank)
+    else:
+        a, b = lqer_svd(weight, weight_q, act_scale, rank)
     return fmt.quantize(a, 0), fmt.quantize(b, 0)
 
 
@@ -197,6 +206,7 @@ class QLinear(nn.Module):
         lqer_rank: int = 0,
         lqer_fmt: Format = FP32,
         act_scale: torch.Tensor | None = None,
+        lqer_cache: LQERCache | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -210,7 +220,9 @@ class QLinear(nn.Module):
         self.lqer_A: torch.Tensor | None
         self.lqer_B: torch.Tensor | None
         if self.lqer_rank > 0:
-            a, b = lqer_factors(w, wq, self.lqer_rank, act_scale, lqer_fmt)
+            # the parameter itself (not a detached alias): its digest is remembered per object
+            a, b = lqer_factors(linear.weight, wq, self.lqer_rank, act_scale, lqer_fmt,
+                                lqer_cache, w_fmt)
             self.register_buffer("lqer_A", a.to(w.dtype))
             self.register_buffer("lqer_B", b.to(w.dtype))
         else:
@@ -288,8 +300,12 @@ class QuantReport:
     """What ``quantize_model`` did.
 
     Attributes:
-        quant_ratio_params: share of Linear/Conv2d weight elements stored in a format with
-            fewer than 32 bits (denominator: all Linear/Conv2d weight elements).
+        quant_ratio_params: share of Linear/Conv2d weight elements stored in the
+            low-precision format (``quant.weights`` under ``quant.ratio``, else the weight
+            format with the fewest nominal bits per element in use; ties: every format
+            with that many bits), when below 32 bits;
+            else 0 (arXiv 2410.06722's quantization ratio; denominator: all Linear/Conv2d
+            weight elements). Half mxint4 / half bf16 is 0.5.
         quant_ratio_matmuls: share of matmuls (Linear, Conv2d, QMatmul) whose operands are
             all in formats with fewer than 32 bits.
         avg_weight_bits: element-weighted mean storage bits of Linear/Conv2d weights
@@ -328,7 +344,9 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(
-    model: nn.Module, config: QuantConfig, calib: Iterable[Any] | None = None
+    model: nn.Module, config: QuantConfig, calib: Iterable[Any] | None = None,
+    *, input_scales: dict[str, torch.Tensor] | None = None,
+    lqer_cache: LQERCache | None = None,
 ) -> tuple[nn.Module, QuantReport]:
     """Return a quantized deep copy of ``model`` and a report; ``model`` is not touched.
 
@@ -344,7 +362,10 @@ def quantize_model(
 
     ``calib`` (an iterable of batches: tensor, tuple or dict, fed as in ``run_batch``) is
     used by LQER for the per-input-feature activation scales; without it the scales are 1
-    (plain SVD of the weight error).
+    (plain SVD of the weight error). ``input_scales``: those scales when already known
+    (``calibrate_input_scales`` of this same model and ``calib``); then ``calib`` is not
+    run. ``lqer_cache``: an :class:`quant.lqer.LQERCache` reusing each layer's SVD across
+    ranks and calls (bit-identical factors).
     """
     # The copy shares the given model's parameters and buffers instead of duplicating them:
     # nothing here writes to them (replaced layers get new quantized tensors), so the
@@ -354,13 +375,24 @@ def quantize_model(
     new = copy.deepcopy(model, shared)
     new.eval()
     mods = dict(new.named_modules())
-    linears = {n for n, m in mods.items() if isinstance(m, nn.Linear)}
+    layers = {n: m for n, m in mods.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    by_ratio = config.ratio is not None
+    need_scales = config.lqer_rank > 0 or (by_ratio and config.ratio_rule == "sensitivity")
     scales: dict[str, torch.Tensor] = {}
-    if config.lqer_rank > 0 and calib is not None:
-        scales = calibrate_input_scales(new, calib, linears)
+    if need_scales and input_scales is not None:
+        scales = dict(input_scales)
+    elif need_scales and calib is not None:
+        scales = calibrate_input_scales(new, calib, set(layers))
+    ratio_layers: dict[str, nn.Module] = {}
+    low: set[str] = set()
+    if by_ratio:  # layers with an explicit weight override keep it
+        ratio_layers = {n: m for n, m in layers.items()
+                        if match_pattern(n, config.layer_weights) is None}
+        low = set(select_low(ratio_layers, config, scales))
 
     report = QuantReport(kv_bits=config.kv.bits_per_element())
-    w_elems = w_low = 0
+    w_elems = 0
+    w_nominal: list[tuple[int, float]] = []  # (params, nominal bits) per layer
     w_bits_sum = 0.0
     act_bits: list[float] = []
     n_mm = n_mm_low = 0
@@ -369,6 +401,8 @@ def quantize_model(
     for name, mod in mods.items():
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             wf, af = config.weight_format(name), config.act_format(name)
+            if name in ratio_layers:
+                wf = config.weights if name in low else config.ratio_high
             is_lin = isinstance(mod, nn.Linear)
             rank = config.lqer_rank if (is_lin and not wf.is_identity) else 0
             axis = -1 if is_lin else 1
@@ -383,7 +417,7 @@ def quantize_model(
             if not (wf.is_identity and af.is_identity and rank == 0):
                 if is_lin:
                     q: nn.Module = QLinear(mod, wf, af, rank, config.lqer_format,
-                                           scales.get(name))
+                                           scales.get(name), lqer_cache)
                 else:
                     q = QConv2d(mod, wf, af)
                 if name:
@@ -392,8 +426,7 @@ def quantize_model(
                     new = q
             w_elems += n
             w_bits_sum += (bits + lqer_bits) * n
-            if bits < 32:
-                w_low += n
+            w_nominal.append((n, wf.bits_per_element()))
             a_bits = af.bits_per_element()
             act_bits.append(a_bits)
             n_mm += 1
@@ -403,6 +436,7 @@ def quantize_model(
                 "weight_format": wf.name, "act_format": af.name,
                 "weight_bits": bits, "act_bits": a_bits, "params": n,
                 "lqer_rank": rank, "lqer_bits": lqer_bits,
+                **({"ratio_low": name in low} if name in ratio_layers else {}),
                 "weight_bytes": wf.tensor_bytes(shape, axis),
             }
         elif isinstance(mod, QMatmul):
@@ -427,7 +461,11 @@ def quantize_model(
                 report.per_layer.setdefault(name, {})["kv_output_format"] = config.kv.name
 
     if w_elems:
-        report.quant_ratio_params = w_low / w_elems
+        # arXiv 2410.06722: share of parameters in the low-precision format: quant.weights
+        # under quant.ratio, else the weight format with the fewest (nominal) bits in use
+        lo = config.weights.bits_per_element() if by_ratio else min(b for _, b in w_nominal)
+        if lo < 32:
+            report.quant_ratio_params = sum(n for n, b in w_nominal if b == lo) / w_elems
         report.avg_weight_bits = w_bits_sum / w_elems
     if n_mm:
         report.quant_ratio_matmuls = n_mm_low / n_mm

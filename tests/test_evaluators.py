@@ -234,3 +234,42 @@ def test_training_is_deterministic() -> None:
     v1, _ = train_vision("glyph_cnn", n_per_glyph=1, max_steps=2, seed=1)
     v2, _ = train_vision("glyph_cnn", n_per_glyph=1, max_steps=2, seed=1)
     assert state_digest(v1) == state_digest(v2)
+
+
+def test_lqer_svd_cached_across_candidates_and_processes(tmp_path: Path) -> None:
+    """An evaluator computes each layer's LQER SVD once (in memory and under its cache
+    dir); another rank or a fresh evaluator on the same dir computes none, and the
+    metrics equal those of an evaluator that computes everything afresh."""
+    ev = CharLMEvaluator(budget_tokens=512, cache_dir=tmp_path)
+    r8 = ev.evaluate({"quant.weights": "mxint4", "quant.lqer.rank": 8})
+    assert ev.lqer_cache.svd_calls == 13  # every quantized Linear (2 x 6 + head), once
+    r4 = ev.evaluate({"quant.weights": "mxint4", "quant.lqer.rank": 4})
+    assert ev.lqer_cache.svd_calls == 13
+    assert len(list((tmp_path / "lqer").glob("*.safetensors"))) == 13
+    fresh = CharLMEvaluator(budget_tokens=512, cache_dir=tmp_path / "other")
+    assert fresh.evaluate({"quant.weights": "mxint4", "quant.lqer.rank": 4}) == r4
+    assert fresh.evaluate({"quant.weights": "mxint4", "quant.lqer.rank": 8}) == r8
+    disk = CharLMEvaluator(budget_tokens=512, cache_dir=tmp_path)
+    disk.cache = type(disk.cache)(None)  # results not cached: the model runs again
+    assert disk.evaluate({"quant.weights": "mxint4", "quant.lqer.rank": 4}) == r4
+    assert disk.lqer_cache.svd_calls == 0
+    assert r4["kl_to_fp_nats"] > r8["kl_to_fp_nats"]
+
+
+def test_quant_ratio_through_the_evaluator(char_lm: CharLMEvaluator) -> None:
+    """quant.ratio picks layers by a rule; the reported ratio is the low format's share."""
+    plain = char_lm.evaluate({"quant.weights": "int4"})
+    rs = {}
+    for rule in ("depth", "sensitivity", "random"):
+        r = char_lm.evaluate({"quant.weights": "int4", "quant.ratio": 0.5,
+                              "quant.ratio_rule": rule})
+        low = [n for n, e in r["layers"].items() if e.get("weight_format") == "int4"]
+        assert low and all(r["layers"][n]["ratio_low"] for n in low)
+        share = sum(char_lm.model.get_submodule(n).weight.numel() for n in low) / sum(
+            m.weight.numel() for m in char_lm.model.modules() if isinstance(m, nn.Linear))
+        assert r["quant_ratio_params"] == pytest.approx(share) and 0.3 < share < 0.7
+        assert 4 < r["avg_weight_bits"] < 16
+        assert r["kl_to_fp_nats"] < plain["kl_to_fp_nats"]
+        rs[rule] = r
+    assert len({tuple(sorted(n for n, e in r["layers"].items()
+                             if e.get("weight_format") == "int4")) for r in rs.values()}) == 3

@@ -132,7 +132,11 @@ def test_overrides_and_ratios(gpt: TinyGPT) -> None:
     assert pl["blocks.1.attn.pv"]["act_format"] == "mxint8"  # attn defaults to acts
     n_head = gpt.head.weight.numel()
     n_all = sum(m.weight.numel() for m in gpt.modules() if isinstance(m, nn.Linear))
-    assert rep.quant_ratio_params == pytest.approx(1 - n_head / n_all)
+    # the low-precision share counts the lowest-bit format only (mxint4: the attention
+    # projections), not every format under 32 bits (int8 / bf16 MLPs, arXiv 2410.06722)
+    n_attn = sum(m.weight.numel() for n, m in gpt.named_modules()
+                 if isinstance(m, nn.Linear) and ".attn." in n)
+    assert rep.quant_ratio_params == pytest.approx(n_attn / n_all) and n_head < n_all
     # 13 linears + 4 attention matmuls; head and one qk are fp32 -> 15/17 low precision
     assert rep.quant_ratio_matmuls == pytest.approx(15 / 17)
     assert isinstance(qm.head, QLinear)  # fp32 weight but mxint8 inputs -> still wrapped
@@ -309,3 +313,130 @@ def test_activation_threshold_and_quant_after_sparsity(gpt: TinyGPT) -> None:
         qm(_tokens(5))
     sp = activation_sparsity(qm)
     assert set(sp) == set(rep.per_layer) and all(0 < v < 1 for v in sp.values())
+
+
+def test_lqer_cache_bit_identical_across_ranks_and_disk(tmp_path) -> None:
+    """The SVD runs once per (weights, format, scaling); every rank is a slice of it,
+    bit-identical to computing that rank directly, also after a round trip to disk."""
+    from quant import LQERCache
+    from quant.lqer import tensor_digest
+
+    torch.manual_seed(5)
+    lin = nn.Linear(40, 24)
+    calib = [torch.randn(16, 40) * torch.linspace(0.1, 5, 40) for _ in range(2)]
+    x = torch.randn(6, 40)
+    cache = LQERCache(tmp_path / "lqer", store_rank=16)
+    for rank in (8, 2, 16, 24):  # 24 = full rank: above the stored 16, computed again
+        for lf in ("fp32", "mxint8"):
+            cfg = QuantConfig(weights="mxint4", lqer_rank=rank, lqer_format=lf)
+            plain, _ = quantize_model(lin, cfg, calib=calib)
+            cached, _ = quantize_model(lin, cfg, calib=calib, lqer_cache=cache)
+            assert torch.equal(plain.lqer_A, cached.lqer_A), (rank, lf)
+            assert torch.equal(plain.lqer_B, cached.lqer_B), (rank, lf)
+            with torch.no_grad():
+                assert torch.equal(plain(x), cached(x))
+    assert cache.svd_calls == 2  # rank 8 (stored up to 16), then rank 24
+    # another weight format or another scaling is another SVD
+    quantize_model(lin, QuantConfig(weights="int4", lqer_rank=4), calib=calib, lqer_cache=cache)
+    quantize_model(lin, QuantConfig(weights="mxint4", lqer_rank=4), lqer_cache=cache)
+    assert cache.svd_calls == 4
+    # a fresh cache on the same directory serves every rank from disk
+    disk = LQERCache(tmp_path / "lqer", store_rank=16)
+    for rank in (1, 8, 24):
+        cfg = QuantConfig(weights="mxint4", lqer_rank=rank)
+        plain, _ = quantize_model(lin, cfg, calib=calib)
+        cached, _ = quantize_model(lin, cfg, calib=calib, lqer_cache=disk)
+        assert torch.equal(plain.lqer_A, cached.lqer_A) and torch.equal(plain.lqer_B, cached.lqer_B)
+    assert disk.svd_calls == 0 and disk.hits == 3
+    # other weights (same shape) never hit: the key is the weights' content
+    lin2 = nn.Linear(40, 24)
+    assert tensor_digest(lin2.weight) != tensor_digest(lin.weight)
+    quantize_model(lin2, QuantConfig(weights="mxint4", lqer_rank=4), calib=calib,
+                   lqer_cache=disk)
+    assert disk.svd_calls == 1
+    with torch.no_grad():  # an in-place change is a new digest
+        d0 = tensor_digest(lin2.weight)
+        lin2.weight.add_(1.0)
+        assert tensor_digest(lin2.weight) != d0
+
+
+def _linear_params(m: nn.Module) -> dict[str, int]:
+    return {n: x.weight.numel() for n, x in m.named_modules() if isinstance(x, nn.Linear)}
+
+
+def test_ratio_report_counts_the_low_format_only(gpt: TinyGPT) -> None:
+    sizes = _linear_params(gpt)
+    half = [n for n in sizes if n.startswith("blocks.0.")]
+    params = {"quant.weights": "mxint4",
+              **{f"quant.layer.{n}.weights": "bf16" for n in half}}
+    _, rep = quantize_model(gpt, QuantConfig.from_params(params))
+    n_low = sum(v for n, v in sizes.items() if n not in half)
+    assert rep.quant_ratio_params == pytest.approx(n_low / sum(sizes.values()))
+    _, rep16 = quantize_model(gpt, QuantConfig(weights="bf16"))
+    assert rep16.quant_ratio_params == 1.0  # bf16 everywhere: bf16 is the low format
+    _, rep32 = quantize_model(gpt, QuantConfig(acts="int8"))
+    assert rep32.quant_ratio_params == 0.0
+
+
+def test_ratio_depth_rule_by_hand(gpt: TinyGPT) -> None:
+    sizes = _linear_params(gpt)  # module order: blocks.0 attn q,k,v,o, mlp.0, mlp.2, ...
+    total = sum(sizes.values())
+    names = list(sizes)
+    for ratio in (0.0, 0.1, 0.3, 0.5, 0.9, 1.0):
+        cfg = QuantConfig.from_params({"quant.weights": "mxint4", "quant.ratio": ratio})
+        _, rep = quantize_model(gpt, cfg)
+        prefixes = [names[:j] for j in range(len(names) + 1)]  # closest share, then shorter
+        low = min(prefixes, key=lambda p: (abs(sum(sizes[n] for n in p) - ratio * total),
+                                           len(p)))
+        cum = sum(sizes[n] for n in low)
+        got = [n for n in names if rep.per_layer[n]["weight_format"] == "mxint4"]
+        assert got == low, ratio
+        assert all(rep.per_layer[n]["weight_format"] == "bf16" for n in names if n not in low)
+        assert rep.quant_ratio_params == pytest.approx(cum / total)
+        assert abs(cum - ratio * total) <= max(sizes.values()) / 2
+    full, _ = quantize_model(gpt, QuantConfig(weights="mxint4", ratio=1.0))
+    plain, _ = quantize_model(gpt, QuantConfig(weights="mxint4"))
+    with torch.no_grad():
+        assert torch.equal(full(_tokens()), plain(_tokens()))
+
+
+def test_ratio_overrides_sensitivity_and_random(gpt: TinyGPT) -> None:
+    sizes = _linear_params(gpt)
+    # an explicit override is kept and takes no part in the selection
+    cfg = QuantConfig.from_params({"quant.weights": "mxint4", "quant.ratio": 1.0,
+                                   "quant.ratio_high": "int8",
+                                   "quant.layer.head.weights": "fp32"})
+    _, rep = quantize_model(gpt, cfg)
+    assert rep.per_layer["head"]["weight_format"] == "fp32"
+    assert "ratio_low" not in rep.per_layer["head"]
+    # sensitivity: a layer with one outlier per 32-block (10x the other weights) loses its
+    # small weights in mxint4 (relative error ~0.12 vs ~0.02) and is the last to go low
+    torch.manual_seed(7)
+    m = TinyGPT().eval()
+    with torch.no_grad():
+        q = m.blocks[0]["attn"].q.weight
+        q[:, ::32] = 10 * float(q.abs().mean())
+    from quant.ratio import select_low, sensitivity
+
+    cfg = QuantConfig(weights="mxint4", ratio=1.0, ratio_rule="sensitivity")
+    mods = {n: x for n, x in m.named_modules() if isinstance(x, nn.Linear)}
+    order = select_low(mods, cfg, None)
+    assert order[-1] == "blocks.0.attn.q"
+    sens = [sensitivity(mods[n], cfg, None) for n in order]
+    assert sens == sorted(sens)
+    calib = [_tokens(i) for i in range(2)]
+    cfg_half = QuantConfig(weights="mxint4", ratio=0.5, ratio_rule="sensitivity")
+    _, rep = quantize_model(m, cfg_half, calib=calib)
+    assert rep.per_layer["blocks.0.attn.q"]["weight_format"] == "bf16"
+    # random: seeded
+    picks = []
+    for seed in (0, 0, 1):
+        c = QuantConfig(weights="mxint4", ratio=0.5, ratio_rule="random", seed=seed)
+        _, r = quantize_model(gpt, c)
+        picks.append({n for n in sizes if r.per_layer[n]["weight_format"] == "mxint4"})
+    assert picks[0] == picks[1] != picks[2]
+    for bad, field in [({"quant.ratio": 1.5}, "quant.ratio"),
+                       ({"quant.ratio_rule": "size"}, "quant.ratio_rule"),
+                       ({"quant.weights": "bf16", "quant.ratio": 0.5}, "quant.ratio_high")]:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            QuantConfig.from_params(bad)
