@@ -379,6 +379,8 @@ def schema_of(factory: Any) -> EvaluatorSchema | None:
 def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str, Any]], bool]
                  | None = None, when_doc: str = "") -> tuple[Param, ...]:
     """The ``quant.*`` parameters (all, or those named), read by ``quant.QuantConfig``."""
+    from quant.config import RATIO_RULES
+
     allp = (
         Param("quant.weights", "format", "default format of every Linear/Conv weight"),
         Param("quant.acts", "format", "default format of every matmul/conv input activation"),
@@ -388,6 +390,13 @@ def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str
         Param("quant.lqer.rank", "int", "LQER rank k for every quantized Linear (0 = off)",
               low=0),
         Param("quant.lqer.format", "format", "format of the LQER factors A, B"),
+        Param("quant.ratio", "float", "share of Linear/Conv weight parameters in quant.weights "
+              "(the low-precision format); the other layers get quant.ratio_high "
+              "(docs/quant.md)", low=0.0, high=1.0),
+        Param("quant.ratio_rule", "str", "which layers go low first: depth (from the input), "
+              "sensitivity (calibration-measured), random (study seed)", choices=RATIO_RULES),
+        Param("quant.ratio_high", "format", "format of the layers outside the low-precision "
+              "share (default bf16; wider than quant.weights)"),
         Param("quant.layer.*.weights", "format", "weight format of modules whose qualified "
               "name matches the pattern (fnmatch glob; the longest pattern wins)"),
         Param("quant.layer.*.acts", "format", "input-activation format of matching modules"),

@@ -52,7 +52,8 @@ ACCURACY_METRICS: tuple[Metric, ...] = (
     Metric("avg_weight_bits", "parameter-weighted bits per weight (scales included)"),
     Metric("avg_act_bits", "mean bits of matmul input activations (unweighted)"),
     Metric("kv_bits", "bits per K/V cache element"),
-    Metric("quant_ratio_params", "share of Linear/Conv weight elements in a format below 32 bits"),
+    Metric("quant_ratio_params", "share of Linear/Conv weight elements in the low-precision "
+           "format (arXiv 2410.06722; docs/quant.md)"),
     Metric("quant_ratio_matmuls", "share of matmuls with every operand below 32 bits"),
     Metric("memory_density", "32 / avg_weight_bits"),
     Metric("weight_sparsity", "share of exact-zero effective weights"),
