@@ -8,6 +8,7 @@ See docs/cli.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from dse.spec import SpecError, load_spec
 DEFAULT_DIR = "dse-studies"
 
 
+@functools.cache  # built once per process (argparse costs ~20 ms, mostly gettext look-ups)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dse", description="Distributed design-space exploration.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -39,7 +39,15 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dse import registry
 from dse.pareto import FrontTracker, is_feasible
-from dse.spec import Spec, complete_params, parse_spec, sample_params, study_info
+from dse.spec import (
+    Spec,
+    SpecError,
+    complete_params,
+    parse_spec,
+    sample_params,
+    study_info,
+    study_name_problem,
+)
 from dse.storage import buffered_records, flush_storage, open_storage
 
 __all__ = ["Driver", "DriverError", "RunSummary", "open_storage", "open_study", "study_dir"]
@@ -75,7 +83,13 @@ class DriverError(RuntimeError):
 
 
 def study_dir(spec_name: str, root: str | Path = DEFAULT_DIR) -> Path:
-    """The directory holding everything of study ``spec_name``: ``<root>/<name>/``."""
+    """The directory holding everything of study ``spec_name``: ``<root>/<name>/``.
+
+    Raises:
+        SpecError: ``spec_name`` is not a plain name (a path, ``..``, an option, ...).
+    """
+    if why := study_name_problem(spec_name):
+        raise SpecError([f"study: {why}"])
     return Path(root) / spec_name
 
 

@@ -42,7 +42,11 @@ SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random", "qmc")
 DIRECTIONS = ("minimize", "maximize")
 OPS = ("<=", ">=")
 CHILD_RUNS = ("all", "pareto")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # a plain study name
+MAX_SEED = 2**32 - 1  # numpy's RandomState, which the samplers seed
+MAX_TRIALS = 1_000_000  # n_trials and max_failed
+MAX_WORKERS = 4096
+MAX_SPACE_DEPTH = 32  # levels of a dotted parameter name
 PARAM_KEY_RE = re.compile(r"^[A-Za-z0-9_*?\[\]-]+$")
 
 _SECTIONS = ("study", "objectives", "constraints", "space", "evaluators", "ray", "tracking")
@@ -64,6 +68,36 @@ _EVAL_KEYS = ("name", "options", "resources")
 _RES_KEYS = ("num_cpus", "num_gpus", "memory")
 _RAY_KEYS = ("address", "workers")
 _TRACK_KEYS = ("enabled", "uri", "child_runs", "artifact_every")
+
+
+def study_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain study name (``None``: it is one).
+
+    A study name becomes a directory under ``--dir`` and an argument of ``dse resume``:
+    1-64 letters, digits, ``_``, ``-`` or ``.``, not starting with ``-`` or ``.``, no
+    ``..``; never a path, ``.``/``..`` or an option.
+    """
+    if NAME_RE.match(name) and ".." not in name:
+        return None
+    shown = repr(name if len(name) <= 40 else name[:40] + "...")
+    return (f"expected a plain name (1-64 letters, digits, '_', '-', '.'; not starting with "
+            f"'-' or '.', no '..'), got {shown}" + (f" ({len(name)} characters)" if len(name) > 64 else ""))
+
+
+def storage_problem(url: str) -> str | None:
+    """Why ``url`` is not a study storage (``None``: a journal path or a database URL)."""
+    if url.endswith((".journal", ".log")) and "://" not in url:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+        return None
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (f"expected a path ending in .journal or .log, or a database URL "
+            f"(sqlite:///path.db, postgresql://user@host/db), got {url!r} ({why})")
 
 
 class SpecError(ValueError):
@@ -364,6 +398,9 @@ def load_spec(path: str | Path, *, check_options: bool = True) -> Spec:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"{path}: cannot read the file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{path}: cannot read the file: expected UTF-8 text (TOML), got byte "
+                         f"0x{e.object[e.start]:02x} at offset {e.start}"]) from None
     return parse_spec(text, source=str(path), check_options=check_options, path=path)
 
 
@@ -375,6 +412,8 @@ def parse_spec(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError([f"{source}: invalid TOML: {e}"]) from None
+    except RecursionError:
+        raise SpecError([f"{source}: invalid TOML: arrays or inline tables nested too deep"]) from None
     v = _Validator(source)
     spec = v.spec(data, check_options=check_options)
     if v.errors:
@@ -448,7 +487,8 @@ class _Validator:
         return val
 
     def get_int(
-        self, t: Mapping[str, Any], key: str, fld: str, default: Any, minimum: int | None = None
+        self, t: Mapping[str, Any], key: str, fld: str, default: Any, minimum: int | None = None,
+        maximum: int | None = None,
     ) -> int | None:
         val = t.get(key, default)
         if val is None:
@@ -458,6 +498,9 @@ class _Validator:
             return None
         if minimum is not None and val < minimum:
             self.err(fld, f"expected an integer >= {minimum}, got {val}")
+            return None
+        if maximum is not None and val > maximum:
+            self.err(fld, f"expected an integer <= {maximum}, got {val}")
             return None
         return val
 
@@ -498,14 +541,17 @@ class _Validator:
         study = self.table(data, "study", "study")
         self.unknown(study, _STUDY_KEYS, "study.")
         name = self.get_str(study, "name", "study.name") if "study" in data else None
-        if name is not None and not NAME_RE.match(name):
-            self.err("study.name", f"expected letters, digits, '_', '.', '-' only, got {name!r}")
+        if name is not None and (why := study_name_problem(name)):
+            self.err("study.name", why)
             name = None
-        seed = self.get_int(study, "seed", "study.seed", 0, minimum=0)
-        n_trials = self.get_int(study, "n_trials", "study.n_trials", 100, minimum=1)
+        seed = self.get_int(study, "seed", "study.seed", 0, minimum=0, maximum=MAX_SEED)
+        n_trials = self.get_int(study, "n_trials", "study.n_trials", 100, minimum=1, maximum=MAX_TRIALS)
         timeout_s = self.get_num(study, "timeout_s", "study.timeout_s", None, positive=True)
         storage = self.get_str(study, "storage", "study.storage", None)
-        max_failed = self.get_int(study, "max_failed", "study.max_failed", None, minimum=0)
+        if storage is not None and (why := storage_problem(storage)):
+            self.err("study.storage", why)
+        max_failed = self.get_int(study, "max_failed", "study.max_failed", None, minimum=0,
+                                  maximum=MAX_TRIALS)
 
         objectives = self.objectives(data)
         default_sampler = "nsga2" if len(objectives) > 1 else "tpe"
@@ -524,7 +570,9 @@ class _Validator:
         ray_t = self.table(data, "ray", "ray")
         self.unknown(ray_t, _RAY_KEYS, "ray.")
         address = self.get_str(ray_t, "address", "ray.address", "local")
-        workers = self.get_int(ray_t, "workers", "ray.workers", 2, minimum=1)
+        if address is not None and (not address or address != address.strip() or " " in address):
+            self.err("ray.address", f"expected local, auto, host:port or ray://host:port, got {address!r}")
+        workers = self.get_int(ray_t, "workers", "ray.workers", 2, minimum=1, maximum=MAX_WORKERS)
 
         tr = self.table(data, "tracking", "tracking")
         self.unknown(tr, _TRACK_KEYS, "tracking.")
@@ -565,15 +613,27 @@ class _Validator:
             if p.name not in ("self", "seed")
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        objects = ("Callable", "Sampler", "Crossover", "Mutation", "ndarray")  # not from TOML
+        takes_object = {p.name for p in sig.parameters.values() if any(o in str(p.annotation) for o in objects)}
         simple = (int, float, str, bool)
+        n_err = len(self.errors)
         for k, val in opts.items():
             if k not in allowed:
                 self.err(
                     f"study.sampler_options.{k}",
                     f"unknown option of the {sampler} sampler; expected one of: {', '.join(allowed)}",
                 )
+            elif k in takes_object:
+                self.err(f"study.sampler_options.{k}", "takes a Python object; expected an option "
+                         f"taking a number, string or bool ({', '.join(sorted(set(allowed) - takes_object))})")
             elif not isinstance(val, simple):
                 self.err(f"study.sampler_options.{k}", f"expected a number, string or bool, got {_show(val)}")
+        if len(self.errors) == n_err:  # what Optuna itself rejects, before anything is created
+            try:
+                _sampler_class(sampler)(seed=0, **opts)
+            except (ValueError, TypeError) as e:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.err("study.sampler_options", f"the {sampler} sampler rejects them: {why}")
 
     def objectives(self, data: Mapping[str, Any]) -> list[Objective]:
         items = self.array_of_tables(data, "objectives")
@@ -676,6 +736,10 @@ class _Validator:
         return done
 
     def collect(self, t: Mapping[str, Any], prefix: str, out: list[tuple[str, dict[str, Any]]]) -> None:
+        if prefix.count(".") >= MAX_SPACE_DEPTH:
+            self.err(f"space.{prefix.split('.')[0]}", f"expected at most {MAX_SPACE_DEPTH} levels of "
+                     f"parameter tables, got more ({prefix[:40]}...)")
+            return
         for k, val in t.items():
             name = f"{prefix}{k}"
             if not PARAM_KEY_RE.match(k):
@@ -717,8 +781,10 @@ class _Validator:
             if not all(isinstance(x, str | int | float | bool) for x in ch):
                 self.err(pre + "choices", "expected strings, numbers or bools only")
                 return None
-            if len(set(map(repr, ch))) != len(ch):
-                self.err(pre + "choices", f"expected distinct values, got {ch!r}")
+            if any(isinstance(x, float) and not math.isfinite(x) for x in ch):
+                self.err(pre + "choices", f"expected finite numbers, got {ch!r}")
+            elif any(a == b for i, a in enumerate(ch) for b in ch[i + 1:]):  # 1 == 1.0 == true
+                self.err(pre + "choices", f"expected distinct values (1, 1.0 and true are equal), got {ch!r}")
             for k in ("low", "high", "step", "log"):
                 if k in t:
                     self.err(pre + k, "not allowed with choices; expected only choices (and when)")

@@ -30,7 +30,7 @@ CASES: list[tuple[str, str]] = [
     ("[study\nname=1", "invalid TOML"),
     (spec(study=""), "study: required section missing"),
     (spec(study="[study]\nseed = 1\n"), "study.name: required field missing"),
-    (spec(study='[study]\nname = "a b"\n'), "study.name: expected letters, digits"),
+    (spec(study='[study]\nname = "a b"\n'), "study.name: expected a plain name"),
     (spec(study='[study]\nname = 3\n'), "study.name: expected a string, got 3"),
     (spec(study='[study]\nname = "s"\nseed = -1\n'), "study.seed: expected an integer >= 0, got -1"),
     (spec(study='[study]\nname = "s"\nseed = 1.5\n'), "study.seed: expected an integer, got 1.5"),
