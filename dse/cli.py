@@ -150,13 +150,10 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
 
 
 def _load_study(name: str, root: str) -> tuple[Any, Any]:
-    import optuna
+    from dse.api import load
 
-    from dse.driver import load_study_spec, open_storage, study_dir
-
-    spec = load_study_spec(name, root)
-    storage = open_storage(spec.storage, study_dir(name, root))
-    return spec, optuna.load_study(study_name=name, storage=storage)
+    res = load(name, root)
+    return res.spec, res.study
 
 
 def status(name: str, root: str) -> dict[str, Any]:
