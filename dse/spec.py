@@ -24,12 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 
 from dse import registry
 from dse.schema import EvaluatorSchema
@@ -131,20 +125,6 @@ class Param:
     value: Any = None
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
-    def distribution(self) -> BaseDistribution | None:
-        """The Optuna distribution of this parameter (``None`` for a fixed one)."""
-        if self.kind == "categorical":
-            return CategoricalDistribution(list(self.choices))
-        if self.kind == "int":
-            return IntDistribution(
-                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)  # type: ignore[arg-type]
-            )
-        if self.kind == "float":
-            return FloatDistribution(
-                float(self.low), float(self.high), log=self.log, step=self.step  # type: ignore[arg-type]
-            )
-        return None
-
     def active(self, params: Mapping[str, Any]) -> bool:
         """Whether this parameter exists given the already-sampled ``params``."""
         return all(k in params and params[k] in vals for k, vals in self.when.items())
@@ -244,15 +224,6 @@ class Spec:
     def directions(self) -> list[str]:
         """Optuna directions, one per objective."""
         return [o.direction for o in self.objectives]
-
-    @property
-    def param_names(self) -> list[str]:
-        """Names of the searched (non-fixed) parameters."""
-        return [p.name for p in self.params if p.kind != "fixed"]
-
-    def fixed_params(self) -> dict[str, Any]:
-        """Unconditional fixed parameters (conditional ones are added by sample_params)."""
-        return {p.name: p.value for p in self.params if p.kind == "fixed" and not p.when}
 
     def actor_resources(self) -> dict[str, float]:
         """Ray resources of one actor holding every evaluator: max CPUs/GPUs, summed memory."""

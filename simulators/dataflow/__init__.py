@@ -20,7 +20,6 @@ from simulators.dataflow.layers import (
     LayerModel,
     bram18_array,
     divisors,
-    dsp_per_multiplier,
     uram_array,
 )
 from simulators.dataflow.networks import (
@@ -55,7 +54,6 @@ __all__ = [
     "binomial_hist",
     "bram18_array",
     "divisors",
-    "dsp_per_multiplier",
     "from_record",
     "get_device",
     "get_network",

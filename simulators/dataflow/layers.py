@@ -171,17 +171,6 @@ def uram_array(depth: np.ndarray | int, width: np.ndarray | int) -> np.ndarray:
     return np.where((d == 0) | (w == 0), 0, (-(-w // 72)) * (-(-d // 4096)))
 
 
-def dsp_per_multiplier(act_bits: int, weight_bits: int) -> float:
-    """DSP48 slices per multiplier: ceil(a/18)*ceil(w/27), halved when both operands <= 8
-    bits and quartered when both <= 4 bits (packing several products into one DSP)."""
-    base = math.ceil(act_bits / 18) * math.ceil(weight_bits / 27)
-    if act_bits <= 4 and weight_bits <= 4:
-        return base * 0.25
-    if act_bits <= 8 and weight_bits <= 8:
-        return base * 0.5
-    return float(base)
-
-
 def _window_cycle_table(hist: np.ndarray, window: int, coarse_in: int, coarse_group: int = 1,
                         groups: int = 1) -> np.ndarray:
     """Mean cycles per window of the slowest stream, for every fine in 1..window.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simulators.dataflow.devices import Device, get_device
-from simulators.dataflow.layers import WEIGHT_OPS, Layer, LayerModel
+from simulators.dataflow.layers import Layer, LayerModel
 from simulators.dataflow.sparsity import Sparsity
 
 FIELDS = ("coarse_in", "coarse_out", "coarse_group", "fine")
@@ -383,11 +383,6 @@ class Pipeline:
 
 def _unknown(what: str, name: str) -> None:
     raise ValueError(f"{what}: {name!r} is not a layer of the network")
-
-
-def weight_layers(net: Network) -> list[int]:
-    """Indices of stages with weights."""
-    return [j for j, ly in enumerate(net.layers) if ly.op in WEIGHT_OPS]
 
 
 def random_foldings(net: Network, n_points: int, seed: int = 0) -> Folding:

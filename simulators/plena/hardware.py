@@ -9,7 +9,7 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
 #: the integer-valued fields of PlenaHardware
 INT_FIELDS = ("mlen", "blen", "vlen", "hlen")
@@ -158,8 +158,3 @@ class Numerics:
     def kv_bytes(self) -> float:
         """Bytes per KV-cache element (asymptotic: per-block scales included)."""
         return format_bits(self.kv, "quant.kv") / 8.0
-
-
-def as_array(x: ArrayLike) -> NDArray[np.float64]:
-    """``np.asarray(x, float64)``."""
-    return np.asarray(x, dtype=np.float64)
