@@ -379,7 +379,7 @@ def schema_of(factory: Any) -> EvaluatorSchema | None:
 def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str, Any]], bool]
                  | None = None, when_doc: str = "") -> tuple[Param, ...]:
     """The ``quant.*`` parameters (all, or those named), read by ``quant.QuantConfig``."""
-    from quant.config import RATIO_RULES
+    from quant.config import KV_LAYOUTS, RATIO_RULES
 
     allp = (
         Param("quant.weights", "format", "default format of every Linear/Conv weight"),
@@ -397,6 +397,12 @@ def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str
               "sensitivity (calibration-measured), random (study seed)", choices=RATIO_RULES),
         Param("quant.ratio_high", "format", "format of the layers outside the low-precision "
               "share (default bf16; wider than quant.weights)"),
+        Param("quant.kv_k_layout", "str", "K cache layout: token (per token, along head_dim) "
+              "or channel (per channel, along tokens; KIVI)", choices=KV_LAYOUTS),
+        Param("quant.kv_v_layout", "str", "V cache layout: token or channel",
+              choices=KV_LAYOUTS),
+        Param("quant.kv_window", "int", "most recent tokens of every query's past kept in "
+              "full precision (0 = none; smollm2/hf_lm attention only)", low=0),
         Param("quant.layer.*.weights", "format", "weight format of modules whose qualified "
               "name matches the pattern (fnmatch glob; the longest pattern wins)"),
         Param("quant.layer.*.acts", "format", "input-activation format of matching modules"),

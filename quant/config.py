@@ -15,10 +15,12 @@ from typing import Any
 
 from quant.formats import Format, get_format
 
-__all__ = ["QuantConfig", "SparsityConfig", "SALIENCES", "RATIO_RULES", "match_pattern"]
+__all__ = ["QuantConfig", "SparsityConfig", "SALIENCES", "RATIO_RULES", "KV_LAYOUTS",
+           "match_pattern"]
 
 SALIENCES = ("magnitude", "gradient", "snip", "fisher", "random")
 RATIO_RULES = ("depth", "sensitivity", "random")
+KV_LAYOUTS = ("token", "channel")
 FP32 = get_format("fp32")
 BF16 = get_format("bf16")
 
@@ -102,6 +104,12 @@ class QuantConfig:
         ratio_rule: ``depth`` | ``sensitivity`` | ``random`` (``quant.ratio.select_low``).
         ratio_high: format of the layers outside the low-precision share (default bf16).
         seed: seed of the ``random`` ratio rule.
+        kv_k_layout / kv_v_layout: ``token`` (per token, along head_dim; default) or
+            ``channel`` (per channel, along tokens; KIVI's K) for the K / V cache
+            (``quant.KVQuant`` modules; the k_proj/v_proj hook of models without them
+            supports ``token`` only).
+        kv_window: the most recent tokens of every query's past kept in full precision
+            (0 = none; needs an attention that supports it, as ``evaluators.hf``'s).
     """
 
     weights: Format = FP32
@@ -117,6 +125,9 @@ class QuantConfig:
     ratio_rule: str = "depth"
     ratio_high: Format = BF16
     seed: int = 0
+    kv_k_layout: str = "token"
+    kv_v_layout: str = "token"
+    kv_window: int = 0
 
     def __post_init__(self) -> None:
         for fld in ("weights", "acts", "kv", "lqer_format", "ratio_high"):
@@ -128,6 +139,11 @@ class QuantConfig:
                 raise ValueError(f"quant.ratio_high: expected a format wider than quant.weights "
                                  f"({self.weights.name}, {lo:g} bits), got "
                                  f"{self.ratio_high.name} ({hi:g} bits)")
+        for fld in ("kv_k_layout", "kv_v_layout"):
+            if getattr(self, fld) not in KV_LAYOUTS:
+                raise ValueError(f"quant.{fld}: expected one of {', '.join(KV_LAYOUTS)}, "
+                                 f"got {getattr(self, fld)!r}")
+        object.__setattr__(self, "kv_window", _int("quant.kv_window", self.kv_window, 0))
         if self.ratio_rule not in RATIO_RULES:
             raise ValueError(f"quant.ratio_rule: expected one of {', '.join(RATIO_RULES)}, "
                              f"got {self.ratio_rule!r}")
@@ -179,6 +195,12 @@ class QuantConfig:
                 kw["lqer_rank"] = _int(key, v, 0)
             elif key == "quant.ratio":
                 kw["ratio"] = _float(key, v, 0.0, 1.0)
+            elif key in ("quant.kv_k_layout", "quant.kv_v_layout"):
+                if v not in KV_LAYOUTS:
+                    raise ValueError(f"{key}: expected one of {', '.join(KV_LAYOUTS)}, got {v!r}")
+                kw[key[len("quant."):]] = v
+            elif key == "quant.kv_window":
+                kw["kv_window"] = _int(key, v, 0)
             elif key == "quant.ratio_rule":
                 if v not in RATIO_RULES:
                     raise ValueError(f"{key}: expected one of {', '.join(RATIO_RULES)}, got {v!r}")
@@ -189,7 +211,8 @@ class QuantConfig:
             else:
                 raise ValueError(
                     f"{key}: unknown quant parameter (expected one of {', '.join(simple)}, "
-                    "quant.lqer.rank, quant.ratio, quant.ratio_rule, "
+                    "quant.lqer.rank, quant.ratio, quant.ratio_rule, quant.kv_k_layout, "
+                    "quant.kv_v_layout, quant.kv_window, "
                     "quant.layer.<pattern>.weights|acts)"
                 )
         return cls(layer_weights=tuple(lw), layer_acts=tuple(la), **kw, **extra)

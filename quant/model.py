@@ -37,6 +37,7 @@ __all__ = [
     "QConv2d",
     "QuantReport",
     "quantize_model",
+    "kv_recent_mask",
     "lqer_factors",
     "calibrate_input_scales",
     "run_batch",
@@ -77,22 +78,55 @@ class QMatmul(nn.Module):
 
 
 class KVQuant(nn.Module):
-    """Quantize K or V as written to the cache (``quant.kv``), along the head dim (last axis).
+    """Quantize K or V as written to the cache (``quant.kv``), in a layout.
+
+    ``layout`` (``quant.kv_k_layout`` / ``quant.kv_v_layout``): ``token`` quantizes each
+    token's vector along the head dim (last axis; blocks/groups of head-dim channels, one
+    scale per token and group), ``channel`` quantizes each channel along the token axis
+    (axis -2; blocks/groups of consecutive tokens counted from position 0, one scale per
+    channel and token group): KIVI (Liu et al., ICML 2024) quantizes K per channel and V
+    per token. The group size is the format's own (``int2(asym,group=32)``, ``mxint2``:
+    32). ``window`` (``quant.kv_window``): the most recent ``window`` tokens of every
+    query's past stay in full precision (KIVI's residual); an attention that honours it
+    calls :meth:`quantize` and :func:`kv_recent_mask` itself, plain ``forward`` refuses
+    a window (the attention would silently ignore it).
 
     Identity until ``quantize_model`` sets ``fmt``. Call it on each new K (and V) slice
-    before it is stored / used, e.g. ``k = self.k_cache(k)``: every token's vector is
-    quantized once on write (row-local blocks), as a low-bit KV cache does.
+    before it is stored / used, e.g. ``k = self.k_cache(k)``: ``(B, H, T, head_dim)``.
     """
 
-    def __init__(self, fmt: Format | str = FP32) -> None:
+    LAYOUTS = ("token", "channel")
+
+    def __init__(self, fmt: Format | str = FP32, layout: str = "token", window: int = 0) -> None:
         super().__init__()
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.layout = layout
+        self.window = int(window)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., tokens, head_dim) fake-quantized in ``fmt`` and ``layout``."""
+        if self.fmt.is_identity:
+            return x
+        return self.fmt.quantize(x, -1 if self.layout == "token" else -2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x if self.fmt.is_identity else self.fmt.quantize(x, -1)
+        if self.window > 0 and not self.fmt.is_identity:
+            raise ValueError("quant.kv_window: this model's attention does not support a "
+                             "full-precision window (expected 0)")
+        return self.quantize(x)
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"fmt={self.fmt.name}"
+        return f"fmt={self.fmt.name}, layout={self.layout}, window={self.window}"
+
+
+def kv_recent_mask(t: int, s: int, window: int, device: torch.device | None = None
+                   ) -> torch.Tensor:
+    """(t, s) bool mask, True where key ``j`` is among the ``window`` most recent tokens
+    of query ``i`` (queries are the last ``t`` of ``s`` positions): ``0 <= (s - t + i) - j
+    < window``. Those keys/values are read in full precision under ``quant.kv_window``."""
+    qpos = torch.arange(s - t, s, device=device)[:, None]
+    d = qpos - torch.arange(s, device=device)[None, :]
+    return (d >= 0) & (d < window)
 
 
 class _KVOutputHook:
@@ -449,11 +483,19 @@ def quantize_model(
             report.per_layer[name] = {"kind": "matmul", "act_format": f.name, "act_bits": b}
         elif isinstance(mod, KVQuant):
             mod.fmt = config.kv
+            mod.layout = config.kv_k_layout if name.endswith("k_cache") else config.kv_v_layout
+            mod.window = config.kv_window
             report.per_layer[name] = {"kind": "kv", "kv_format": config.kv.name,
-                                      "kv_bits": report.kv_bits}
+                                      "kv_bits": report.kv_bits, "kv_layout": mod.layout,
+                                      "kv_window": mod.window}
 
     if not has_kvq and not config.kv.is_identity and config.kv_proj_patterns:
         from fnmatch import fnmatchcase
+
+        if (config.kv_k_layout, config.kv_v_layout, config.kv_window) != ("token", "token", 0):
+            raise ValueError("quant.kv_k_layout/kv_v_layout/kv_window: this model has no "
+                             "KVQuant modules (its k_proj/v_proj hook supports the default "
+                             "token layout and no window)")
 
         for name, mod in list(new.named_modules()):
             if name and any(fnmatchcase(name, p) for p in config.kv_proj_patterns):

@@ -165,3 +165,72 @@ def test_hf_calibration_windows_come_from_the_training_topics(tiny_llama_dir: Pa
     finally:
         h.remove()
     assert {s.numpy().tobytes() for s in seen} == {c.numpy().tobytes() for c in calib}
+
+
+def _windowed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str,
+                        k_layout: str, v_layout: str, window: int) -> torch.Tensor:
+    """Query by query: keys/values among its `window` most recent are the unquantized
+    ones, older ones quantized in their layout (per token: along head_dim; per channel:
+    along tokens), causal softmax; K/V repeated per query head."""
+    from quant import get_format
+
+    f = get_format(fmt)
+    kq = f.quantize(k, -1 if k_layout == "token" else -2)
+    vq = f.quantize(v, -1 if v_layout == "token" else -2)
+    rep = q.shape[1] // k.shape[1]
+    k, v, kq, vq = (x.repeat_interleave(rep, dim=1) for x in (k, v, kq, vq))
+    t = q.shape[2]
+    out = torch.empty_like(q)
+    for i in range(t):
+        recent = (i - torch.arange(i + 1)) < window
+        ki = torch.where(recent[:, None], k[:, :, : i + 1], kq[:, :, : i + 1])
+        vi = torch.where(recent[:, None], v[:, :, : i + 1], vq[:, :, : i + 1])
+        p = (q[:, :, i : i + 1] @ ki.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        out[:, :, i] = (p @ vi)[:, :, 0]
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(("k_layout", "v_layout", "window"), [
+    ("token", "token", 0), ("channel", "token", 0), ("channel", "token", 5),
+    ("token", "channel", 3), ("channel", "channel", 64)])
+def test_kv_layouts_and_window_match_a_per_query_reference(k_layout: str, v_layout: str,
+                                                           window: int) -> None:
+    from evaluators.hf import _quant_attention
+    from quant import KVQuant, QMatmul
+
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, 24, 16), torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    fmt = "int2(asym,group=8)"
+    mod = torch.nn.Module()
+    mod.qk, mod.pv = QMatmul(), QMatmul()
+    mod.k_cache = KVQuant(fmt, layout=k_layout, window=window)
+    mod.v_cache = KVQuant(fmt, layout=v_layout, window=window)
+    got, _ = _quant_attention(mod, q, k, v, None)
+    ref = _windowed_reference(q, k, v, fmt, k_layout, v_layout, window)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if window >= 24:  # every key recent: the unquantized attention
+        plain = torch.nn.Module()
+        plain.qk, plain.pv, plain.k_cache, plain.v_cache = QMatmul(), QMatmul(), KVQuant(), \
+            KVQuant()
+        torch.testing.assert_close(got, _quant_attention(plain, q, k, v, None)[0])
+
+
+def test_kv_layout_params_reach_the_model(tiny_llama_dir: Path) -> None:
+    from evaluators import CharLMEvaluator
+    from evaluators.lm import HFCausalLMEvaluator
+
+    ev = HFCausalLMEvaluator(tiny_llama_dir, window=64, budget_tokens=256, proxy_tokens=64)
+    base = {"quant.kv": "int2(asym,group=16)"}
+    plain = ev.evaluate(base)
+    kivi = ev.evaluate({**base, "quant.kv_k_layout": "channel", "quant.kv_window": 16})
+    lay = kivi["layers"]
+    assert lay["model.layers.0.self_attn.k_cache"]["kv_layout"] == "channel"
+    assert lay["model.layers.0.self_attn.v_cache"]["kv_layout"] == "token"
+    assert lay["model.layers.1.self_attn.v_cache"]["kv_window"] == 16
+    assert kivi["kl_to_fp_nats"] != plain["kl_to_fp_nats"]
+    allfp = ev.evaluate({**base, "quant.kv_window": 64})  # every past token in the window
+    assert allfp["kl_to_fp_nats"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="quant.kv_window"):  # the char GPT has no window
+        CharLMEvaluator(budget_tokens=128).evaluate({"quant.kv": "mxint4", "quant.kv_window": 8})
+    with pytest.raises(ValueError, match="quant.kv_k_layout"):
+        ev.evaluate({"quant.kv": "mxint4", "quant.kv_k_layout": "head"})
