@@ -162,11 +162,19 @@ def test_checked_options_are_idempotent() -> None:
     ("gpu", {"iso": True}, {"hw.mlen": 1024}, {"tokens_per_s": 10.0}),
     ("tpu", {"prefix": "t_"}, {}, {"tokens_per_s": 10.0}),
     ("dataflow", {"network": "resnet18"}, {"quant.weights": "int8", "quant.acts": "int8"}, {}),
+    ("char_lm", {"budget_tokens": 256, "proxy_tokens": 128, "fidelity": "proxy", "cache": False},
+     {"quant.weights": "mxint4", "sparsity.density": 0.5}, {}),
+    ("glyph_cnn", {"budget_images": 64, "proxy_images": 32, "sparsity_images": 8,
+                   "calib_batches": 1, "fidelity": "proxy", "cache": False},
+     {"quant.weights": "mxint4", "sparsity.density": 0.5}, {}),
 ])
 def test_schema_metrics_are_what_the_evaluator_returns(
     name: str, options: dict, params: dict, upstream: dict, tmp_path: Path
 ) -> None:
     """The schema's metric names equal the float results, and its info the other ones."""
+    import torch
+
+    torch.set_num_threads(1)
     factory = registry.get(name)
     sc = registry.schema(name)
     assert sc is not None
@@ -198,3 +206,34 @@ def test_cli_evaluators_lists_schemas(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["evaluators", "zdt1"]) == 0
     assert "{prefix}.{i}" in capsys.readouterr().out
     assert main(["evaluators", "zdt9"]) == 2
+
+
+def _sample(decl: object) -> object:
+    from dse.schema import Param
+
+    assert isinstance(decl, Param)
+    if decl.type == "format":
+        return "mxint8"
+    if decl.choices is not None:
+        return decl.choices[0]
+    if decl.type == "int":
+        return int(decl.low or 0) + 1
+    return 0.5 if decl.high is None or decl.high >= 0.5 else decl.high
+
+
+def test_quant_and_sparsity_groups_match_the_library_parsers() -> None:
+    """Every quant.*/sparsity.* name a schema declares is one quant's parsers accept (and
+    the parsers reject a name no schema declares)."""
+    from dse.schema import quant_params, sparsity_params
+    from quant import QuantConfig, SparsityConfig
+
+    for decl in quant_params():
+        name = decl.name.replace("*", "blocks.0.mlp")
+        QuantConfig.from_params({"quant.weights": "mxint4", name: _sample(decl)})
+    for decl in sparsity_params():
+        name = decl.name.replace("*", "blocks.0.mlp")
+        SparsityConfig.from_params({name: _sample(decl)})
+    with pytest.raises(ValueError, match="quant.wieghts"):
+        QuantConfig.from_params({"quant.wieghts": "mxint8"})
+    with pytest.raises(ValueError, match="sparsity.densty"):
+        SparsityConfig.from_params({"sparsity.densty": 0.5})
