@@ -32,7 +32,16 @@ from dse.schema import Param as ParamDecl
 if TYPE_CHECKING:
     from tracking.info import StudyInfo
 
-SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random", "qmc")
+#: ``study.sampler`` name -> Optuna sampler class (add a sampler here, one line)
+SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "nsga3": optuna.samplers.NSGAIIISampler,
+    "tpe": optuna.samplers.TPESampler,
+    "gp": optuna.samplers.GPSampler,
+    "random": optuna.samplers.RandomSampler,
+    "qmc": optuna.samplers.QMCSampler,
+}
+SAMPLERS = tuple(SAMPLER_CLASSES)
 DIRECTIONS = ("minimize", "maximize")
 OPS = ("<=", ">=")
 CHILD_RUNS = ("all", "pareto")
@@ -259,14 +268,7 @@ class Spec:
 
 
 def _sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:
-    return {
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "nsga3": optuna.samplers.NSGAIIISampler,
-        "tpe": optuna.samplers.TPESampler,
-        "gp": optuna.samplers.GPSampler,
-        "random": optuna.samplers.RandomSampler,
-        "qmc": optuna.samplers.QMCSampler,
-    }[name]
+    return SAMPLER_CLASSES[name]
 
 
 def sample_params(trial: optuna.trial.BaseTrial, spec: Spec) -> dict[str, Any]:
