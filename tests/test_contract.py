@@ -237,3 +237,27 @@ def test_quant_and_sparsity_groups_match_the_library_parsers() -> None:
         QuantConfig.from_params({"quant.wieghts": "mxint8"})
     with pytest.raises(ValueError, match="sparsity.densty"):
         SparsityConfig.from_params({"sparsity.densty": 0.5})
+
+
+def test_docs_params_hand_tables_match_the_schemas() -> None:
+    """The quant.* / sparsity.* tables and the metrics paragraph of docs/params.md name
+    exactly what the schemas declare (no documented name the search would reject)."""
+    from dse.schema import quant_params, sparsity_params
+
+    text = (EXAMPLES.parent / "docs" / "params.md").read_text()
+    hand = text[: text.index("<!-- evaluators:begin -->")]
+
+    def table_names(prefix: str) -> set[str]:
+        names: set[str] = set()
+        for row in re.findall(r"^\| (`[^|]+`) \|", hand, flags=re.M):
+            for name in re.findall(r"`([^`]+)`", row):
+                if name.startswith(prefix):
+                    names.add(name.replace("<pattern>", "*"))
+        return names
+
+    assert table_names("quant.") == {p.name for p in quant_params()}
+    assert table_names("sparsity.") == {p.name for p in sparsity_params()}
+    para = hand[hand.index("## Metrics"):]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", para))
+    returned = {m.name for n in registry.names() for m in registry.schema(n).metrics}  # type: ignore[union-attr]
+    assert documented <= returned, documented - returned
