@@ -242,8 +242,11 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    """MLflow UI for a study: one server worker, no job consumers, 127.0.0.1 only; prints
+    the URL of the study's run page. Against a remote server it prints that URL only."""
     from dse.driver import load_study_spec, study_dir
     from tracking import resolve_uri
+    from tracking.mlflow_tracker import study_run_path
 
     name = args.study
     if name is None:
@@ -253,10 +256,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         name = found[0]
     spec = load_study_spec(name, args.dir)
     uri = resolve_uri(args.tracking_uri or spec.tracking_uri, study_dir(name, args.dir))
+    page = study_run_path(uri, name)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow UI for {name}: {uri.rstrip('/')}/{page}  (a running server: nothing started)")
+        return 0
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}  ({uri})", flush=True)
-    os.execv(sys.executable, cmd)
+           "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}/{page}  ({uri})", flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job consumer processes
+    os.execve(sys.executable, cmd, env)
     return 0  # pragma: no cover
 
 

@@ -219,3 +219,16 @@ def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.
     assert c.get_metric_history(parent.info.run_id, "hypervolume")
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"} <= arts
+
+
+@pytest.mark.slow
+def test_ui_against_a_server_starts_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dse ui` with a remote tracking URI prints that server's URL and returns (no exec)."""
+    sdir = tmp_path / "studies" / "uiq"
+    sdir.mkdir(parents=True)
+    (sdir / "spec.toml").write_text(spec_text("uiq", 4))
+    args = ["ui", "uiq", "--dir", str(tmp_path / "studies"), "--tracking-uri", "http://127.0.0.1:9"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "MLflow UI for uiq: http://127.0.0.1:9/  (a running server: nothing started)"
+    ]

@@ -24,7 +24,14 @@ from dse.pareto import (
 from dse.spec import load_spec, parse_spec, sample_params, study_info
 from tracking import default_uri
 from tracking.artifacts import trials_table, write_artifacts
-from tracking.mlflow_tracker import NAMES_TAG, TRIAL_TAG, MlflowLink, Tracker, mlflow_key
+from tracking.mlflow_tracker import (
+    NAMES_TAG,
+    TRIAL_TAG,
+    MlflowLink,
+    Tracker,
+    mlflow_key,
+    study_run_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,6 +211,7 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
 
     assert sorted(table("pareto_front.json")["number"]) == [t.number for t in front]  # replaced, not appended
     assert table("search_space.json")["name"] == ["p.x", "p.k", "p.y", "p.f"]
+    assert study_run_path(default_uri(tmp_path), "t") == f"#/experiments/{exp.experiment_id}/runs/{parent[0].info.run_id}"
 
 
 @pytest.mark.slow

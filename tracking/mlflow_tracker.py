@@ -508,6 +508,26 @@ class _TrackerWorker:
             self._guard("closing the parent run", link.close)
 
 
+def study_run_path(uri: str, study: str) -> str:
+    """The UI path of a study's parent run (``#/experiments/<id>/runs/<run id>``), or of
+    its experiment, or ``""`` when the store does not have the study (yet) or cannot be read."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        c = MlflowClient(tracking_uri=uri)
+        exp = c.get_experiment_by_name(study)
+        if exp is None:
+            return ""
+        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
+    except Exception as e:  # noqa: BLE001 - a URL without the run is still useful
+        log.warning("MLflow at %s: cannot find study %s (%s)", uri, study, _why(e))
+        return ""
+    path = f"#/experiments/{exp.experiment_id}"
+    return f"{path}/runs/{runs[0].info.run_id}" if runs else path
+
+
 @dataclass
 class SyncResult:
     """What :func:`sync` did: child runs created and already present, the tracking URI,
