@@ -465,6 +465,18 @@ class Driver:
         last_hb = time.monotonic()
         last_flush = time.monotonic()
         last_hv = 0.0
+        # Told trials go to MLflow only once their records are in the storage file: the
+        # journal is the source of truth, and a SIGKILL between a tell and the next flush
+        # must not leave MLflow holding a trial that `resume` will re-run.
+        untracked: list[FrozenTrial] = []
+
+        def track_durable() -> None:
+            if untracked and buffered_records(study._storage) == 0:
+                if tracker is not None:
+                    for ft in untracked:
+                        tracker.trial_finished(ft)
+                untracked.clear()
+
         try:
             if n_complete < self.n_trials:
                 owns_ray = self._init_ray()
@@ -507,6 +519,7 @@ class Driver:
                     flush_storage(study._storage)  # one lock + fsync for many records
                     last_flush = time.monotonic()
                     dirty = False
+                track_durable()
                 if self._abort.is_set() or not inflight:
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=FLUSH_S if dirty else 1.0)
@@ -551,8 +564,7 @@ class Driver:
                             front.add(ft.values)
                     else:
                         n_failed_run += 1
-                    if tracker is not None:
-                        tracker.trial_finished(ft)
+                    untracked.append(ft)
                 now = time.monotonic()
                 if told and (now - last_hv >= HV_EVERY_S or n_complete >= self.n_trials):
                     last_hv = now
@@ -581,9 +593,9 @@ class Driver:
                     self._heartbeat(study)
             if self._abort.is_set():
                 for job in list(inflight.values()):
-                    ft = self._fail(study, job, "interrupted (Ctrl-C/SIGTERM); re-enqueued", requeue=True)
-                    if tracker is not None:
-                        tracker.trial_finished(ft)
+                    untracked.append(
+                        self._fail(study, job, "interrupted (Ctrl-C/SIGTERM); re-enqueued", requeue=True)
+                    )
                 inflight.clear()
             if n_failed_run >= self.max_failed:
                 log.error("stopped: %d failed trials (max_failed)", n_failed_run)
@@ -603,6 +615,7 @@ class Driver:
             try:  # a full disk raises here again (StorageError): still stop the tracker
                 study._storage.set_study_system_attr(study._study_id, DRIVER_ATTR, {"pid": None, "time": 0.0})
                 flush_storage(study._storage)
+                track_durable()
             finally:
                 all_trials = study.get_trials(deepcopy=False)
                 if tracker is not None:

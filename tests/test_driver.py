@@ -187,3 +187,30 @@ def test_evaluator_that_cannot_start_stops_the_run(ray_session: Any, tmp_path: P
     with pytest.raises(DriverError, match="FileNotFoundError: model weights /nowhere/model.bin missing"):
         Driver(spec, tmp_path, progress=False).run()
     assert len(load("broken", tmp_path).trials) == 0
+
+
+@pytest.mark.slow
+def test_mlflow_gets_a_trial_only_once_it_is_on_disk(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal is the source of truth: the tracker (MLflow) must never hear of a trial
+    whose record is still in the driver's write buffer, or a SIGKILL in between leaves a
+    child run for a trial that `resume` fails and re-runs (the cause of a flaky
+    test_sigkilled_driver_then_resume). Each handed-over trial is read back from the file
+    by a separate reader at that moment."""
+    from tracking.mlflow_tracker import Tracker
+
+    spec = parse_spec(study_spec("durable", n_trials=8, seed=1, sampler="random",
+                                 options={"delay_s": 0.05}, tracking={"artifact_every": 50}))
+    seen: list[tuple[int, TrialState, TrialState | None]] = []
+    handed_over = Tracker.trial_finished
+
+    def on_disk_then_track(self: Tracker, t: optuna.trial.FrozenTrial) -> None:
+        disk = {ft.number: ft.state for ft in load("durable", tmp_path).get_trials(deepcopy=False)}
+        seen.append((t.number, t.state, disk.get(t.number)))
+        handed_over(self, t)
+
+    monkeypatch.setattr(Tracker, "trial_finished", on_disk_then_track)
+    Driver(spec, tmp_path, progress=False).run()
+    assert len(seen) == 8 and {n for n, _, _ in seen} == set(range(8))
+    assert [(n, s) for n, s, disk in seen if disk != s] == []
