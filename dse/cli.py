@@ -1,19 +1,25 @@
 """The ``dse`` command line: run, resume, status, pareto, export, sync, ui, validate.
 
 Exit codes: 0 success; 1 the search or a command failed at run time; 2 a bad spec or bad
-arguments (nothing is created); 130 interrupted (Ctrl-C; ``dse resume`` continues).
-See docs/cli.md.
+arguments (nothing is created); 130 interrupted (Ctrl-C; ``dse resume`` continues); 141
+the reader of the output went away (``dse pareto NAME | head``), silently, like other
+Unix tools killed by SIGPIPE. See docs/cli.md.
+
+Output: dse's own lines (results, progress, warnings) only; the libraries' INFO lines
+and warnings (Ray, MLflow, Optuna, Python warnings) appear with ``-v``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dir", default=DEFAULT_DIR, help="where studies live (default ./dse-studies)")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' INFO lines and warnings (Ray, MLflow, ...)")
 
     def tracking_uri(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--tracking-uri", "--uri", dest="tracking_uri", metavar="URI",
@@ -301,10 +309,60 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _output(verbose: bool) -> Iterator[None]:
+    """dse's own log lines (``dse*`` loggers) at INFO; other libraries' INFO lines and
+    warnings only when ``verbose``. Environment variables carry the choice to the
+    processes dse starts (MLflow's logging process, Ray's workers); a user's own setting
+    of them wins, and they are restored afterwards (``main`` may run inside a notebook
+    or a test)."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format=fmt)
+    logging.getLogger("dse").setLevel(logging.INFO)
+    quiet = {} if verbose else {
+        "MLFLOW_LOGGING_LEVEL": "ERROR",  # e.g. "Creating initial MLflow database tables..."
+        "PYTHONWARNINGS": "ignore",
+    }
+    # Ray warns on every new local cluster that it turned token authentication on (its
+    # default, not a problem); that logger says nothing else.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.WARNING if verbose else logging.ERROR
+    )
+    added = [k for k in quiet if k not in os.environ]
+    os.environ.update({k: quiet[k] for k in added})
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``dse pareto NAME | head``): end silently, exit 141."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured in a test)
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dse`` command; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _output(getattr(args, "verbose", False)):
+        try:
+            rc = _main(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return rc
+        except BrokenPipeError:
+            return _stdout_closed()
+
+
+def _main(args: argparse.Namespace) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -232,3 +232,41 @@ def test_ui_against_a_server_starts_nothing(tmp_path: Path, capsys: pytest.Captu
     assert capsys.readouterr().out.splitlines() == [
         "MLflow UI for uiq: http://127.0.0.1:9/  (a running server: nothing started)"
     ]
+
+
+def test_closed_pipe_ends_silently(tmp_path: Path) -> None:
+    """`dse ... | head`: the reader is gone before dse writes; no BrokenPipeError traceback."""
+    r, w = os.pipe()
+    os.close(r)  # the reader went away
+    specs = [str(ROOT / "examples" / "zdt1.toml")] * 300  # more than one stdout buffer
+    proc = subprocess.run([sys.executable, "-m", "dse.cli", "validate", *specs], stdout=w,
+                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=tmp_path, timeout=120)
+    os.close(w)
+    assert proc.stderr.decode() == "" and proc.returncode == 141
+
+
+def _run_subprocess(spec: Path, root: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_LOGGING_LEVEL", "PYTHONWARNINGS", "RAY_AUTH_MODE")}
+    return subprocess.run(
+        [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--progress", "log",
+         *flags], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=spec.parent, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_run_is_quiet_unless_verbose(tmp_path: Path) -> None:
+    """A normal `dse run` (own Ray cluster, MLflow) prints dse's lines only: no Ray
+    token-authentication warning, no MLflow "Creating initial ... tables", no Python
+    warnings; `-v` shows the libraries' lines."""
+    spec = tmp_path / "q.toml"
+    spec.write_text(spec_text("quiet", 3))
+    quiet = _run_subprocess(spec, tmp_path / "a")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout.startswith("study quiet: 3 COMPLETE") and len(quiet.stdout.splitlines()) == 1
+    assert quiet.stderr == ""
+    loud = _run_subprocess(spec, tmp_path / "b", "-v")
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "Creating initial MLflow database tables" in loud.stderr
