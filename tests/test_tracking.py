@@ -286,3 +286,35 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     spec.tracking_uri = "http://spec:5000"
     assert study_info(spec, tmp_path).uri == "http://spec:5000"
     assert study_info(spec, tmp_path, uri="http://cli:5000").uri == "http://cli:5000"
+
+
+@pytest.mark.slow
+def test_store_killed_while_being_created_is_not_left_half_built(tmp_path: Path) -> None:
+    """SIGKILL in the middle of MLflow's schema set-up (seconds of migrations) leaves no
+    mlflow.db (it was being built under a temporary name), so the next driver creates a
+    working store; a half-migrated one was refused for good before."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tracking.mlflow_tracker import _create_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    code = f"from pathlib import Path; from tracking.mlflow_tracker import _create_sqlite_store as c; c(Path({str(db)!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("mlflow.db.init-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the store was built before the test could kill it"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob("mlflow.db.init-*")) and not db.exists()
+    _create_sqlite_store(db)
+    c = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    c.create_experiment("after-kill")
+    assert {e.name for e in c.search_experiments()} == {"Default", "after-kill"}

@@ -156,6 +156,35 @@ def _sqlite_wal(client: Any) -> None:
         log.debug("could not set SQLite pragmas on the MLflow store: %s", e)
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; ``None`` for other URIs and ``:memory:``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create a new MLflow SQLite store all at once: MLflow builds its schema (dozens of
+    migrations, seconds) in ``<db>.init-<pid>``, which is then linked to ``db``. A driver
+    killed during that set-up used to leave a half-migrated ``mlflow.db`` that MLflow
+    refused for good ("table _alembic_tmp_trace_info already exists"); now it leaves only
+    a temporary file. If another process created ``db`` meanwhile, its store is kept."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        store = MlflowClient(tracking_uri=f"sqlite:///{tmp}")._tracking_client.store
+        store.engine.dispose()  # closes the file: nothing left in a journal
+        try:
+            os.link(tmp, db)  # never replaces an existing store
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class MlflowLink:
     """The MLflow side of one study: its experiment, parent run and logged trials."""
 
@@ -168,6 +197,9 @@ class MlflowLink:
         self.info = info
         self.sdir = sdir
         self.uri = info.uri
+        db = _sqlite_file(self.uri)
+        if db is not None and not db.exists():
+            _create_sqlite_store(db)
         self.client = MlflowClient(tracking_uri=self.uri)
         if self.uri.startswith("sqlite:"):
             _sqlite_wal(self.client)
