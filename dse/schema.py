@@ -300,7 +300,7 @@ def as_text(schema: EvaluatorSchema) -> str:
     """A plain-text listing of ``schema`` (what ``dse evaluators NAME`` prints)."""
     lines = [f"{schema.name}: {schema.doc}", "  options:"]
     for o in schema.options:
-        d = "required" if o.required else f"default {o.default!r}"
+        d = "required" if o.required else "unset" if o.default is None else f"default {o.default!r}"
         lines.append(f"    {o.name:<18} {o.expected()}; {d}. {o.doc}")
     lines.append("  parameters read:")
     for p in schema.params:
@@ -328,7 +328,8 @@ def as_markdown(schemas: Sequence[EvaluatorSchema]) -> str:
         out += [f"### `{sc.name}`", "", cell(sc.doc), "",
                 "| option | expected | default | meaning |", "|---|---|---|---|"]
         out += [f"| `{o.name}` | {cell(o.expected())} | "
-                f"{'required' if o.required else f'`{o.default!r}`'} | {cell(o.doc)} |"
+                f"{'required' if o.required else 'unset' if o.default is None else f'`{o.default!r}`'}"
+                f" | {cell(o.doc)} |"
                 for o in sc.options]
         out += ["", "| parameter read | expected | meaning |", "|---|---|---|"]
         out += [f"| `{p.name}` | {cell(p.expected())} | {cell(p.doc)}"
