@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run a study from a spec (continues it if it exists)")
     sp.add_argument("spec", type=Path)
+    sp.add_argument("--allow-spec-change", action="store_true",
+                    help="continue an existing study with a spec that differs from its stored one")
     overrides(sp)
     sp = sub.add_parser("resume", help="continue a study after a crash or Ctrl-C")
     sp.add_argument("study")
@@ -126,8 +128,10 @@ def _complete(spec: Any, args: argparse.Namespace) -> str | None:
 
 
 def _drive(spec: Any, args: argparse.Namespace) -> int:
-    from dse.driver import Driver
+    from dse.driver import Driver, check_spec_change, study_dir
 
+    allow = getattr(args, "allow_spec_change", False)
+    check_spec_change(spec, study_dir(spec.name, args.dir), allow=allow)  # before anything else
     done = _complete(spec, args)
     if done is not None:
         print(done)
@@ -144,6 +148,7 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         address=args.address,
         tracking=False if args.no_tracking else None,
         progress=progress,
+        allow_spec_change=allow,
     )
     summary = driver.run()
     print(

@@ -101,11 +101,77 @@ def load_study_spec(name: str, root: str | Path = DEFAULT_DIR) -> Spec:
     return parse_spec(path.read_text(encoding="utf-8"), source=str(path), path=path)
 
 
-def open_study(spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = False) -> optuna.Study:
+#: spec fields that steer a run without changing what the study is (accepted on an existing study)
+RUN_CONTROL_FIELDS = ("study.n_trials", "study.timeout_s", "study.max_failed", "ray.", "tracking.")
+
+
+def _flat_fields(x: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of parsed TOML by field name (``space.x.0.high``, ``objectives[1].metric``)."""
+    if isinstance(x, dict):
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(_flat_fields(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+        out = {}
+        for i, v in enumerate(x):
+            out.update(_flat_fields(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: x}
+
+
+def spec_changes(old_text: str, new_text: str) -> list[str]:
+    """The fields whose values differ between two spec texts (comments and layout aside)."""
+    import tomllib
+
+    a, b = _flat_fields(tomllib.loads(old_text)), _flat_fields(tomllib.loads(new_text))
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or a[k] != b[k]
+                  or type(a[k]) is not type(b[k]))
+
+
+def check_spec_change(spec: Spec, sdir: Path, *, allow: bool = False) -> None:
+    """Refuse a spec that differs from the one an existing study in ``sdir`` was made with.
+
+    Differences only in run-control fields (:data:`RUN_CONTROL_FIELDS`: ``n_trials``,
+    ``timeout_s``, ``max_failed``, ``[ray]``, ``[tracking]``) are accepted; any other
+    (space, objectives, constraints, evaluators, seed, sampler, storage, baselines) raises
+    :class:`SpecError` naming the fields, unless ``allow`` (``--allow-spec-change``).
+    An accepted change is written to ``sdir/spec.toml`` (atomically), so the stored spec
+    is always the one the study runs with; ``dse resume`` uses it.
+    """
+    path = sdir / "spec.toml"
+    if not path.exists() or not spec.text:
+        return
+    old = path.read_text(encoding="utf-8")
+    changed = spec_changes(old, spec.text)
+    if not changed:
+        return
+    meaning = [k for k in changed if not k.startswith(RUN_CONTROL_FIELDS)]
+    if meaning and not allow:
+        shown = ", ".join(meaning[:8]) + (f" (+{len(meaning) - 8} more)" if len(meaning) > 8 else "")
+        raise SpecError([
+            f"{spec.path or spec.name}: study {spec.name!r} exists with another spec ({path}): "
+            f"{shown} differ; use another study name, or --allow-spec-change to continue it "
+            "with this spec"
+        ])
+    tmp = path.with_name("spec.toml.tmp")
+    tmp.write_text(spec.text, encoding="utf-8")
+    os.replace(tmp, path)
+    (log.warning if meaning else log.info)("study %s: spec changed (%s); %s now holds the new spec",
+                                           spec.name, ", ".join(changed), path)
+
+
+def open_study(
+    spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = False,
+    allow_spec_change: bool = False,
+) -> optuna.Study:
     """Create or load the spec's Optuna study in ``sdir`` (spec copied to ``sdir/spec.toml``).
 
     ``buffered``: batch journal writes until :func:`dse.storage.flush_storage` (driver only).
+    ``allow_spec_change``: see :func:`check_spec_change` (``create`` only).
     """
+    if create:
+        check_spec_change(spec, sdir, allow=allow_spec_change)
     storage = open_storage(spec.storage, sdir, buffered=buffered)
     if not create:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler())
@@ -126,7 +192,7 @@ def open_study(spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = 
     spec_path = sdir / "spec.toml"
     if not spec_path.exists():
         spec_path.write_text(spec.text, encoding="utf-8")
-    if SPEC_ATTR not in study.user_attrs:
+    if spec.text and study.user_attrs.get(SPEC_ATTR) != spec.text:
         study.set_user_attr(SPEC_ATTR, spec.text)
     _reseed(study, spec)
     return study
@@ -296,6 +362,7 @@ class Driver:
         tracking: bool | None = None,
         progress: bool | None = None,
         num_cpus: int | None = None,
+        allow_spec_change: bool = False,
     ) -> None:
         if seed is not None:
             spec.seed = seed
@@ -308,6 +375,7 @@ class Driver:
         self.tracking = spec.tracking if tracking is None else tracking
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.num_cpus = num_cpus
+        self.allow_spec_change = allow_spec_change
         self.max_failed = spec.max_failed if spec.max_failed is not None else max(self.n_trials, 10)
         self._stop = threading.Event()
         self._abort = threading.Event()
@@ -426,7 +494,7 @@ class Driver:
         t_start = time.monotonic()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sdir.mkdir(parents=True, exist_ok=True)
-        study = open_study(self.spec, self.sdir, buffered=True)
+        study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
         self._check_owner(study)
         self._heartbeat(study)
         recovered = self._recover(study)
