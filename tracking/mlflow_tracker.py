@@ -524,7 +524,11 @@ class _TrackerWorker:
         if self._link is not None and self.error is None:
             self._guard("logging artifacts", self._link.log_artifacts, trials)
         else:
-            write_artifacts(trials, self.info, self.sdir / "artifacts")
+            try:
+                write_artifacts(trials, self.info, self.sdir / "artifacts")
+            except OSError as e:  # e.g. a full disk: the journal has everything
+                log.warning("artifacts not written to %s (%s); `dse sync %s` writes them later",
+                            self.sdir / "artifacts", e.strerror or e, self.info.name)
 
     def _final(self) -> None:
         trials = sorted(self._trials.values(), key=lambda t: t.number)
