@@ -433,6 +433,24 @@ def sparsity_params(names: Sequence[str] | None = None, when: Callable[[Mapping[
     return tuple(Param(**{**p.__dict__, "when": when, "when_doc": when_doc}) for p in chosen)
 
 
+def finetune_params() -> tuple[Param, ...]:
+    """The ``finetune.*`` parameters, read by ``quant.FinetuneConfig`` (quant/finetune.py)."""
+    from quant.config import FINETUNE_PARAMS, SALIENCES
+
+    return (
+        Param("finetune.steps", "int", "Adam steps of a masked fine-tune on the calibration "
+              "split before quantization (0 = none)", low=0),
+        Param("finetune.lr", "float", "fine-tune learning rate", low=0.0),
+        Param("finetune.params", "str", "which parameters train: masked (kept weights of "
+              "prunable layers + biases), all, salience (SPEFT subset)",
+              choices=FINETUNE_PARAMS),
+        Param("finetune.density", "float", "salience mode: share of each layer's weights "
+              "that trains", low=0.0, high=1.0),
+        Param("finetune.salience", "str", "salience mode: the metric choosing them",
+              choices=SALIENCES),
+    )
+
+
 def flag(name: str, doc: str, default: bool) -> Option:
     """A boolean option."""
     return Option(name, "bool", doc, default=default)
@@ -451,4 +469,4 @@ def merge(*groups: Sequence[Any]) -> tuple[Any, ...]:
 __all__ = ["CheckedOptions", "EvaluatorSchema", "Metric", "Option", "Param", "Plugin", "REQUIRED", "TYPES",
            "as_markdown", "as_text",
            "flag", "format_error", "merge", "positive_int", "quant_params", "schema_of",
-           "sparsity_params"]
+           "sparsity_params", "finetune_params"]

@@ -194,6 +194,7 @@ class AccuracyEvaluator:
         # candidates, in memory and beside the results (<cache_dir>/lqer/)
         self.lqer_cache = LQERCache(Path(cache_dir) / "lqer" if cache_dir is not None else None)
         self._input_scales: dict[str, torch.Tensor] | None = None
+        self._finetune_info: dict[str, float] | None = None
         self._names = [n for n, _ in self.model.named_modules() if n]
         self._weight_signal: dict[str, float] | None = None
 
@@ -240,6 +241,15 @@ class AccuracyEvaluator:
         """Differentiable loss of ``model`` on one calibration batch (for salience)."""
         raise NotImplementedError
 
+    def finetune_batches(self, n: int) -> list[Any]:
+        """``n`` deterministic fine-tuning batches from the calibration (training) split,
+        never from evaluated data."""
+        raise NotImplementedError
+
+    def finetune_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Differentiable training loss of ``model`` on one fine-tuning batch."""
+        raise NotImplementedError
+
     def transform(self, params: Mapping[str, Any]) -> tuple[nn.Module, Any, Any]:
         """A transformed copy of the model for ``params``: ``(model, quant_report, sparsity_report)``.
 
@@ -251,11 +261,21 @@ class AccuracyEvaluator:
         qcfg = quant.QuantConfig.from_params(params, seed=self.seed)
         scfg = quant.SparsityConfig.from_params(params, seed=self.seed)
         calib = self.calibration_inputs()
+        fcfg = quant.FinetuneConfig.from_params(params, seed=self.seed)
         model, srep = self.model, None
         if scfg != quant.SparsityConfig(seed=self.seed):  # a no-op mask needs no copy
             with torch.enable_grad():
                 model, srep = quant.apply_sparsity(self.model, scfg, calib=calib,
                                                    loss_fn=self.calibration_loss)
+        self._finetune_info = None
+        if fcfg.steps > 0:  # trains a copy, never the evaluator's model
+            import copy
+
+            if model is self.model:
+                model = copy.deepcopy(self.model)
+            batches = self.finetune_batches(fcfg.steps)
+            self._finetune_info = quant.finetune(model, fcfg, batches, self.finetune_loss,
+                                                 calib=batches[: len(calib)])
         scales = None
         need = qcfg.lqer_rank > 0 or (qcfg.ratio is not None and qcfg.ratio_rule == "sensitivity")
         if need and model is self.model:  # no mask: the calibration scales never change
@@ -351,6 +371,7 @@ class AccuracyEvaluator:
             "fidelity": level,
             "layers": info_layers,
             **self._extra_info(model),
+            **({"finetune": dict(self._finetune_info)} if self._finetune_info else {}),
         }
         if "act_sparsity" not in result:
             result["act_sparsity"] = 0.0

@@ -1,6 +1,7 @@
 """On-disk result cache keyed by the software part of a candidate.
 
-Accuracy depends only on ``quant.*`` and ``sparsity.*`` parameters, so the key is a sha256
+Accuracy depends only on ``quant.*``, ``sparsity.*`` and ``finetune.*`` parameters, so the
+key is a sha256
 over exactly those (canonical JSON, numbers as floats so ``8`` and ``8.0`` agree) plus
 the evaluator's identity (model digest, data digest, budget, fidelity options). A
 hardware-only change (``hw.*``) therefore hits the cache. Entries are one JSON file each,
@@ -17,11 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SOFTWARE_PREFIXES: tuple[str, ...] = ("quant.", "sparsity.")
+SOFTWARE_PREFIXES: tuple[str, ...] = ("quant.", "sparsity.", "finetune.")
 
 
 def software_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``quant.*`` and ``sparsity.*`` entries of ``params`` (everything else ignored)."""
+    """The ``quant.*``, ``sparsity.*`` and ``finetune.*`` entries of ``params`` (everything
+    else ignored)."""
     return {k: params[k] for k in params if k.startswith(SOFTWARE_PREFIXES)}
 
 

@@ -100,6 +100,7 @@ class LMEvaluator(AccuracyEvaluator):
         self.inputs = x[:-1].view(n_full, window)
         self.targets = x[1:].view(n_full, window)
         self.calib = calib
+        self.calib_stream = calib_tokens
         self.n_windows = {"proxy": n_proxy, "full": n_full}
         self.batch_windows = batch_windows
         self.logits_fn = logits_fn
@@ -113,6 +114,18 @@ class LMEvaluator(AccuracyEvaluator):
     def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         logits = self.logits_fn(model, batch)[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+    def finetune_batches(self, n: int) -> list[torch.Tensor]:
+        """``n`` batches of 8 windows at random (seeded) offsets of the calibration stream."""
+        g = torch.Generator().manual_seed(self.seed)
+        w = self.inputs.shape[1]
+        hi = self.calib_stream.numel() - w
+        return [torch.stack([self.calib_stream[i : i + w]
+                             for i in torch.randint(0, hi + 1, (8,), generator=g).tolist()])
+                for _ in range(n)]
+
+    def finetune_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return self.calibration_loss(model, batch)
 
     def _ref(self, n: int) -> torch.Tensor:
         """Unquantized log-probs of the first ``n`` windows (computed once, then kept)."""

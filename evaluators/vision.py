@@ -101,6 +101,7 @@ class VisionEvaluator(AccuracyEvaluator):
         self.labels = torch.from_numpy(y[:budget])
         self.calib_images = torch.from_numpy(cx[:sparsity_images])
         self.calib_labels = torch.from_numpy(cy[:sparsity_images])
+        self._ft_data = (cx, cy)  # the whole calibration split: fine-tuning data
         # contiguous, near-equal chunks; labels found by the batch object itself
         self._calib = list(torch.tensor_split(self.calib_images, calib_batches))
         labels = torch.tensor_split(self.calib_labels, calib_batches)
@@ -119,6 +120,23 @@ class VisionEvaluator(AccuracyEvaluator):
         if y is None:
             raise ValueError("calibration_loss: batch is not one of calibration_inputs()")
         return F.cross_entropy(model(batch), y)
+
+    def finetune_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` batches of 64 images of the calibration split (training fonts / digits
+        training split), in seeded epoch permutations."""
+        x, y = (torch.from_numpy(a) for a in self._ft_data)
+        g = torch.Generator().manual_seed(self.seed)
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        while len(out) < n:
+            perm = torch.randperm(len(y), generator=g)
+            for i in range(0, len(y) - 63, 64):
+                idx = perm[i : i + 64]
+                out.append((x[idx], y[idx]))
+        return out[:n]
+
+    def finetune_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+                      ) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
 
     def _logp(self, model: nn.Module, n: int) -> torch.Tensor:
         parts = [model(self.images[i : min(n, i + self.batch)]).float().log_softmax(-1)

@@ -7,7 +7,8 @@ Entry points: ``get_format(name)``, ``multiplier_cost(a, b)``, ``QuantConfig`` /
 modules ``QMatmul`` / ``KVQuant`` a model uses for its attention matmuls and KV cache.
 """
 
-from quant.config import SALIENCES, QuantConfig, SparsityConfig
+from quant.config import SALIENCES, FinetuneConfig, QuantConfig, SparsityConfig
+from quant.finetune import finetune
 from quant.formats import (
     FAMILIES,
     BlockFormat,
@@ -46,6 +47,7 @@ __all__ = [
     "SALIENCES",
     "ActThreshold",
     "BlockFormat",
+    "FinetuneConfig",
     "FloatFormat",
     "Format",
     "IntFormat",
@@ -63,6 +65,7 @@ __all__ = [
     "activation_sparsity",
     "apply_sparsity",
     "calibrate_input_scales",
+    "finetune",
     "get_format",
     "kv_recent_mask",
     "lqer_factors",

@@ -15,12 +15,13 @@ from typing import Any
 
 from quant.formats import Format, get_format
 
-__all__ = ["QuantConfig", "SparsityConfig", "SALIENCES", "RATIO_RULES", "KV_LAYOUTS",
-           "match_pattern"]
+__all__ = ["QuantConfig", "SparsityConfig", "FinetuneConfig", "SALIENCES", "RATIO_RULES",
+           "KV_LAYOUTS", "FINETUNE_PARAMS", "match_pattern"]
 
 SALIENCES = ("magnitude", "gradient", "snip", "fisher", "random")
 RATIO_RULES = ("depth", "sensitivity", "random")
 KV_LAYOUTS = ("token", "channel")
+FINETUNE_PARAMS = ("masked", "all", "salience")
 FP32 = get_format("fp32")
 BF16 = get_format("bf16")
 
@@ -296,3 +297,61 @@ class SparsityConfig:
                     "density|act_threshold)"
                 )
         return cls(layer_density=tuple(ld), layer_act_threshold=tuple(lt), **kw)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A short masked fine-tune before quantization (``finetune.*``, see quant/finetune.py).
+
+    Attributes:
+        steps: Adam steps (0 = no fine-tune).
+        lr: learning rate, > 0.
+        params: ``masked`` | ``all`` | ``salience`` (which parameters train).
+        density: ``salience``: share of each prunable layer's weights that trains, (0, 1].
+        salience: ``salience``: the metric choosing them (``SALIENCES``; default gradient,
+            as SPEFT recommends).
+        seed: seed of a ``random`` salience.
+    """
+
+    steps: int = 0
+    lr: float = 1e-3
+    params: str = "masked"
+    density: float = 0.01
+    salience: str = "gradient"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int("finetune.steps", self.steps, 0)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or \
+                not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"finetune.lr: expected a number > 0, got {self.lr!r}")
+        if self.params not in FINETUNE_PARAMS:
+            raise ValueError(f"finetune.params: expected one of {', '.join(FINETUNE_PARAMS)}, "
+                             f"got {self.params!r}")
+        _float("finetune.density", self.density, 0.0, 1.0)
+        if self.density == 0:
+            raise ValueError("finetune.density: expected a number in (0, 1], got 0")
+        if self.salience not in SALIENCES:
+            raise ValueError(f"finetune.salience: expected one of {', '.join(SALIENCES)}, "
+                             f"got {self.salience!r}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], seed: int = 0) -> FinetuneConfig:
+        """Build from a trial's flat parameter dict (reads ``finetune.*`` only).
+
+        Raises:
+            ValueError: naming the parameter, for a bad value or an unknown name.
+        """
+        fields = {"finetune.steps": "steps", "finetune.lr": "lr", "finetune.params": "params",
+                  "finetune.density": "density", "finetune.salience": "salience"}
+        kw: dict[str, Any] = {"seed": seed}
+        for key, v in params.items():
+            if not key.startswith("finetune."):
+                continue
+            if key not in fields:
+                raise ValueError(f"{key}: unknown finetune parameter (expected one of "
+                                 f"{', '.join(fields)})")
+            kw[fields[key]] = v
+        if "steps" in kw:
+            kw["steps"] = _int("finetune.steps", kw["steps"], 0)
+        return cls(**kw)

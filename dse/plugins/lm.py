@@ -17,6 +17,7 @@ from dse.schema import (
     Metric,
     Option,
     Plugin,
+    finetune_params,
     flag,
     merge,
     positive_int,
@@ -62,9 +63,10 @@ ACCURACY_METRICS: tuple[Metric, ...] = (
 ACCURACY_INFO: tuple[Metric, ...] = (
     Metric("fidelity", "the level that produced the metrics: proxy or full"),
     Metric("layers", "per-layer formats, bits, SQNR, sparsity"),
+    Metric("finetune", "with finetune.steps > 0: first/last training loss, trainable params"),
 )
 #: the trial parameters every accuracy evaluator reads
-ACCURACY_PARAMS = merge(quant_params(), sparsity_params())
+ACCURACY_PARAMS = merge(quant_params(), sparsity_params(), finetune_params())
 
 _LM_METRICS = (Metric("perplexity", "exp(loss_nats)"), *ACCURACY_METRICS)
 _HF_BUDGET = (("budget_tokens", 2048, "tokens scored at the full level"),
