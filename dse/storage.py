@@ -31,6 +31,9 @@ import errno
 import json
 import logging
 import os
+import socket
+import time
+import uuid
 from collections.abc import Container, Generator
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger("dse")
@@ -138,6 +141,89 @@ def check_journal(path: str | Path, *, heal: bool, resume_hint: str = "") -> Non
         )
 
 
+class OwnedLock(BaseJournalFileLock):
+    """The journal's write lock, ``<journal>.lock``, naming its holder (``pid host``).
+
+    A writer killed while it holds the lock (mid-flush: the moment that also tears the
+    last record) leaves the file behind. Optuna's own lock then makes the next writer wait
+    30 s before breaking it; this one breaks at once a lock whose holder is a dead
+    process on this host (one log line). Held by a live process, another host, or an
+    unreadable holder (Optuna's symlink lock, which it excludes as well: same path), it
+    waits, and breaks it only after ``grace_s`` without change, as Optuna does.
+    """
+
+    def __init__(self, journal_path: str, grace_s: float = 30.0) -> None:
+        self._path = journal_path + ".lock"
+        self._grace_s = grace_s
+
+    def _holder(self) -> tuple[int, str] | None:
+        try:
+            pid, host = open(self._path, encoding="utf-8").read().split()
+            return int(pid), host
+        except (OSError, ValueError):  # a symlink lock, a lock being written, gone
+            return None
+
+    def _break(self) -> None:
+        aside = f"{self._path}.{uuid.uuid4().hex}.stale"
+        try:
+            os.rename(self._path, aside)  # atomic: only one breaker wins
+            os.unlink(aside)
+        except OSError:
+            pass
+
+    def acquire(self) -> bool:
+        """Take the lock (blocking); breaks a dead holder's lock at once."""
+        sleep_s, seen, since = 0.001, None, time.monotonic()
+        while True:
+            try:
+                fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder[1] == socket.gethostname() and not _alive(holder[0]):
+                    log.warning("%s: removed the lock of pid %d, which died holding it",
+                                self._path, holder[0])
+                    self._break()
+                    continue
+                try:
+                    mtime = os.lstat(self._path).st_mtime
+                except OSError:
+                    continue
+                if mtime != seen:
+                    seen, since = mtime, time.monotonic()
+                elif time.monotonic() - since > self._grace_s:
+                    log.warning("%s: removed a lock unchanged for %.0f s (holder %s)",
+                                self._path, self._grace_s, holder or "unknown")
+                    self._break()
+                    continue
+                time.sleep(sleep_s)
+                sleep_s = min(2 * sleep_s, 0.1)
+                continue
+            try:
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            except OSError:  # e.g. a full disk: leave no lock without a holder behind
+                os.close(fd)
+                os.unlink(self._path)
+                raise
+            os.close(fd)
+            return True
+
+    def release(self) -> None:
+        """Drop the lock."""
+        aside = f"{self._path}.{uuid.uuid4().hex}.release"
+        os.rename(self._path, aside)
+        os.unlink(aside)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
 class BufferedJournalFileBackend(JournalFileBackend):
     """A journal file backend whose appends are buffered until :meth:`flush`.
 
@@ -145,7 +231,7 @@ class BufferedJournalFileBackend(JournalFileBackend):
     """
 
     def __init__(self, file_path: str, resume_hint: str = "") -> None:
-        super().__init__(file_path)
+        super().__init__(file_path, lock_obj=OwnedLock(file_path))
         self._resume_hint = resume_hint
         with get_lock_file(self._lock):
             check_journal(file_path, heal=True, resume_hint=f", then{resume_hint}")

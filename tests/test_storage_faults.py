@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import subprocess
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -189,3 +192,52 @@ def test_full_disk_stops_the_run_then_resume_completes(
     after = Counter(t.state for t in _reader(journal, "full"))
     assert after[TrialState.COMPLETE] == n and after[TrialState.RUNNING] == 0
     assert after[TrialState.FAIL] == before[TrialState.RUNNING]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_of_a_dead_writer_is_broken_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer SIGKILLed mid-flush leaves its lock (and a torn record): the next writer
+    breaks the lock of the dead pid with one log line instead of waiting out a grace period."""
+    path = _make_study(tmp_path, "s", 2)
+    lock = Path(str(path) + ".lock")
+    pid = _dead_pid()
+    lock.write_text(f"{pid} {socket.gethostname()}\n")
+    with path.open("ab") as f:
+        f.write(b'{"op_code":5,"worker')  # the torn record of the same kill
+    caplog.set_level(logging.WARNING)
+    storage = open_storage(None, path.parent, buffered=True)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert f"{lock}: removed the lock of pid {pid}, which died holding it" in msgs
+    assert not any("Forcibly releasing" in m or "unchanged for" in m for m in msgs), msgs
+    assert any("cut a torn last record" in m for m in msgs) and not lock.exists()
+    study = optuna.load_study(study_name="s", storage=storage)
+    _ask = study.ask()
+    study.tell(_ask, [_ask.suggest_float("x.0", 0, 1), _ask.suggest_float("x.1", 0, 1)])
+    flush_storage(storage)
+    assert len(_reader(path)) == 3 and not lock.exists()
+
+
+def test_lock_of_a_live_writer_is_waited_for(tmp_path: Path) -> None:
+    path = _make_study(tmp_path, "s", 1)
+    lock = Path(str(path) + ".lock")
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # held by a live process
+    released: list[bool] = []
+
+    def release_later() -> None:
+        time.sleep(0.3)
+        released.append(True)
+        lock.unlink()
+
+    th = threading.Thread(target=release_later)
+    th.start()
+    dse_storage.OwnedLock(str(path)).acquire()
+    th.join()
+    assert released == [True]  # acquired only after the holder let go
+    assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
