@@ -405,6 +405,11 @@ def _main(args: argparse.Namespace) -> int:
         if isinstance(e, DriverError | StorageError):
             print(f"dse {args.command}: {e}", file=sys.stderr)
             return 1
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):  # read-only, full, ...
+            what = (f"{e.filename}: {e.strerror}" if e.filename and e.strerror
+                    else (str(e).strip().splitlines() or [type(e).__name__])[0])
+            print(f"dse {args.command}: {what}", file=sys.stderr)
+            return 1
         raise
 
 

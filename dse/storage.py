@@ -231,10 +231,15 @@ class BufferedJournalFileBackend(JournalFileBackend):
     """
 
     def __init__(self, file_path: str, resume_hint: str = "") -> None:
-        super().__init__(file_path, lock_obj=OwnedLock(file_path))
         self._resume_hint = resume_hint
-        with get_lock_file(self._lock):
-            check_journal(file_path, heal=True, resume_hint=f", then{resume_hint}")
+        try:
+            super().__init__(file_path, lock_obj=OwnedLock(file_path))
+            with get_lock_file(self._lock):
+                check_journal(file_path, heal=True, resume_hint=f", then{resume_hint}")
+        except OSError as e:  # a read-only or full file system, no permission
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise StorageError(f"cannot write the journal {file_path} ({why}): nothing was "
+                               f"changed; make it writable, then{resume_hint or ' `dse resume`'}") from None
         self._buffer: list[dict[str, Any]] = []
         self._n_file = 0  # records known to be in the file
         self._synced = False  # read the whole file once

@@ -295,3 +295,19 @@ def test_writer_sigkilled_mid_write_then_reopened(tmp_path: Path) -> None:
         assert done >= n_complete + 1  # every flushed trial is still there
         n_complete = done
     print(f"kills that tore a record: {torn}/6, left the lock: {locked}/6")
+
+
+@pytest.mark.slow
+def test_read_only_study_is_one_line(small_tmpfs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = small_tmpfs / "studies"
+    _make_study(root, "s", 2)
+    r = subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+    for argv, what in ((["resume", "s", "--no-tracking"], "Read-only file system"),
+                       (["run", str(root / "s" / "spec.toml")], "Read-only file system"),
+                       (["export", "s", "--out", str(small_tmpfs / "t.csv")], "Read-only file system")):
+        assert main([*argv, "--dir", str(root)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0] and "Traceback" not in err[0], err
+    assert main(["status", "s", "--dir", str(root)]) == 0  # reading needs no writes
