@@ -1,9 +1,10 @@
 """The ``dse`` command line: run, resume, status, pareto, export, sync, ui, validate.
 
-Exit codes: 0 success; 1 the search or a command failed at run time; 2 a bad spec or bad
-arguments (nothing is created); 130 interrupted (Ctrl-C; ``dse resume`` continues); 141
-the reader of the output went away (``dse pareto NAME | head``), silently, like other
-Unix tools killed by SIGPIPE. See docs/cli.md.
+Exit codes: 0 success (or ``timeout_s`` reached); 1 the search or a command failed at run
+time, or a run ended short of ``n_trials`` (``max_failed``); 2 a bad spec or bad arguments
+(nothing is created); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM) (``dse resume``
+continues); 141 the reader of the output went away (``dse pareto NAME | head``), silently,
+like other Unix tools killed by SIGPIPE. See docs/cli.md.
 
 Output: dse's own lines (results, progress, warnings) only; the libraries' INFO lines
 and warnings (Ray, MLflow, Optuna, Python warnings) appear with ``-v``.
@@ -16,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -156,10 +158,20 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         f"pareto {summary.pareto_size}, hypervolume {summary.hypervolume:.6g}, "
         f"{summary.wall_s:.1f} s; data in {summary.study_dir}"
     )
-    if summary.interrupted and summary.complete < driver.n_trials:
-        print(f"interrupted: continue with `dse resume {summary.study} --dir {args.dir}`")
-        return 130
-    return 0
+    if summary.complete >= driver.n_trials:
+        return 0
+    again = f"`dse resume {summary.study} --dir {args.dir}`"
+    if summary.signal is not None:
+        print(f"interrupted: continue with {again}")
+        return 128 + int(summary.signal)
+    if summary.stop_reason == "timeout_s":
+        print(f"stopped by timeout_s: continue with {again}")
+        return 0
+    why = {"max_failed": f"max_failed = {driver.max_failed} FAIL trials reached"}.get(
+        summary.stop_reason, summary.stop_reason or "stopped early")
+    print(f"dse {args.command}: {summary.complete} of {driver.n_trials} COMPLETE: {why}; "
+          f"see the fail_reason of the FAIL trials (`dse export`)", file=sys.stderr)
+    return 1
 
 
 def _load_study(name: str, root: str) -> tuple[Any, Any]:
@@ -193,10 +205,21 @@ def status(name: str, root: str) -> dict[str, Any]:
     }
 
 
+def _finite(v: Any) -> Any:
+    """``v`` with every non-finite float replaced by ``None`` (JSON has no Infinity/NaN)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     st = status(args.study, args.dir)
     if args.json:
-        print(json.dumps(st))
+        print(json.dumps(_finite(st), allow_nan=False))
         return 0
     states = ", ".join(f"{v} {k}" for k, v in st["states"].items() if v)
     print(f"study {st['study']}: {states or 'no trials'} (target {st['n_trials']} COMPLETE)")

@@ -1,44 +1,52 @@
-"""The search driver: Optuna ask/tell over a pool of Ray actors holding warm evaluators.
+"""The search driver: Optuna ask/tell over a pool of evaluators (Ray actors, or inline).
 
-One driver process owns a study while it runs. It asks Optuna for a trial, samples the
-spec's space define-by-run, sends the parameters to a free actor, and ``ray.wait``\\ s on
-the in-flight trials (as many as there are workers). Each finished trial is told exactly
-once: objectives as values, constraints through ``trial.set_constraint``, every metric and
-every non-float output as user attributes (``metrics``, ``info``); an evaluator that
-raises or returns NaN fails the trial with ``fail_reason``. An actor that dies is replaced
-and its trial runs again on the replacement.
+One driver process owns a study while it runs. The loop (:meth:`Driver.run`) is:
+ask Optuna for trials while the pool has an idle worker -> the pool evaluates
+(:mod:`dse.pools`: placement, re-runs after an actor dies, trial timeouts, shrinking) ->
+tell each outcome exactly once -> the listeners react (:mod:`dse.listeners`: Pareto
+front, progress, heartbeat, MLflow) -> stop rules (target reached, ``max_failed``,
+``timeout_s``, signals). Objectives are told as values, constraints through
+``trial.set_constraint``, every metric and every non-float output as user attributes
+(``metrics``, ``info``); an evaluator that raises or returns a non-finite metric fails
+the trial with ``fail_reason``.
 
 Crash safety: the driver writes a heartbeat (study system attribute ``dse:driver``) every
 few seconds. A driver that starts on an existing study finds trials left RUNNING by a
 dead driver, fails them with a reason and re-enqueues their parameters, and goes on until
 the study has ``n_trials`` COMPLETE trials. Ctrl-C stops asking and lets in-flight trials
-finish; a second Ctrl-C (or SIGTERM) fails and re-enqueues them at once.
+finish; a second Ctrl-C or SIGTERM fails and re-enqueues them at once. The guarantees per
+fault are listed in docs/driver.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from dse import registry
-from dse.pareto import FrontTracker, is_feasible
+from dse import registry, storage
+from dse.listeners import DRIVER_ATTR, HEARTBEAT_S, Listener, RunState, make_listeners
+from dse.pools import (
+    ActorPool,
+    EvaluatorEntry,
+    EvaluatorHost,
+    InlinePool,
+    Job,
+    Outcome,
+    Pool,
+    PoolError,
+)
 from dse.spec import (
     Spec,
     SpecError,
@@ -48,31 +56,19 @@ from dse.spec import (
     study_info,
     study_name_problem,
 )
-from dse.storage import buffered_records, flush_storage, open_storage
+from dse.storage import open_storage
 
-__all__ = ["Driver", "DriverError", "RunSummary", "open_storage", "open_study", "study_dir"]
+__all__ = [
+    "Driver", "DriverError", "EvaluatorHost", "RunSummary", "open_storage", "open_study", "study_dir",
+]
 
 log = logging.getLogger("dse")
 
 DEFAULT_DIR = Path("dse-studies")
-HEARTBEAT_S = 5.0
 FLUSH_S = 0.2  # longest time told results stay unflushed in the journal buffer
-HV_EVERY_S = 1.0  # hypervolume (progress + MLflow history) at most this often
-MAX_ATTEMPTS = 3  # runs of one trial on successive actors before it FAILs
 SPEC_ATTR = "dse:spec"
-DRIVER_ATTR = "dse:driver"
 ENQUEUED_ATTR = "dse:baselines_enqueued"
-
-
-def _system_attrs(study: optuna.Study) -> dict[str, Any]:
-    return study._storage.get_study_system_attrs(study._study_id)
-
-
-def _root_cause(e: BaseException) -> str:
-    """The last ``SomeError: message`` line of a (Ray) exception's text, else its first line."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b: ", ln)]
-    return causes[-1] if causes else (lines[0] if lines else type(e).__name__)
+TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
 
 
 class DriverError(RuntimeError):
@@ -200,9 +196,12 @@ def open_study(
 
 def _reseed(study: optuna.Study, spec: Spec) -> None:
     """A resumed study's sampler continues the search: seeded from (seed, trials so far)."""
-    n = len(study._storage.get_all_trials(study._study_id, deepcopy=False))
+    n = len(study.get_trials(deepcopy=False))
     if n:
         study.sampler = spec.make_sampler(n)
+
+
+# ----------------------------------------------------------------------------- driver
 
 
 def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
@@ -231,87 +230,14 @@ def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
             os.environ[env_var] = old_env
 
 
-# ----------------------------------------------------------------------------- actors
-
-
-def _jsonable(v: Any) -> Any:
-    """``v`` if JSON can hold it, else its ``str``."""
-    try:
-        json.dumps(v)
-        return v
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _is_metric(v: Any) -> bool:
-    if isinstance(v, bool | int | float):
-        return True
-    try:  # numpy scalars
-        import numpy as np
-
-        return isinstance(v, np.number | np.bool_)
-    except ImportError:  # pragma: no cover
-        return False
-
-
-class EvaluatorHost:
-    """Holds the warm evaluators of one actor and runs them in spec order for a trial."""
-
-    def __init__(
-        self,
-        evaluators: list[tuple[str, dict[str, Any], Callable[..., Any] | None]],
-        study_dir: str,
-        seed: int,
-        num_threads: int,
-    ) -> None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[var] = str(num_threads)
-        self.evaluators: list[tuple[str, Any]] = []
-        for name, options, factory in evaluators:
-            fac = factory if factory is not None else registry.get(name)
-            ctx = registry.EvalContext(Path(study_dir), seed=seed, num_threads=num_threads, name=name)
-            self.evaluators.append((name, fac(dict(options), ctx)))
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(num_threads)
-
-    def ready(self) -> int:
-        """The process id (the driver waits for this before it starts asking)."""
-        return os.getpid()
-
-    def evaluate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Run every evaluator on ``params``; never raises (errors come back as ``error``)."""
-        t0 = time.perf_counter()
-        metrics: dict[str, float] = {}
-        info: dict[str, Any] = {}
-        name = ""
-        try:
-            for ev_name, ev in self.evaluators:
-                name = ev_name
-                out = ev.evaluate(MappingProxyType(params), MappingProxyType({**info, **metrics}))
-                if not isinstance(out, Mapping):
-                    raise TypeError(f"evaluate returned {type(out).__name__}; expected a dict")
-                for k, v in out.items():
-                    if _is_metric(v):
-                        metrics[str(k)] = float(v)
-                    else:
-                        info[str(k)] = _jsonable(v)
-        except Exception as e:  # noqa: BLE001 - every evaluator error fails the trial only
-            first = (str(e).strip().splitlines() or [""])[0]
-            return {
-                "error": f"evaluator {name!r} raised {type(e).__name__}: {first}",
-                "traceback": traceback.format_exc(limit=20),
-                "pid": os.getpid(),
-                "eval_s": time.perf_counter() - t0,
-            }
-        return {"metrics": metrics, "info": info, "pid": os.getpid(), "eval_s": time.perf_counter() - t0}
-
-
-# ----------------------------------------------------------------------------- driver
-
-
 @dataclass
 class RunSummary:
-    """What a driver run did. Counts are over the whole study at the end."""
+    """What a driver run did. Counts are over the whole study at the end.
+
+    ``stop_reason``: why the run ended short of ``n_trials`` (``""`` when it did not, or
+    ``"interrupted"``, ``"terminated"``, ``"max_failed"``, ``"timeout_s"``);
+    ``signal``: the signal that stopped it, if any.
+    """
 
     study: str
     study_dir: Path
@@ -326,15 +252,8 @@ class RunSummary:
     setup_s: float = 0.0  # Ray start/connect and actors ready
     loop_s: float = 0.0  # first ask to last tell (the orchestration being measured)
     finish_s: float = 0.0  # shutdown, final tracking flush and artifacts
-
-
-@dataclass
-class _Job:
-    trial: Trial
-    params: dict[str, Any]
-    actor_index: int
-    attempts: int = 1
-    started: float = field(default_factory=time.monotonic)
+    stop_reason: str = ""
+    signal: int | None = None
 
 
 class Driver:
@@ -344,10 +263,13 @@ class Driver:
         spec: the validated spec.
         root: the studies directory (``--dir``).
         n_trials, workers, seed, address: overrides of the spec's values (``None``: keep).
+            ``address = "inline"`` evaluates in the driver process (no Ray, one at a time).
         tracking: ``False`` disables MLflow (``--no-tracking``); ``None`` keeps the spec's.
         progress: ``True`` for a tqdm bar, ``False`` for log lines, ``None``: bar on a TTY.
         num_cpus: logical CPUs of a local Ray cluster the driver starts (default: enough
             for the workers).
+        allow_spec_change: continue an existing study with a changed spec
+            (:func:`check_spec_change`).
     """
 
     def __init__(
@@ -376,23 +298,228 @@ class Driver:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.num_cpus = num_cpus
         self.allow_spec_change = allow_spec_change
-        self.max_failed = spec.max_failed if spec.max_failed is not None else max(self.n_trials, 10)
+        # 0 and 1 both stop at the first FAIL
+        self.max_failed = max(1, spec.max_failed if spec.max_failed is not None else max(self.n_trials, 10))
         self._stop = threading.Event()
         self._abort = threading.Event()
+        self._signal: int | None = None
+        self._stop_reason = ""
         self._interrupts = 0
+        self._old_handlers: dict[int, Any] = {}
 
-    # -------------------------------------------------------------- setup helpers
+    # -------------------------------------------------------------- the loop
 
-    def _heartbeat(self, study: optuna.Study) -> None:
-        study._storage.set_study_system_attr(
-            study._study_id,
-            DRIVER_ATTR,
-            {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()},
+    def run(self) -> RunSummary:
+        """Run the search until the study has ``n_trials`` COMPLETE trials (or stops)."""
+        t_start = time.monotonic()
+        study, state, recovered = self._open()
+        # a complete study's MLflow runs stay as they are
+        tracker = self._tracker() if self.tracking and state.complete < self.n_trials else None
+        trials = study.get_trials(deepcopy=False)
+        front, listeners = make_listeners(self.spec, study, trials, state, progress=self.progress, tracker=tracker)
+        pool: Pool | None = None
+        owns_ray = False
+        t_loop = time.monotonic()
+        try:
+            if state.complete < self.n_trials:
+                self._signals_on()
+                owns_ray = self._init_ray()
+                self._signals_on()  # again: ray.init replaces the SIGTERM handler
+                pool = self._pool()
+                pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
+            t_loop = time.monotonic()
+            deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else math.inf
+            while pool is not None and not self._abort.is_set():
+                if time.monotonic() > deadline and not self._stop.is_set():
+                    self._halt("timeout_s", "timeout_s reached: no new trials")
+                self._fill(study, pool, state, 0)
+                self._flush(study, force=not pool.in_flight())
+                if not pool.in_flight():
+                    break
+                outcomes = pool.wait(FLUSH_S if storage.unflushed(study) else 1.0)
+                self._fill(study, pool, state, len(outcomes))  # keep workers busy, then tell
+                for o in outcomes:
+                    self._told(self._tell(study, o), state, listeners)
+                state.running = pool.in_flight()
+                for li in listeners:
+                    li.tick(state)
+            if pool is not None and self._abort.is_set():
+                self._fail_in_flight(study, pool, state, listeners, "interrupted (Ctrl-C/SIGTERM); re-enqueued")
+            if state.failed >= self.max_failed:
+                self._stop_reason = "max_failed"
+                log.error("stopped: %d failed trials (max_failed = %d)", state.failed, self.max_failed)
+            for li in listeners:
+                li.tick(state, final=True)
+        except PoolError as e:
+            if pool is not None:
+                self._fail_in_flight(study, pool, state, listeners, f"no evaluator left ({e}); re-enqueued")
+            raise DriverError(str(e)) from None
+        finally:
+            t_fin = time.monotonic()
+            all_trials = self._close(study, pool, owns_ray, listeners)
+        return self._summary(all_trials, front, t_start, t_loop, t_fin, recovered)
+
+    def _fill(self, study: optuna.Study, pool: Pool, state: RunState, n_untold: int) -> None:
+        """Ask and submit trials while a worker is idle and more are needed."""
+        while (
+            pool.idle() > 0
+            and not self._stop.is_set()
+            and state.complete + n_untold + pool.in_flight() < self.n_trials
+            and state.failed < self.max_failed
+        ):
+            trial = study.ask()
+            pool.submit(Job(trial, complete_params(sample_params(trial, self.spec), self.spec)))
+
+    def _told(self, ft: FrozenTrial, state: RunState, listeners: list[Listener]) -> None:
+        if ft.state == TrialState.COMPLETE:
+            state.complete += 1
+        else:
+            state.failed += 1
+        for li in listeners:
+            li.told(ft, state)
+
+    # -------------------------------------------------------------- telling
+
+    def _fail(self, study: optuna.Study, job: Job, reason: str, requeue: dict[str, Any] | None = None) -> FrozenTrial:
+        """Fail ``job``'s trial with ``reason``; ``requeue``: enqueue its parameters with these attrs."""
+        job.trial.set_user_attr("fail_reason", reason)
+        ft = study.tell(job.trial, state=TrialState.FAIL, skip_if_finished=True)
+        if requeue is not None:
+            study.enqueue_trial(dict(job.trial.params), user_attrs={"dse:retry_of": job.trial.number, **requeue})
+        return ft
+
+    def _tell(self, study: optuna.Study, o: Outcome) -> FrozenTrial:
+        """Tell one outcome: COMPLETE with values and constraints, or FAIL with the reason."""
+        job, trial, res = o.job, o.job.trial, o.result
+        if o.timed_out:
+            return self._fail_timed_out(study, job, o.fail_reason or "timed out")
+        if res is None:
+            return self._fail(study, job, o.fail_reason or "no result")
+        if res.get("error"):
+            trial.set_user_attr("traceback", res.get("traceback", ""))
+            return self._fail(study, job, res["error"])
+        metrics: dict[str, float] = res["metrics"]
+        trial.set_user_attr("metrics", {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()})
+        if res.get("info"):
+            trial.set_user_attr("info", res["info"])
+        trial.set_user_attr("eval_s", res.get("eval_s", 0.0))
+        if job.attempts > 1:
+            trial.set_user_attr("attempts", job.attempts)
+        nan = [k for k, v in metrics.items() if math.isnan(v)]
+        if nan:
+            return self._fail(study, job, f"NaN metric(s): {', '.join(nan)}")
+        inf = [f"{k} = {v}" for k, v in metrics.items() if math.isinf(v)]
+        if inf:
+            return self._fail(study, job, f"non-finite metric(s): {', '.join(inf)}")
+        wanted = [o.metric for o in self.spec.objectives] + [c.metric for c in self.spec.constraints]
+        missing = [m for m in wanted if m not in metrics]
+        if missing:
+            return self._fail(
+                study, job, f"metric(s) {', '.join(missing)} missing; evaluators returned {', '.join(sorted(metrics))}"
+            )
+        for c in self.spec.constraints:
+            trial.set_constraint(c.key, c.violation(metrics[c.metric]))
+        values = [metrics[ob.metric] for ob in self.spec.objectives]
+        return study.tell(trial, values, skip_if_finished=True)
+
+    def _fail_timed_out(self, study: optuna.Study, job: Job, reason: str) -> FrozenTrial:
+        """Fail a trial over ``trial_timeout_s``; re-enqueue it up to ``trial_retries`` times."""
+        done = int(job.trial.user_attrs.get(TIMEOUTS_ATTR, 0)) + 1
+        if done <= self.spec.trial_retries:
+            note = f"; re-enqueued (retry {done} of {self.spec.trial_retries})"
+            return self._fail(study, job, reason + note, requeue={TIMEOUTS_ATTR: done})
+        return self._fail(study, job, f"{reason}; not retried (trial_retries = {self.spec.trial_retries})")
+
+    def _fail_in_flight(
+        self, study: optuna.Study, pool: Pool, state: RunState, listeners: list[Listener], reason: str
+    ) -> None:
+        """Fail every job the pool still holds and re-enqueue its parameters."""
+        for job in pool.drain():
+            timeouts = job.trial.user_attrs.get(TIMEOUTS_ATTR)
+            requeue = {TIMEOUTS_ATTR: timeouts} if timeouts else {}
+            self._told(self._fail(study, job, reason, requeue=requeue), state, listeners)
+            state.failed -= 1  # re-enqueued, not a failure of the search (max_failed)
+        state.running = 0
+
+    # -------------------------------------------------------------- start and end
+
+    def _open(self) -> tuple[optuna.Study, RunState, list[int]]:
+        """Open the study, check nobody else runs it, recover stale trials, enqueue baselines."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.sdir.mkdir(parents=True, exist_ok=True)
+        study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
+        self._check_owner(study)
+        recovered = self._recover(study)
+        if self.spec.enqueue and not storage.system_attrs(study).get(ENQUEUED_ATTR):
+            for point in self.spec.enqueue:
+                study.enqueue_trial(point, user_attrs={"dse:baseline": True})
+            storage.set_system_attr(study, ENQUEUED_ATTR, True)
+        storage.flush(study)
+        done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+        return study, RunState(n_trials=self.n_trials, complete=done), recovered
+
+    def _tracker(self) -> Any:
+        from tracking.mlflow_tracker import Tracker
+
+        return Tracker(study_info(self.spec, self.sdir), self.sdir)
+
+    def _flush(self, study: optuna.Study, force: bool = False) -> None:
+        """Write buffered journal records when ``FLUSH_S`` has passed (or ``force``)."""
+        now = time.monotonic()
+        if storage.unflushed(study) and (force or now - getattr(self, "_last_flush", 0.0) >= FLUSH_S):
+            storage.flush(study)  # one lock + fsync for many records
+            self._last_flush = now
+
+    def _close(
+        self, study: optuna.Study, pool: Pool | None, owns_ray: bool, listeners: list[Listener]
+    ) -> list[FrozenTrial]:
+        """Stop the pool and Ray, restore signal handlers, flush; the listeners close last."""
+        if pool is not None:
+            pool.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+        for sig, h in self._old_handlers.items():
+            signal.signal(sig, h)
+        self._old_handlers.clear()
+        try:  # a full disk raises here (StorageError): the listeners still close
+            storage.flush(study)
+        finally:
+            all_trials = study.get_trials(deepcopy=False)
+            for li in listeners:
+                li.close(all_trials)
+        storage.flush(study)
+        return all_trials
+
+    def _summary(
+        self, trials: list[FrozenTrial], front: Any, t_start: float, t_loop: float, t_fin: float,
+        recovered: list[int],
+    ) -> RunSummary:
+        counts = {s: 0 for s in TrialState}
+        for t in trials:
+            counts[t.state] += 1
+        return RunSummary(
+            study=self.spec.name,
+            study_dir=self.sdir,
+            complete=counts[TrialState.COMPLETE],
+            failed=counts[TrialState.FAIL],
+            running=counts[TrialState.RUNNING],
+            pareto_size=front.size,
+            hypervolume=front.hypervolume(),
+            wall_s=time.monotonic() - t_start,
+            interrupted=self._signal is not None,
+            recovered=recovered,
+            setup_s=t_loop - t_start,
+            loop_s=t_fin - t_loop,
+            finish_s=time.monotonic() - t_fin,
+            stop_reason=self._stop_reason if counts[TrialState.COMPLETE] < self.n_trials else "",
+            signal=self._signal,
         )
 
     def _check_owner(self, study: optuna.Study) -> None:
         """Refuse to run a study another live driver is running."""
-        hb = _system_attrs(study).get(DRIVER_ATTR)
+        hb = storage.system_attrs(study).get(DRIVER_ATTR)
         if not isinstance(hb, dict) or hb.get("pid") == os.getpid():
             return
         fresh = time.time() - float(hb.get("time", 0)) < 3 * HEARTBEAT_S
@@ -411,17 +538,19 @@ class Driver:
         """Fail trials left RUNNING by a dead driver and re-enqueue their parameters."""
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for t in stale:
-            study._storage.set_trial_user_attr(
-                t._trial_id, "fail_reason", "left RUNNING by a driver that stopped (no heartbeat); re-enqueued"
-            )
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            study.enqueue_trial(dict(t.params), user_attrs={"dse:retry_of": t.number})
+            storage.fail_trial(study, t, "left RUNNING by a driver that stopped (no heartbeat); re-enqueued")
+            extra = {TIMEOUTS_ATTR: t.user_attrs[TIMEOUTS_ATTR]} if TIMEOUTS_ATTR in t.user_attrs else {}
+            study.enqueue_trial(dict(t.params), user_attrs={"dse:retry_of": t.number, **extra})
         if stale:
             log.warning("recovered %d trial(s) left RUNNING: %s", len(stale), [t.number for t in stale])
         return [t.number for t in stale]
 
+    # -------------------------------------------------------------- Ray and the pool
+
     def _init_ray(self) -> bool:
         """Connect to or start Ray; returns whether this driver must shut it down."""
+        if self.address == "inline":
+            return False
         import ray
 
         if ray.is_initialized():
@@ -430,11 +559,7 @@ class Driver:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if self.address == "local":
             cpus = self.num_cpus or max(1, math.ceil(self.workers * max(res["num_cpus"], 1e-3)))
-            kwargs.update(
-                address="local",
-                num_cpus=cpus,
-                object_store_memory=100 * 1024 * 1024,
-            )
+            kwargs.update(address="local", num_cpus=cpus, object_store_memory=100 * 1024 * 1024)
             if res["num_gpus"]:
                 kwargs["num_gpus"] = math.ceil(self.workers * res["num_gpus"])
         else:
@@ -449,15 +574,12 @@ class Driver:
             raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}") from None
         return True
 
-    def _make_actor(self) -> Any:
-        import ray
-
-        res = self.spec.actor_resources()
-        threads = max(1, int(res["num_cpus"]))
-        evals = []
+    def _evaluator_entries(self) -> list[EvaluatorEntry]:
+        """(name, options, factory object or None) per evaluator, as the hosts build them."""
+        evals: list[EvaluatorEntry] = []
         for e in self.spec.evaluators:
             fac = registry._LOADED.get(e.name) if e.name not in registry._BUILTIN else None
-            if fac is not None:
+            if fac is not None and self.address != "inline":
                 # A factory registered as an object (a notebook, a test) may live in a
                 # module the workers cannot import: ship its module by value.
                 mod = sys.modules.get(getattr(fac, "__module__", "") or "")
@@ -466,277 +588,52 @@ class Driver:
 
                     ray.cloudpickle.register_pickle_by_value(mod)
             evals.append((e.name, e.options, fac))
-        cls = ray.remote(EvaluatorHost)
+        return evals
+
+    def _pool(self) -> Pool:
+        """The inline pool (``address = "inline"``) or a pool of ``workers`` Ray actors."""
+        res = self.spec.actor_resources()
+        threads = max(1, int(res["num_cpus"]))
+        entries = self._evaluator_entries()
+        sdir = str(self.sdir.resolve())
+        if self.address == "inline":
+            return InlinePool(entries, Path(sdir), self.spec.seed, threads)
+        import ray
+
         opts: dict[str, Any] = {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"], "max_restarts": 0}
         if "memory" in res:
             opts["memory"] = res["memory"]
-        return cls.options(**opts).remote(evals, str(self.sdir.resolve()), self.spec.seed, threads)
+        cls = ray.remote(EvaluatorHost).options(**opts)
+        return ActorPool(
+            lambda: cls.remote(entries, sdir, self.spec.seed, threads),
+            self.workers,
+            demand=res,
+            place_timeout_s=self.spec.place_timeout_s,
+            trial_timeout_s=self.spec.trial_timeout_s,
+        )
 
     # -------------------------------------------------------------- signals
 
+    def _signals_on(self) -> None:
+        """Install the SIGINT/SIGTERM handlers (main thread only; again after ``ray.init``)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.signal(sig, self._on_signal)
+            self._old_handlers.setdefault(sig, old)
+
+    def _halt(self, reason: str, message: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+        log.warning("%s", message)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._interrupts += 1
+        self._signal = signal.SIGTERM if signum == signal.SIGTERM else (self._signal or signum)
         if signum == signal.SIGTERM or self._interrupts > 1:
+            self._stop_reason = "terminated" if signum == signal.SIGTERM else "interrupted"
             self._abort.set()
             self._stop.set()
             log.warning("aborting: in-flight trials are failed and re-enqueued")
         else:
-            self._stop.set()
-            log.warning("stopping: waiting for in-flight trials (Ctrl-C again to abort them)")
-
-    # -------------------------------------------------------------- main loop
-
-    def run(self) -> RunSummary:
-        """Run the search until the study has ``n_trials`` COMPLETE trials (or stops)."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
-
-        t_start = time.monotonic()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.sdir.mkdir(parents=True, exist_ok=True)
-        study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
-        self._check_owner(study)
-        self._heartbeat(study)
-        recovered = self._recover(study)
-        if self.spec.enqueue and not _system_attrs(study).get(ENQUEUED_ATTR):
-            for point in self.spec.enqueue:
-                study.enqueue_trial(point, user_attrs={"dse:baseline": True})
-            study._storage.set_study_system_attr(study._study_id, ENQUEUED_ATTR, True)
-        flush_storage(study._storage)
-
-        trials = study.get_trials(deepcopy=False)
-        n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
-        front = FrontTracker(self.spec)
-        for t in trials:
-            if t.state == TrialState.COMPLETE and t.values and is_feasible(t):
-                front.add(t.values)
-
-        tracker = None
-        if self.tracking and n_complete < self.n_trials:  # a complete study's runs stay as they are
-            from tracking.mlflow_tracker import Tracker
-
-            tracker = Tracker(study_info(self.spec, self.sdir), self.sdir)
-            tracker.start([t for t in trials if t.state.is_finished()])
-
-        old_handlers: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, self._on_signal)
-
-        owns_ray = False
-        t_loop = time.monotonic()
-        actors: list[Any] = []
-        inflight: dict[Any, _Job] = {}
-        n_failed_run = 0
-        bar = None
-        last_log = time.monotonic()
-        last_hb = time.monotonic()
-        last_flush = time.monotonic()
-        last_hv = 0.0
-        # Told trials go to MLflow only once their records are in the storage file: the
-        # journal is the source of truth, and a SIGKILL between a tell and the next flush
-        # must not leave MLflow holding a trial that `resume` will re-run.
-        untracked: list[FrozenTrial] = []
-
-        def track_durable() -> None:
-            if untracked and buffered_records(study._storage) == 0:
-                if tracker is not None:
-                    for ft in untracked:
-                        tracker.trial_finished(ft)
-                untracked.clear()
-
-        try:
-            if n_complete < self.n_trials:
-                owns_ray = self._init_ray()
-                actors = [self._make_actor() for _ in range(self.workers)]
-                try:
-                    ray.get([a.ready.remote() for a in actors])
-                except RayActorError as e:
-                    raise DriverError(f"an evaluator failed to start: {_root_cause(e)}") from None
-            free = list(range(len(actors)))
-            if self.progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=self.n_trials, initial=n_complete, desc=self.spec.name, unit="trial")
-            deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else None
-            t_loop = time.monotonic()
-
-            def submit(job: _Job) -> None:
-                ref = actors[job.actor_index].evaluate.remote(job.params)
-                inflight[ref] = job
-
-            def fill(n_done: int, n_failed: int, n_pending: int) -> None:
-                """Ask and submit trials while an actor is free and more are needed."""
-                while (
-                    free
-                    and not self._stop.is_set()
-                    and n_done + n_pending + len(inflight) < self.n_trials
-                    and n_failed < self.max_failed
-                ):
-                    trial = study.ask()
-                    params = complete_params(sample_params(trial, self.spec), self.spec)
-                    submit(_Job(trial, params, free.pop()))
-
-            while True:
-                if deadline is not None and time.monotonic() > deadline and not self._stop.is_set():
-                    log.warning("timeout_s reached: no new trials")
-                    self._stop.set()
-                fill(n_complete, n_failed_run, 0)
-                dirty = buffered_records(study._storage) > 0
-                if dirty and (time.monotonic() - last_flush >= FLUSH_S or not inflight):
-                    flush_storage(study._storage)  # one lock + fsync for many records
-                    last_flush = time.monotonic()
-                    dirty = False
-                track_durable()
-                if self._abort.is_set() or not inflight:
-                    break
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=FLUSH_S if dirty else 1.0)
-                if ready:
-                    rest = [r for r in inflight if r not in ready]
-                    if rest:
-                        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-                        ready = ready + more
-                told: list[FrozenTrial] = []
-                results: list[tuple[_Job, dict[str, Any]]] = []
-                for ref in ready:
-                    job = inflight.pop(ref)
-                    try:
-                        res = ray.get(ref, timeout=30)
-                    except RayTaskError as e:  # e.g. the parameters could not be unpickled
-                        free.append(job.actor_index)
-                        told.append(self._fail(study, job, f"task error: {str(e).splitlines()[0]}"))
-                        continue
-                    except (RayActorError, WorkerCrashedError, GetTimeoutError) as e:
-                        reason = f"actor died: {type(e).__name__}"
-                        log.warning("trial %d: %s; replacing the actor", job.trial.number, reason)
-                        ray.kill(actors[job.actor_index], no_restart=True)
-                        actors[job.actor_index] = self._make_actor()
-                        if job.attempts >= MAX_ATTEMPTS:
-                            told.append(self._fail(study, job, f"{reason} ({job.attempts} attempts)"))
-                            free.append(job.actor_index)
-                        else:
-                            job.attempts += 1
-                            submit(job)
-                        continue
-                    free.append(job.actor_index)
-                    results.append((job, res))
-                # Keep the actors busy first, then tell: the tells overlap the evaluations.
-                if results:
-                    fill(n_complete, n_failed_run, len(results))
-                for job, res in results:
-                    told.append(self._tell(study, job, res))
-                for ft in told:
-                    if ft.state == TrialState.COMPLETE:
-                        n_complete += 1
-                        if is_feasible(ft):
-                            front.add(ft.values)
-                    else:
-                        n_failed_run += 1
-                    untracked.append(ft)
-                now = time.monotonic()
-                if told and (now - last_hv >= HV_EVERY_S or n_complete >= self.n_trials):
-                    last_hv = now
-                    hv = front.hypervolume() if len(self.spec.objectives) > 1 else float("nan")
-                    if tracker is not None and len(self.spec.objectives) > 1:
-                        tracker.log_hypervolume(n_complete, hv)
-                    if bar is not None:
-                        bar.n = n_complete
-                        if len(self.spec.objectives) > 1:
-                            quality = {"pareto": front.size, "hv": f"{hv:.4g}"}
-                        else:  # the best value, in the objective's direction
-                            best = front.front[:, 0].min() * (1 if self.spec.directions[0] == "minimize" else -1) if front.size else float("nan")
-                            quality = {"best": f"{best:.4g}"}
-                        bar.set_postfix(running=len(inflight), failed=n_failed_run, refresh=False, **quality)
-                        bar.refresh()
-                now = time.monotonic()
-                if bar is None and now - last_log > 10.0:
-                    last_log = now
-                    log.info(
-                        "%s: %d/%d complete, %d running, %d failed, pareto %d, hv %.6g",
-                        self.spec.name, n_complete, self.n_trials, len(inflight), n_failed_run,
-                        front.size, front.hypervolume(),
-                    )
-                if now - last_hb > HEARTBEAT_S:
-                    last_hb = now
-                    self._heartbeat(study)
-            if self._abort.is_set():
-                for job in list(inflight.values()):
-                    untracked.append(
-                        self._fail(study, job, "interrupted (Ctrl-C/SIGTERM); re-enqueued", requeue=True)
-                    )
-                inflight.clear()
-            if n_failed_run >= self.max_failed:
-                log.error("stopped: %d failed trials (max_failed)", n_failed_run)
-        finally:
-            t_fin = time.monotonic()
-            if bar is not None:
-                bar.close()
-            for a in actors:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:  # noqa: BLE001 - already dead
-                    pass
-            if owns_ray:
-                ray.shutdown()
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-            try:  # a full disk raises here again (StorageError): still stop the tracker
-                study._storage.set_study_system_attr(study._study_id, DRIVER_ATTR, {"pid": None, "time": 0.0})
-                flush_storage(study._storage)
-                track_durable()
-            finally:
-                all_trials = study.get_trials(deepcopy=False)
-                if tracker is not None:
-                    tracker.finish(all_trials)
-        counts = {s: 0 for s in TrialState}
-        for t in all_trials:
-            counts[t.state] += 1
-        return RunSummary(
-            study=self.spec.name,
-            study_dir=self.sdir,
-            complete=counts[TrialState.COMPLETE],
-            failed=counts[TrialState.FAIL],
-            running=counts[TrialState.RUNNING],
-            pareto_size=front.size,
-            hypervolume=front.hypervolume(),
-            wall_s=time.monotonic() - t_start,
-            interrupted=self._stop.is_set(),
-            recovered=recovered,
-            setup_s=t_loop - t_start,
-            loop_s=t_fin - t_loop,
-            finish_s=time.monotonic() - t_fin,
-        )
-
-    # -------------------------------------------------------------- telling
-
-    def _fail(self, study: optuna.Study, job: _Job, reason: str, requeue: bool = False) -> FrozenTrial:
-        job.trial.set_user_attr("fail_reason", reason)
-        ft = study.tell(job.trial, state=TrialState.FAIL, skip_if_finished=True)
-        if requeue:
-            study.enqueue_trial(dict(job.trial.params), user_attrs={"dse:retry_of": job.trial.number})
-        return ft
-
-    def _tell(self, study: optuna.Study, job: _Job, res: dict[str, Any]) -> FrozenTrial:
-        trial = job.trial
-        if res.get("error"):
-            trial.set_user_attr("traceback", res.get("traceback", ""))
-            return self._fail(study, job, res["error"])
-        metrics: dict[str, float] = res["metrics"]
-        trial.set_user_attr("metrics", metrics)
-        if res.get("info"):
-            trial.set_user_attr("info", res["info"])
-        trial.set_user_attr("eval_s", res.get("eval_s", 0.0))
-        if job.attempts > 1:
-            trial.set_user_attr("attempts", job.attempts)
-        nan = [k for k, v in metrics.items() if math.isnan(v)]
-        if nan:
-            return self._fail(study, job, f"NaN metric(s): {', '.join(nan)}")
-        missing = [m for m in [o.metric for o in self.spec.objectives] + [c.metric for c in self.spec.constraints] if m not in metrics]
-        if missing:
-            return self._fail(
-                study, job, f"metric(s) {', '.join(missing)} missing; evaluators returned {', '.join(sorted(metrics))}"
-            )
-        for c in self.spec.constraints:
-            trial.set_constraint(c.key, c.violation(metrics[c.metric]))
-        values = [metrics[o.metric] for o in self.spec.objectives]
-        return study.tell(trial, values, skip_if_finished=True)
+            self._halt("interrupted", "stopping: waiting for in-flight trials (Ctrl-C again to abort them)")

@@ -13,6 +13,7 @@ hypervolume history that is comparable across steps and studies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,12 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 
 def feasible_values(trials: Sequence[FrozenTrial], spec: Spec) -> tuple[list[FrozenTrial], np.ndarray]:
-    """Feasible COMPLETE trials and their objective values in minimisation space."""
-    good = [t for t in trials if t.state == TrialState.COMPLETE and t.values and is_feasible(t)]
+    """Feasible COMPLETE trials (with finite values) and their values in minimisation space."""
+    good = [
+        t for t in trials
+        if t.state == TrialState.COMPLETE and t.values and is_feasible(t)
+        and all(math.isfinite(v) for v in t.values)
+    ]
     n_obj = len(spec.objectives)
     vals = np.array([t.values for t in good], dtype=float).reshape(-1, n_obj) * signs(spec)
     return good, vals
@@ -119,6 +124,8 @@ class FrontTracker:
     def add(self, values: Sequence[float]) -> None:
         """Add one feasible complete trial's objective values (in the objectives' directions)."""
         v = np.asarray(values, dtype=float) * signs(self.spec)
+        if not np.all(np.isfinite(v)):
+            return  # never on a front: the hypervolume stays finite
         self.lo = np.minimum(self.lo, v)
         self.hi = np.maximum(self.hi, v)
         if len(self.front) and np.any(np.all(self.front <= v, axis=1) & np.any(self.front < v, axis=1)):

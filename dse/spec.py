@@ -63,13 +63,15 @@ _STUDY_KEYS = (
     "enqueue",
     "sampler_options",
     "max_failed",
+    "trial_timeout_s",
+    "trial_retries",
 )
 _OBJ_KEYS = ("metric", "direction", "ref")
 _CON_KEYS = ("metric", "op", "bound")
 _LEAF_KEYS = ("choices", "type", "low", "high", "step", "log", "value", "when")
 _EVAL_KEYS = ("name", "options", "resources")
 _RES_KEYS = ("num_cpus", "num_gpus", "memory")
-_RAY_KEYS = ("address", "workers")
+_RAY_KEYS = ("address", "workers", "place_timeout_s")
 _TRACK_KEYS = ("enabled", "uri", "child_runs", "artifact_every")
 
 
@@ -202,8 +204,11 @@ class Spec:
         enqueue: baseline points, each a dict of parameter values.
         sampler_options: extra keyword arguments of the Optuna sampler (extension).
         max_failed: stop after this many FAIL trials (extension; default n_trials).
+        trial_timeout_s: a trial running longer is failed, its actor killed (extension).
+        trial_retries: times a timed-out trial's parameters are re-enqueued (default 1).
         objectives, constraints, params, evaluators: the corresponding sections.
-        address, workers: the ``[ray]`` fields.
+        address, workers: the ``[ray]`` fields (``address = "inline"``: no Ray).
+        place_timeout_s: an actor not placed on a node by then is dropped (default 60).
         tracking, tracking_uri, child_runs, artifact_every: the ``[tracking]`` fields.
     """
 
@@ -221,6 +226,9 @@ class Spec:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     sampler_options: dict[str, Any] = field(default_factory=dict)
     max_failed: int | None = None
+    trial_timeout_s: float | None = None
+    trial_retries: int = 1
+    place_timeout_s: float = 60.0
     constraints: list[Constraint] = field(default_factory=list)
     address: str = "local"
     workers: int = 2
@@ -525,6 +533,8 @@ class _Validator:
             self.err("study.storage", why)
         max_failed = self.get_int(study, "max_failed", "study.max_failed", None, minimum=0,
                                   maximum=MAX_TRIALS)
+        trial_timeout_s = self.get_num(study, "trial_timeout_s", "study.trial_timeout_s", None, positive=True)
+        trial_retries = self.get_int(study, "trial_retries", "study.trial_retries", 1, minimum=0, maximum=100)
 
         objectives = self.objectives(data)
         default_sampler = "nsga2" if len(objectives) > 1 else "tpe"
@@ -546,6 +556,7 @@ class _Validator:
         if address is not None and (not address or address != address.strip() or " " in address):
             self.err("ray.address", f"expected local, auto, host:port or ray://host:port, got {address!r}")
         workers = self.get_int(ray_t, "workers", "ray.workers", 2, minimum=1, maximum=MAX_WORKERS)
+        place_timeout_s = self.get_num(ray_t, "place_timeout_s", "ray.place_timeout_s", 60.0, positive=True)
 
         tr = self.table(data, "tracking", "tracking")
         self.unknown(tr, _TRACK_KEYS, "tracking.")
@@ -569,6 +580,9 @@ class _Validator:
             enqueue=enqueue,
             sampler_options=sampler_options,
             max_failed=max_failed,
+            trial_timeout_s=trial_timeout_s,
+            trial_retries=1 if trial_retries is None else trial_retries,
+            place_timeout_s=60.0 if place_timeout_s is None else float(place_timeout_s),
             constraints=constraints,
             address=address or "local",
             workers=workers or 2,

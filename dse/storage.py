@@ -382,3 +382,33 @@ def flush_storage(storage: BaseStorage) -> None:
     if isinstance(backend, BufferedJournalFileBackend):
         with storage._thread_lock:  # type: ignore[attr-defined]
             backend.flush()
+
+
+# ----------------------------------------------------------------------------- study helpers
+# The only place outside Optuna that touches a study's storage internals.
+
+
+def system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's system attributes (``dse:driver``, ``dse:baselines_enqueued``, ...)."""
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Set one study system attribute."""
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Fail a trial known only as a ``FrozenTrial`` (e.g. left RUNNING), with ``fail_reason``."""
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def unflushed(study: optuna.Study) -> int:
+    """Records of the study written but not yet flushed (see :func:`buffered_records`)."""
+    return buffered_records(study._storage)
+
+
+def flush(study: optuna.Study) -> None:
+    """Write the study's buffered records (see :func:`flush_storage`)."""
+    flush_storage(study._storage)
