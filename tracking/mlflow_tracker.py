@@ -423,7 +423,16 @@ class Tracker:
 
 
 def _worker_main(info: StudyInfo, sdir: Path, q: Any, status: Any, parent_pid: int | None = None) -> None:
-    """Entry point of the logging process."""
+    """Entry point of the logging process.
+
+    Ctrl-C and SIGTERM go to the whole process group; the driver decides when logging
+    stops (it sends ``finish``), so this process ignores them (a signal mid-way through
+    MLflow's schema creation left a half-made store). It exits when its parent dies.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = _TrackerWorker(info, sdir)
     try:
