@@ -52,14 +52,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, help="sampler seed (overrides the spec)")
         sp.add_argument("--address", help="Ray address: local, auto or ray://host:port")
         sp.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        sp.add_argument("--allow-spec-change", action="store_true",
+                        help="continue an existing study with a spec that differs from its stored one")
         tracking_uri(sp)
         sp.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
                         help="progress display (default: bar on a TTY, log lines otherwise)")
 
     sp = sub.add_parser("run", help="run a study from a spec (continues it if it exists)")
     sp.add_argument("spec", type=Path)
-    sp.add_argument("--allow-spec-change", action="store_true",
-                    help="continue an existing study with a spec that differs from its stored one")
     overrides(sp)
     sp = sub.add_parser("resume", help="continue a study after a crash or Ctrl-C")
     sp.add_argument("study")

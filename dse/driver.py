@@ -138,23 +138,32 @@ def check_spec_change(spec: Spec, sdir: Path, *, allow: bool = False) -> None:
     path = sdir / "spec.toml"
     if not path.exists() or not spec.text:
         return
-    old = path.read_text(encoding="utf-8")
-    changed = spec_changes(old, spec.text)
+    changed = _spec_change(spec, path.read_text(encoding="utf-8"), str(path), allow)
     if not changed:
         return
+    storage = open_storage(spec.storage, sdir)  # both stored copies: the storage's, then the file
+    try:
+        storage.set_study_user_attr(storage.get_study_id_from_name(spec.name), SPEC_ATTR, spec.text)
+    except KeyError:  # the study is not in the storage (yet)
+        pass
+    tmp = path.with_name("spec.toml.tmp")
+    tmp.write_text(spec.text, encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("study %s: spec changed (%s); %s now holds the new spec", spec.name, ", ".join(changed), path)
+
+
+def _spec_change(spec: Spec, stored: str, where: str, allow: bool) -> list[str]:
+    """The fields ``spec`` changes against the ``stored`` text; raises on a refused change."""
+    changed = spec_changes(stored, spec.text)
     meaning = [k for k in changed if not k.startswith(RUN_CONTROL_FIELDS)]
     if meaning and not allow:
         shown = ", ".join(meaning[:8]) + (f" (+{len(meaning) - 8} more)" if len(meaning) > 8 else "")
         raise SpecError([
-            f"{spec.path or spec.name}: study {spec.name!r} exists with another spec ({path}): "
+            f"{spec.path or spec.name}: study {spec.name!r} exists with another spec ({where}): "
             f"{shown} differ; use another study name, or --allow-spec-change to continue it "
             "with this spec"
         ])
-    tmp = path.with_name("spec.toml.tmp")
-    tmp.write_text(spec.text, encoding="utf-8")
-    os.replace(tmp, path)
-    (log.warning if meaning else log.info)("study %s: spec changed (%s); %s now holds the new spec",
-                                           spec.name, ", ".join(changed), path)
+    return changed
 
 
 def open_study(
@@ -188,7 +197,10 @@ def open_study(
     spec_path = sdir / "spec.toml"
     if not spec_path.exists():
         spec_path.write_text(spec.text, encoding="utf-8")
-    if spec.text and study.user_attrs.get(SPEC_ATTR) != spec.text:
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if spec.text and stored != spec.text:
+        if isinstance(stored, str):  # e.g. spec.toml edited by hand, then `dse resume`
+            _spec_change(spec, stored, f"the study's {SPEC_ATTR} in its storage", allow_spec_change)
         study.set_user_attr(SPEC_ATTR, spec.text)
     _reseed(study, spec)
     return study

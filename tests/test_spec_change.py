@@ -75,6 +75,10 @@ def test_allow_spec_change_keeps_the_stored_spec_consistent(
     new = BASE.replace("seed = 1", "seed = 7")
     assert _run(tmp_path, new, "--allow-spec-change") == 0
     assert (sdir / "spec.toml").read_text() == new
+    from dse.storage import open_storage
+
+    stored = optuna.load_study(study_name="ch", storage=open_storage(None, sdir))
+    assert stored.user_attrs[SPEC_ATTR] == new  # both copies, before any trial runs
     study = open_study(parse_spec(new), sdir)  # what the driver does next
     assert study.user_attrs[SPEC_ATTR] == new
     reread = optuna.load_study(study_name="ch", storage=study._storage)
@@ -83,3 +87,19 @@ def test_allow_spec_change_keeps_the_stored_spec_consistent(
     assert _run(tmp_path, new) == 0  # now the stored spec: no flag needed
     assert _run(tmp_path, BASE) == 2  # and the old one is the changed one
     assert "study.seed differ" in capsys.readouterr().err
+
+
+def test_hand_edited_spec_toml_is_refused_by_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """spec.toml edited by hand: `dse resume` compares it with the spec the study's storage
+    holds and refuses before anything runs (no Ray is started for this)."""
+    root = tmp_path / "studies"
+    sdir = _complete_study(root)
+    journal = (sdir / "optuna.journal").read_bytes()
+    (sdir / "spec.toml").write_text(BASE.replace("seed = 1", "seed = 5").replace("n_trials = 3", "n_trials = 6"))
+    assert main(["resume", "ch", "--dir", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists with another spec (the study's dse:spec in its storage)" in err[0]
+    assert "study.seed differ" in err[0] and "n_trials" not in err[0], err
+    assert (sdir / "optuna.journal").read_bytes() == journal
