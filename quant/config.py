@@ -110,7 +110,7 @@ class QuantConfig:
             (``quant.KVQuant`` modules; the k_proj/v_proj hook of models without them
             supports ``token`` only).
         kv_window: the most recent tokens of every query's past kept in full precision
-            (0 = none; needs an attention that supports it, as ``evaluators.hf``'s).
+            (0 = none; needs causal attention through ``quant.kv_attention``).
     """
 
     weights: Format = FP32

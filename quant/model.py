@@ -37,6 +37,7 @@ __all__ = [
     "QConv2d",
     "QuantReport",
     "quantize_model",
+    "kv_attention",
     "kv_recent_mask",
     "lqer_factors",
     "calibrate_input_scales",
@@ -127,6 +128,56 @@ def kv_recent_mask(t: int, s: int, window: int, device: torch.device | None = No
     qpos = torch.arange(s - t, s, device=device)[:, None]
     d = qpos - torch.arange(s, device=device)[None, :]
     return (d >= 0) & (d < window)
+
+
+def kv_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+    scale: float, mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention through ``module.qk`` / ``module.pv`` (QMatmul) with the K/V cache
+    ``module.k_cache`` / ``module.v_cache`` (KVQuant: format, layout, window).
+
+    Shapes: ``query (B, H, T, D)``, unquantized ``key``/``value (B, Hkv, S, D)`` (``H`` a
+    multiple of ``Hkv``: grouped-query attention without repeating K/V; the query heads are
+    grouped per KV head, ``(B, Hkv, rep*T, D)``, so every block QMatmul forms along the
+    reduction axis is the one it would form on repeated tensors). ``mask``: bool ``(T, S)``,
+    True = not attended (causal); ``attention_mask``: an extra bool (True = attend) or
+    additive mask broadcast to ``(B, H, T, S)``. Returns ``(B, H, T, D)``.
+
+    ``quant.kv_window = W``: the keys/values among each query's W most recent positions
+    (:func:`kv_recent_mask`) are read unquantized: QK^T is formed with both and selected
+    per entry, PV runs as two matmuls on the split probabilities. Needs a causal ``mask``.
+    """
+    kc, vc = module.k_cache, module.v_cache
+    k, v = kc.quantize(key), vc.quantize(value)
+    b, h, t, d = query.shape
+    hkv, s = k.shape[1], k.shape[2]
+    rep = h // hkv
+    qg = query.reshape(b, hkv, rep * t, d)
+    scores = module.qk(qg, k.transpose(-2, -1)).view(b, h, t, s)
+    window = 0 if kc.fmt.is_identity and vc.fmt.is_identity else max(kc.window, vc.window)
+    if window > 0 and mask is None:
+        raise ValueError("quant.kv_window: needs causal attention (expected 0 here)")
+    recent = kv_recent_mask(t, s, window, scores.device) if window > 0 else None
+    if recent is not None and kc.window > 0 and not kc.fmt.is_identity:
+        fresh = module.qk(qg, key.transpose(-2, -1)).view(b, h, t, s)
+        scores = torch.where(recent, fresh, scores)
+    scores = scores.mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(mask, float("-inf"))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask[..., :t, :s], float("-inf"))
+        else:
+            scores = scores + attention_mask[..., :t, :s]
+    probs = scores.softmax(dim=-1)
+    if recent is not None and vc.window > 0 and not vc.fmt.is_identity:
+        # sum_j p_ij v_j with v_j unquantized for recent j: two PV matmuls on split probs
+        old = probs.masked_fill(recent, 0.0).view(b, hkv, rep * t, s)
+        new = probs.masked_fill(~recent, 0.0).view(b, hkv, rep * t, s)
+        return (module.pv(old, v) + module.pv(new, value)).view(b, h, t, d)
+    return module.pv(probs.view(b, hkv, rep * t, s), v).view(b, h, t, d)
 
 
 class _KVOutputHook:

@@ -230,7 +230,17 @@ def test_kv_layout_params_reach_the_model(tiny_llama_dir: Path) -> None:
     assert kivi["kl_to_fp_nats"] != plain["kl_to_fp_nats"]
     allfp = ev.evaluate({**base, "quant.kv_window": 64})  # every past token in the window
     assert allfp["kl_to_fp_nats"] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="quant.kv_window"):  # the char GPT has no window
-        CharLMEvaluator(budget_tokens=128).evaluate({"quant.kv": "mxint4", "quant.kv_window": 8})
+    # the char GPT shares the attention (quant.kv_attention): a window covering the whole
+    # context reads nothing quantized; the glyph ViT (not causal) refuses a window
+    ch = CharLMEvaluator(budget_tokens=128)
+    assert ch.evaluate({"quant.kv": "int2", "quant.kv_window": 64})["kl_to_fp_nats"] == \
+        pytest.approx(0.0, abs=1e-6)
+    part = ch.evaluate({"quant.kv": "int2", "quant.kv_window": 8})["kl_to_fp_nats"]
+    assert 0 < part < ch.evaluate({"quant.kv": "int2"})["kl_to_fp_nats"]
+    from evaluators import VisionEvaluator
+
+    with pytest.raises(ValueError, match="quant.kv_window"):
+        VisionEvaluator("glyph_vit", budget_images=64).evaluate({"quant.kv": "mxint4",
+                                                                 "quant.kv_window": 8})
     with pytest.raises(ValueError, match="quant.kv_k_layout"):
         ev.evaluate({"quant.kv": "mxint4", "quant.kv_k_layout": "head"})
