@@ -88,9 +88,8 @@ class KVQuant(nn.Module):
     channel and token group): KIVI (Liu et al., ICML 2024) quantizes K per channel and V
     per token. The group size is the format's own (``int2(asym,group=32)``, ``mxint2``:
     32). ``window`` (``quant.kv_window``): the most recent ``window`` tokens of every
-    query's past stay in full precision (KIVI's residual); an attention that honours it
-    calls :meth:`quantize` and :func:`kv_recent_mask` itself, plain ``forward`` refuses
-    a window (the attention would silently ignore it).
+    query's past stay in full precision (KIVI's residual); :func:`kv_attention` honours
+    it, plain ``forward`` refuses a window (its caller would silently ignore it).
 
     Identity until ``quantize_model`` sets ``fmt``. Call it on each new K (and V) slice
     before it is stored / used, e.g. ``k = self.k_cache(k)``: ``(B, H, T, head_dim)``.
