@@ -73,6 +73,7 @@ def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path, capsys: pytest.Cap
     assert main(["validate", str(ROOT / "examples" / "zdt1.toml")]) == 0
 
 
+@pytest.mark.slow
 def test_run_status_pareto_export(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "s.toml"
     spec.write_text(spec_text("cli", 12))
@@ -143,6 +144,7 @@ def start_driver_until_progress(spec: Path, root: Path, name: str) -> subprocess
         raise
 
 
+@pytest.mark.slow
 def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
     spec = tmp_path / "k.toml"
     n = 16
@@ -167,6 +169,7 @@ def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
     assert sorted(numbers) == complete  # one child run per COMPLETE trial, none twice
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume(ray_session: Any, tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the foreground process group, as a terminal sends it): in-flight
     trials finish and are told, exit 130, nothing is lost; resume reaches n COMPLETE."""
@@ -194,6 +197,7 @@ def test_ctrl_c_then_resume(ray_session: Any, tmp_path: Path) -> None:
     assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(n))
 
 
+@pytest.mark.slow
 def test_dead_mlflow_then_sync(ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "d.toml"
     spec.write_text(spec_text("deadml", 8, tracking={"uri": "http://127.0.0.1:9"}))

@@ -30,6 +30,7 @@ def load(spec_name: str, root: Path) -> optuna.Study:
     return optuna.load_study(study_name=spec_name, storage=open_storage(None, root / spec_name))
 
 
+@pytest.mark.slow
 def test_zdt1_search_reaches_true_front(ray_session: Any, tmp_path: Path) -> None:
     spec = parse_spec(zdt_spec("zdt1", n_trials=250))
     summary = Driver(spec, tmp_path, progress=False).run()
@@ -94,6 +95,7 @@ registry.register("test_faulty", Faulty)
 registry.register("test_upstream", Upstream)
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_trial(ray_session: Any, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     spec = parse_spec(zdt_spec("kill", n_trials=12, sampler="nsga2", evaluator="test_kill_once",
@@ -111,6 +113,7 @@ def test_actor_killed_mid_trial(ray_session: Any, tmp_path: Path) -> None:
     assert len({t.number for t in study.trials}) == len(study.trials) == 12
 
 
+@pytest.mark.slow
 def test_failures_nan_and_upstream(ray_session: Any, tmp_path: Path) -> None:
     text = zdt_spec("faulty", n_trials=10, sampler="random", evaluator="test_faulty")
     text = text.replace("n_trials = 10", "n_trials = 10\nmax_failed = 100")
@@ -136,6 +139,7 @@ def test_failures_nan_and_upstream(ray_session: Any, tmp_path: Path) -> None:
         assert t.constraints["sum_f_le_1.5"] == pytest.approx(m["sum_f"] - 1.5)
 
 
+@pytest.mark.slow
 def test_enqueue_and_resume_of_stale_running(ray_session: Any, tmp_path: Path) -> None:
     text = zdt_spec("stale", n_trials=6, sampler="nsga2")
     text = text.replace("[[objectives]]", '[[study.enqueue]]\n"x.0" = 0.25\n"x.1" = 0.0\n[[objectives]]', 1)
@@ -180,6 +184,7 @@ class BrokenFactory:
 registry.register("test_broken", BrokenFactory)
 
 
+@pytest.mark.slow
 def test_evaluator_that_cannot_start_stops_the_run(ray_session: Any, tmp_path: Path) -> None:
     from dse.driver import DriverError
 

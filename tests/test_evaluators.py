@@ -209,6 +209,7 @@ def test_window_hist_matches_brute_force() -> None:
     assert pointwise_avg(lin_x, lin_w) == pytest.approx([4 / 6, 4 / 6])
 
 
+@pytest.mark.slow
 def test_threads_option_and_vit_digits() -> None:
     vit = VisionEvaluator("glyph_vit", budget_images=256, num_threads=1)
     r = vit.evaluate({"quant.attn": "int4", "quant.kv": "int4"})
@@ -223,6 +224,7 @@ def test_threads_option_and_vit_digits() -> None:
         VisionEvaluator("mnist")
 
 
+@pytest.mark.slow
 def test_training_is_deterministic() -> None:
     from evaluators.train.train_char_lm import train as train_lm
     from evaluators.train.train_vision import train as train_vision

@@ -30,6 +30,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_quant_attention_equals_sdpa_and_kv_reaches_it(tiny_llama_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -52,6 +53,7 @@ def test_quant_attention_equals_sdpa_and_kv_reaches_it(tiny_llama_dir: Path) -> 
     assert attn["layers"]["model.layers.0.self_attn.qk"]["act_format"].startswith("int2")
 
 
+@pytest.mark.slow
 def test_hf_lm_plugin(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from dse import registry
     from dse.registry import EvalContext
@@ -67,6 +69,7 @@ def test_hf_lm_plugin(tiny_llama_dir: Path, tmp_path: Path) -> None:
                               EvalContext(study_dir=tmp_path, name="hf_lm"))
 
 
+@pytest.mark.slow
 def test_weights_digest_tracks_content(tiny_llama_dir: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -137,6 +140,7 @@ def test_shared_input_quantized_once_and_exactly() -> None:
     assert xg.grad is not None and not hasattr(xg, "_dse_xq")
 
 
+@pytest.mark.slow
 def test_hf_calibration_windows_come_from_the_training_topics(tiny_llama_dir: Path) -> None:
     """The HF evaluator calibrates on windows of the training topics: none of them occurs
     in the scored stream, and LQER / saliences feed the model only those."""
@@ -215,6 +219,7 @@ def test_kv_layouts_and_window_match_a_per_query_reference(k_layout: str, v_layo
         torch.testing.assert_close(got, _quant_attention(plain, q, k, v, None)[0])
 
 
+@pytest.mark.slow
 def test_kv_layout_params_reach_the_model(tiny_llama_dir: Path) -> None:
     from evaluators import CharLMEvaluator
     from evaluators.lm import HFCausalLMEvaluator

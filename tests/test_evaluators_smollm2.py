@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_smollm2_perplexity_and_quant_path() -> None:
     from evaluators.lm import HFCausalLMEvaluator
 

@@ -263,6 +263,7 @@ def test_every_example_parameter_round_trips(tmp_path: Path) -> None:
         assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_mlflow_key_is_legal_and_distinct() -> None:
     from mlflow.utils.validation import _validate_param_name
 
