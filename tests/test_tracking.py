@@ -319,3 +319,104 @@ def test_store_killed_while_being_created_is_not_left_half_built(tmp_path: Path)
     c = MlflowClient(tracking_uri=f"sqlite:///{db}")
     c.create_experiment("after-kill")
     assert {e.name for e in c.search_experiments()} == {"Default", "after-kill"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_mlflow_server(db: Path, port: int, cwd: Path) -> Any:
+    """A real ``mlflow server`` (one worker) on 127.0.0.1:port; returns once /health answers."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+         "--artifacts-destination", str(cwd / "mlartifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "mlflow server exited"
+        try:
+            if opener.open(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    _kill(proc)
+    pytest.fail("mlflow server did not start")
+
+
+def _kill(proc: Any) -> None:
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_server_killed_and_restarted_mid_run_loses_nothing(tmp_path: Path) -> None:
+    """A real MLflow server is SIGKILLed after 15 trials and restarted after 30: every
+    COMPLETE trial ends up logged exactly once and the hypervolume history is whole."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    study, spec = _study(40)
+    trials = study.trials
+    complete = [t.number for t in trials if t.state == TrialState.COMPLETE]
+    port = _free_port()
+    db = tmp_path / "server.db"
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_mlflow_server(db, port, tmp_path)
+    tr = Tracker(study_info(spec, tmp_path, uri=uri), tmp_path)
+    try:
+        tr.start([])
+        for t in trials[:15]:
+            tr.trial_finished(t)
+        tr.log_hypervolume(1, 0.1)
+        c = MlflowClient(tracking_uri=uri)
+        first = [n for n in complete if n < 15]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            exp = c.get_experiment_by_name("t")
+            runs = c.search_runs([exp.experiment_id]) if exp is not None else []
+            if len([r for r in runs if TRIAL_TAG in r.data.tags]) == len(first):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first trials were not logged")
+        _kill(server)
+        for t in trials[15:30]:
+            tr.trial_finished(t)
+        tr.log_hypervolume(2, 0.2)
+        tr.log_hypervolume(3, 0.3)
+        time.sleep(3)  # the tracker meets the dead server
+        server = _start_mlflow_server(db, port, tmp_path)
+        for t in trials[30:]:
+            tr.trial_finished(t)
+        tr.log_hypervolume(4, 0.4)
+        tr.finish(trials)
+        assert tr.error is None
+        c = MlflowClient(tracking_uri=uri)
+        exp = c.get_experiment_by_name("t")
+        runs = c.search_runs([exp.experiment_id], max_results=1000)
+        children = sorted(int(r.data.tags[TRIAL_TAG]) for r in runs if TRIAL_TAG in r.data.tags)
+        assert children == complete  # each exactly once
+        assert all(r.info.status == "FINISHED" for r in runs)
+        (parent,) = [r for r in runs if r.data.tags.get("dse.role") == "parent"]
+        hist = c.get_metric_history(parent.info.run_id, "hypervolume")
+        assert sorted((m.step, m.value) for m in hist) == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    finally:
+        _kill(server)

@@ -311,12 +311,13 @@ class MlflowLink:
         return True
 
     def log_hypervolume(self, points: Sequence[tuple[int, float, int]]) -> None:
-        """Log (step, hypervolume, timestamp_ms) points on the parent run in one batch."""
+        """Log (step, hypervolume, timestamp_ms) points on the parent run (batches of 1000,
+        MLflow's limit)."""
         from mlflow.entities import Metric
 
-        if points:
+        for k in range(0, len(points), 1000):
             self.client.log_batch(
-                self.parent_id, metrics=[Metric("hypervolume", v, ts, step) for step, v, ts in points]
+                self.parent_id, metrics=[Metric("hypervolume", v, ts, step) for step, v, ts in points[k : k + 1000]]
             )
 
     def log_artifacts(self, trials: Sequence[FrozenTrial]) -> None:
@@ -442,7 +443,16 @@ def _worker_main(info: StudyInfo, sdir: Path, q: Any, status: Any, parent_pid: i
 
 
 class _TrackerWorker:
-    """The logging loop (runs in the tracking process)."""
+    """The logging loop (runs in the tracking process).
+
+    MLflow failing (other than rejecting one input) marks it *down*: nothing more is tried
+    until a reconnect, attempted with backoff (1 s doubling to 30 s) while the trials and
+    hypervolume points keep arriving. A reconnect lists what the store has (deleting
+    half-logged child runs) and logs everything missed. Still down at the end: one warning
+    pointing at ``dse sync``.
+    """
+
+    BACKOFF_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
 
     def __init__(self, info: StudyInfo, sdir: Path) -> None:
         self.info = info
@@ -451,25 +461,59 @@ class _TrackerWorker:
         self._trials: dict[int, FrozenTrial] = {}
         self._link: MlflowLink | None = None
         self._since_artifacts = 0
+        self._hv: list[tuple[int, float, int]] = []  # points not yet logged
+        self._down: str | None = None  # why MLflow is down
+        self._down_since = 0.0
+        self._retry_at = 0.0
+        self._backoff_s = self.BACKOFF_S[0]
 
-    def _guard(self, what: str, fn: Any, *args: Any) -> None:
-        """Run one MLflow step; a failure is logged naming the step. A rejected input
-        (MLflow answered) skips that step only; anything else stops the logging."""
-        if self.error is not None:
-            return
+    def _guard(self, what: str, fn: Any, *args: Any) -> bool:
+        """Run one MLflow step; returns whether it succeeded. A failure is logged naming the
+        step; a rejected input (MLflow answered) skips that step only; anything else marks
+        MLflow down until a reconnect."""
+        if self._down is not None:
+            return False
         try:
             fn(*args)
+            return True
         except Exception as e:  # noqa: BLE001 - MLflow must never stop the search
             if _rejected(e):
                 log.warning("MLflow rejected %s (%s); the rest is logged", what, _why(e))
-                return
-            self.error = f"failed while {what} at {self.info.uri} ({_why(e)})"
-            log.warning("MLflow %s; the search goes on; backfill later with `dse sync %s`", self.error, self.info.name)
+                return False
+            self._down = f"failed while {what} at {self.info.uri} ({_why(e)})"
+            self._down_since = time.monotonic()
+            self._backoff_s = self.BACKOFF_S[0]
+            self._retry_at = self._down_since + self._backoff_s
+            log.warning("MLflow %s; the search goes on; reconnecting with backoff", self._down)
+            return False
+
+    def _reconnect(self) -> None:
+        """One reconnect attempt; on success log everything missed while down."""
+        if self._down is None or time.monotonic() < self._retry_at:
+            return
+        why, since = self._down, self._down_since
+        self._down = None
+        if not self._guard("reconnecting", self._connect):
+            self._down = why
+            self._down_since = since
+            self._backoff_s = min(2 * self._backoff_s, self.BACKOFF_S[1])
+            self._retry_at = time.monotonic() + self._backoff_s
+            return
+        link = self._link
+        assert link is not None
+        before = len(link.logged)
+        self._log_trials(sorted(self._trials.values(), key=lambda t: t.number))
+        self._flush_hv()
+        if self._down is None:
+            log.warning("MLflow back at %s after %.0f s: %d missed trial(s) and the hypervolume logged",
+                        self.info.uri, time.monotonic() - since, len(link.logged) - before)
 
     def loop(self, q: Any, parent_pid: int | None = None) -> None:
         while True:
+            self._reconnect()
+            wait_s = 2.0 if self._down is None else max(0.05, min(2.0, self._retry_at - time.monotonic()))
             try:
-                item = q.get(timeout=2.0)
+                item = q.get(timeout=wait_s)
             except queue.Empty:
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.info.name)
@@ -482,7 +526,6 @@ class _TrackerWorker:
                     items.append(item)
                 except queue.Empty:
                     break
-            hv: list[tuple[int, float, int]] = []
             done = False
             for it in items:
                 if it is None:
@@ -492,26 +535,29 @@ class _TrackerWorker:
                 if kind == "init":
                     for t in payload:
                         self._trials[t.number] = t
-                    self._guard("connecting", self._connect)
-                    self._log_trials(payload)
+                    if self._guard("connecting", self._connect):
+                        self._log_trials(payload)
                 elif kind == "trial":
                     self._trials[payload.number] = payload
                     self._log_trials([payload])
                     if payload.state == TrialState.COMPLETE:
                         self._since_artifacts += 1
                 elif kind == "hv":
-                    hv.append(payload)
+                    self._hv.append(payload)
                 elif kind == "finish":
                     for t in payload:
                         self._trials[t.number] = t
-                    self._flush_hv(hv)
-                    hv = []
+                    self._retry_at = 0.0  # one last attempt now
+                    self._reconnect()
+                    self._flush_hv()
                     self._final()
-            self._flush_hv(hv)
+            self._flush_hv()
             if self._since_artifacts >= self.info.artifact_every:
                 self._since_artifacts = 0
                 self._artifacts()
             if done:
+                if self._down is not None:
+                    self.error = self._down
                 return
 
     def _connect(self) -> None:
@@ -524,15 +570,14 @@ class _TrackerWorker:
         for t in trials:
             self._guard(f"logging trial {t.number}", self._link.log_trial, t)
 
-    def _flush_hv(self, hv: list[tuple[int, float, int]]) -> None:
-        if hv and self._link is not None:
-            self._guard("logging the hypervolume", self._link.log_hypervolume, hv)
+    def _flush_hv(self) -> None:
+        if self._hv and self._link is not None:
+            if self._guard("logging the hypervolume", self._link.log_hypervolume, self._hv):
+                self._hv = []
 
     def _artifacts(self) -> None:
         trials = sorted(self._trials.values(), key=lambda t: t.number)
-        if self._link is not None and self.error is None:
-            self._guard("logging artifacts", self._link.log_artifacts, trials)
-        else:
+        if self._link is None or not self._guard("logging artifacts", self._link.log_artifacts, trials):
             try:
                 write_artifacts(trials, self.info, self.sdir / "artifacts")
             except OSError as e:  # e.g. a full disk: the journal has everything
@@ -585,7 +630,9 @@ class SyncResult:
 
 
 def sync(info: StudyInfo, sdir: Path, trials: Sequence[FrozenTrial]) -> SyncResult:
-    """Backfill MLflow from the Optuna trials: missing child runs, hypervolume, artifacts.
+    """Backfill MLflow from the Optuna trials: missing child runs, the hypervolume history
+    (every step up to 200 evenly spaced ones, and the last, that the parent run lacks),
+    artifacts and summary.
 
     Safe to run repeatedly: trials already logged are skipped. Raises
     :class:`TrackingError` (one line: the step, the URI, the cause) when MLflow fails
@@ -609,14 +656,14 @@ def sync(info: StudyInfo, sdir: Path, trials: Sequence[FrozenTrial]) -> SyncResu
                     raise
                 rejected.append(f"trial {t.number}: {_why(e)}")
         step = "logging the hypervolume history"
-        if len(info.objectives) > 1 and not link.client.get_metric_history(link.parent_id, "hypervolume"):
+        if len(info.objectives) > 1:
+            have = {m.step for m in link.client.get_metric_history(link.parent_id, "hypervolume")}
             done = sorted(
                 (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.datetime_complete, t.number)
             )
             stride = max(1, len(done) // 200)
-            pts = []
-            for i in range(stride, len(done) + 1, stride):
-                pts.append((i, info.hypervolume(done[:i]), _ms(done[i - 1].datetime_complete)))
+            steps = [i for i in [*range(stride, len(done) + 1, stride), len(done)] if i and i not in have]
+            pts = [(i, info.hypervolume(done[:i]), _ms(done[i - 1].datetime_complete)) for i in sorted(set(steps))]
             link.log_hypervolume(pts)
         step = "logging the artifacts"
         link.log_artifacts(trials)
