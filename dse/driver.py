@@ -322,8 +322,20 @@ class Driver:
     # -------------------------------------------------------------- the loop
 
     def run(self) -> RunSummary:
-        """Run the search until the study has ``n_trials`` COMPLETE trials (or stops)."""
-        t_start = time.monotonic()
+        """Run the search until the study has ``n_trials`` COMPLETE trials (or stops).
+
+        SIGINT/SIGTERM handlers are installed for the whole run (again after ``ray.init``,
+        which replaces them) and restored at the end.
+        """
+        self._signals_on()
+        try:
+            return self._run(time.monotonic())
+        finally:
+            for sig, h in self._old_handlers.items():
+                signal.signal(sig, h)
+            self._old_handlers.clear()
+
+    def _run(self, t_start: float) -> RunSummary:
         study, state, recovered = self._open()
         # a complete study's MLflow runs stay as they are
         tracker = self._tracker() if self.tracking and state.complete < self.n_trials else None
@@ -334,7 +346,6 @@ class Driver:
         t_loop = time.monotonic()
         try:
             if state.complete < self.n_trials:
-                self._signals_on()
                 owns_ray = self._init_ray()
                 self._signals_on()  # again: ray.init replaces the SIGTERM handler
                 pool = self._pool()
@@ -346,10 +357,11 @@ class Driver:
                     self._halt("timeout_s", "timeout_s reached: no new trials")
                 self._fill(study, pool, state, 0)
                 self._flush(study, force=not pool.in_flight())
-                if not pool.in_flight():
-                    break
+                if not pool.in_flight() and not self._wants(state, 0):
+                    break  # (wanting more with nothing in flight: actors are starting)
                 outcomes = pool.wait(FLUSH_S if storage.unflushed(study) else 1.0)
-                self._fill(study, pool, state, len(outcomes))  # keep workers busy, then tell
+                if pool.overlaps:  # keep workers busy, then tell
+                    self._fill(study, pool, state, len(outcomes))
                 for o in outcomes:
                     self._told(self._tell(study, o), state, listeners)
                 state.running = pool.in_flight()
@@ -373,14 +385,17 @@ class Driver:
 
     def _fill(self, study: optuna.Study, pool: Pool, state: RunState, n_untold: int) -> None:
         """Ask and submit trials while a worker is idle and more are needed."""
-        while (
-            pool.idle() > 0
-            and not self._stop.is_set()
-            and state.complete + n_untold + pool.in_flight() < self.n_trials
-            and state.failed < self.max_failed
-        ):
+        while pool.idle() > 0 and self._wants(state, n_untold + pool.in_flight()):
             trial = study.ask()
             pool.submit(Job(trial, complete_params(sample_params(trial, self.spec), self.spec)))
+
+    def _wants(self, state: RunState, n_pending: int) -> bool:
+        """Whether to ask for another trial, ``n_pending`` trials being on their way."""
+        return (
+            not self._stop.is_set()
+            and state.complete + n_pending < self.n_trials
+            and state.failed < self.max_failed
+        )
 
     def _told(self, ft: FrozenTrial, state: RunState, listeners: list[Listener]) -> None:
         if ft.state == TrialState.COMPLETE:
@@ -492,9 +507,6 @@ class Driver:
             import ray
 
             ray.shutdown()
-        for sig, h in self._old_handlers.items():
-            signal.signal(sig, h)
-        self._old_handlers.clear()
         try:  # a full disk raises here (StorageError): the listeners still close
             storage.flush(study)
         finally:
@@ -622,6 +634,7 @@ class Driver:
             demand=res,
             place_timeout_s=self.spec.place_timeout_s,
             trial_timeout_s=self.spec.trial_timeout_s,
+            stopping=self._abort.is_set,
         )
 
     # -------------------------------------------------------------- signals

@@ -174,7 +174,13 @@ class Outcome:
 
 
 class Pool(Protocol):
-    """What the driver needs of a pool."""
+    """What the driver needs of a pool.
+
+    ``overlaps``: jobs run while the driver tells (the driver then asks for the freed
+    workers before it tells finished trials).
+    """
+
+    overlaps: bool
 
     def start(self, should_stop: Callable[[], bool], on_wait: Callable[[], Any]) -> None:
         """Build the evaluators; raises :class:`PoolError` when they cannot start.
@@ -206,6 +212,8 @@ class Pool(Protocol):
 
 class InlinePool:
     """Evaluators in the driver process, one job at a time (no Ray)."""
+
+    overlaps = False
 
     def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path, seed: int, num_threads: int = 1) -> None:
         self.host = EvaluatorHost(evaluators, str(study_dir), seed, num_threads)
@@ -262,10 +270,13 @@ class _Slot:
     since_s: float = field(default_factory=time.monotonic)
     job: Job | None = None
     starts: int = 0  # consecutive starts that died
+    announced: bool = False  # the start said this actor did not fit (yet)
 
 
 class ActorPool:
     """Ray actors holding warm evaluators (see the module docstring for the faults handled).
+
+    Jobs run in the actors while the driver tells (``overlaps``).
 
     Args:
         make_actor: creates one actor (an ``EvaluatorHost`` handle), not waiting for it.
@@ -274,6 +285,8 @@ class ActorPool:
         place_timeout_s: drop an actor not placed by then.
         trial_timeout_s: kill an actor whose job runs longer (``None``: no limit).
         max_attempts: runs of one job before it fails; consecutive start deaths of a slot.
+        stopping: when it returns True (an abort: the cluster may be going down with the
+            driver), dead actors are no longer replaced and late ones no longer dropped.
     """
 
     def __init__(
@@ -285,6 +298,7 @@ class ActorPool:
         place_timeout_s: float = PLACE_TIMEOUT_S,
         trial_timeout_s: float | None = None,
         max_attempts: int = MAX_ATTEMPTS,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.make_actor = make_actor
         self.size = size
@@ -292,6 +306,8 @@ class ActorPool:
         self.place_timeout_s = place_timeout_s
         self.trial_timeout_s = trial_timeout_s
         self.max_attempts = max_attempts
+        self.stopping = stopping
+        self.overlaps = True
         self.slots = [_Slot(i) for i in range(size)]
         self.queue: deque[Job] = deque()  # jobs whose actor died, waiting for a live one
         self.dropped = 0
@@ -299,7 +315,7 @@ class ActorPool:
     # ------------------------------------------------------------------ life of a slot
 
     def _launch(self, slot: _Slot) -> None:
-        slot.actor = self.make_actor()
+        slot.actor, slot.announced = self.make_actor(), False
         slot.state, slot.since_s = "placing", time.monotonic()
         slot.ref = slot.actor.pid.remote()
 
@@ -320,13 +336,31 @@ class ActorPool:
     def _demand_text(self) -> str:
         import ray
 
-        want = ", ".join(f"{k}={v:g}" for k, v in self.demand.items() if v) or "nothing"
+        want = ", ".join(f"{k}={v:g}" for k, v in self.demand.items() if v and k != "memory")
+        if self.demand.get("memory"):
+            want += f", memory={self.demand['memory'] / 1e9:.3g} GB"
+        want = want.strip(", ") or "nothing"
         try:
             free = ray.available_resources()
-            have = ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()) if k in ("CPU", "GPU", "memory"))
+            keys = ["CPU"] + (["GPU"] if self.demand.get("num_gpus") or "GPU" in free else [])
+            have = ", ".join(f"{k}={free.get(k, 0.0):g}" for k in keys)
+            if "memory" in self.demand:
+                have += f", memory={free.get('memory', 0.0) / 1e9:.3g} GB"
         except Exception:  # noqa: BLE001 - the cluster may be unreachable
             have = "unknown"
         return f"each actor asks for {want}; the cluster has {have or 'nothing'} free"
+
+    def _fits(self) -> int:
+        """How many actors the cluster's total resources hold (an autoscaler may add more)."""
+        import ray
+
+        try:
+            total = ray.cluster_resources()
+        except Exception:  # noqa: BLE001 - the cluster may be unreachable
+            return self.size
+        need = {"CPU": self.demand.get("num_cpus", 0.0), "GPU": self.demand.get("num_gpus", 0.0),
+                "memory": self.demand.get("memory", 0.0)}
+        return min([self.size] + [int(total.get(k, 0.0) // v) for k, v in need.items() if v > 0])
 
     def _drop(self, slots: list[_Slot]) -> None:
         for s in slots:
@@ -334,8 +368,9 @@ class ActorPool:
             s.state = "dead"
         self.dropped += len(slots)
         alive = sum(s.state != "dead" for s in self.slots)
-        log.warning(
-            "%d actor(s) not placed within %.0f s (%s): running with %d of %d",
+        said = all(s.announced for s in slots)  # the start already said they did not fit
+        (log.info if said else log.warning)(
+            "%d actor(s) not placed within %g s (%s): running with %d of %d",
             len(slots), self.place_timeout_s, self._demand_text(), alive, self.size,
         )
 
@@ -352,10 +387,21 @@ class ActorPool:
             self._launch(s)
         while any(s.state in ("placing", "building") for s in self.slots) and not should_stop():
             on_wait()
-            if any(s.state == "idle" for s in self.slots) and all(
-                s.state in ("idle", "dead", "placing") for s in self.slots
-            ):
-                break  # the rest wait for room on the cluster: run with what fits
+            waiting = [s for s in self.slots if s.state == "placing"]
+            if (
+                any(s.state == "idle" for s in self.slots)
+                and all(s.state in ("idle", "dead", "placing") for s in self.slots)
+                and sum(s.state == "idle" for s in self.slots) >= self._fits()
+            ):  # the rest wait for room on the cluster: run with what fits, say so once
+                for s in waiting:
+                    s.announced = True
+                log.warning(
+                    "%d actor(s) not placed yet (%s): running with %d of %d; they join if "
+                    "placed within %g s (place_timeout_s), else the pool stays smaller",
+                    len(waiting), self._demand_text(), self.size - len(waiting), self.size,
+                    self.place_timeout_s,
+                )
+                break
             self._poll(1.0)
         self._check_alive()
 
@@ -400,7 +446,7 @@ class ActorPool:
     # ------------------------------------------------------------------ internals
 
     def _check_alive(self) -> None:
-        if all(s.state == "dead" for s in self.slots):
+        if all(s.state == "dead" for s in self.slots) and not self.stopping():
             raise PoolError(
                 f"no evaluator actor alive ({self.dropped} could not be placed; {self._demand_text()}); "
                 "`dse resume` continues once the cluster has room"
@@ -464,6 +510,12 @@ class ActorPool:
     def _on_death(self, slot: _Slot, reason: str) -> list[Outcome]:
         """Replace a dead actor; its job runs again on the next live actor, or fails."""
         job, slot.job = slot.job, None
+        if self.stopping():  # no new actors; the job stays for drain()
+            self._kill(slot)
+            slot.state = "dead"
+            if job is not None:
+                self.queue.append(job)
+            return []
         if job is None:  # died while starting
             slot.starts += 1
             if slot.starts >= self.max_attempts:
@@ -479,6 +531,8 @@ class ActorPool:
         return []
 
     def _on_deadlines(self) -> list[Outcome]:
+        if self.stopping():
+            return []
         now = time.monotonic()
         late = [s for s in self.slots if s.state == "placing" and now - s.since_s > self.place_timeout_s]
         if late:
@@ -496,5 +550,5 @@ class ActorPool:
         return out
 
     def _dispatch_queue(self) -> None:
-        while self.queue and any(s.state == "idle" for s in self.slots):
+        while self.queue and not self.stopping() and any(s.state == "idle" for s in self.slots):
             self.submit(self.queue.popleft())
