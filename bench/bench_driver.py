@@ -5,7 +5,8 @@ Measures, on one local Ray cluster shared by all dse runs:
 1. overhead: 2 workers, an evaluator sleeping 0.5 s, 16 trials: loop wall time over the
    ideal 16 x 0.5 / 2 = 4.0 s (target <= 1.05x);
 2. instant trials: 2,000 trials of ZDT1 (no sleep) with nsga2: ms per trial amortised,
-   with the default journal storage, with SQLite (300 trials only), and with MLflow
+   with the default journal storage, with the inline pool (``[ray] address = "inline"``:
+   no Ray hop), with SQLite (300 trials only), and with MLflow
    tracking on (target:
    <= 2 ms per trial of overhead);
 3. Ray Tune + OptunaSearch on the same 16 x 0.5 s workload, side by side;
@@ -68,11 +69,12 @@ class PeakRSS:
 
 
 def spec_text(name: str, n_trials: int, delay_s: float, *, storage: str | None = None,
-              tracking: bool = False) -> str:
+              tracking: bool = False, inline: bool = False) -> str:
     from dse.plugins.benchmarks import study_spec
 
-    return study_spec(name, n_trials=n_trials, options={"delay_s": delay_s}, storage=storage,
+    text = study_spec(name, n_trials=n_trials, options={"delay_s": delay_s}, storage=storage,
                       tracking={"enabled": tracking, "artifact_every": 1000000})
+    return text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1) if inline else text
 
 
 def run_dse(tmp: Path, name: str, n_trials: int, delay_s: float, **kw: Any) -> dict[str, Any]:
@@ -160,6 +162,7 @@ def main() -> None:
             out["overhead_16x0.5s"] = ov
             out["optuna_only_inmemory"] = run_optuna_only(n_fast)
             out["instant_journal"] = run_dse(tmp, "fast_journal", n_fast, 0.0)
+            out["instant_inline"] = run_dse(tmp, "fast_inline", n_fast, 0.0, inline=True)
             n_sql = min(n_fast, 300)  # ~0.25 s per trial here: 2,000 would take 8 minutes
             out["instant_sqlite"] = {"n_trials": n_sql, **run_dse(
                 tmp, "fast_sqlite", n_sql, 0.0, storage=f"sqlite:///{tmp / 'optuna.db'}"
