@@ -225,7 +225,7 @@ def test_factory_that_raises_still_stops_the_run(ray_session: Any, tmp_path: Pat
 @pytest.mark.slow
 def test_workers_beyond_capacity_start_with_what_fits(idle_cluster: Any, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    text = spec_text("fits", 8, options={"delay_s": 0.2}, workers=3, ray="place_timeout_s = 3")
+    text = spec_text("fits", 8, options={"delay_s": 0.2}, workers=3, ray="place_timeout_s = 30")
     text = text.replace('options = {', 'resources = { num_cpus = 2 }\noptions = {')
     spec = parse_spec(text)
     with caplog.at_level(logging.WARNING, logger="dse"):
@@ -276,7 +276,7 @@ def test_replacement_that_cannot_be_placed_shrinks_the_pool(idle_cluster: Any, t
                     .remote(entries, str(tmp_path), 0, 1))
         return made[-1]
 
-    pool = ActorPool(make_actor, 2, demand={"num_cpus": 1.0}, place_timeout_s=8)
+    pool = ActorPool(make_actor, 2, demand={"num_cpus": 1.0}, place_timeout_s=20)
     study = optuna.create_study(directions=["minimize", "minimize"])
     told: list[int] = []
     with caplog.at_level(logging.WARNING, logger="dse"):
