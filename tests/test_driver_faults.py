@@ -213,6 +213,7 @@ def test_actor_killed_while_starting_is_replaced(ray_session: Any, tmp_path: Pat
     assert c[TrialState.FAIL] == 0 and c[TrialState.RUNNING] == 0
 
 
+@pytest.mark.slow  # starts the session's Ray cluster
 def test_factory_that_raises_still_stops_the_run(ray_session: Any, tmp_path: Path) -> None:
     spec = parse_spec(spec_text("raises", 4, evaluator="test_die_starting",
                                 options={"marks": str(tmp_path / "nodir" / "marks"), "kills": 1}))
