@@ -25,9 +25,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dse.driver import DEFAULT_DIR
 from dse.spec import SpecError, load_spec
-
-DEFAULT_DIR = "dse-studies"
 
 
 @functools.cache  # built once per process (argparse costs ~20 ms, mostly gettext look-ups)
@@ -36,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--dir", default=DEFAULT_DIR, help="where studies live (default ./dse-studies)")
+        sp.add_argument("--dir", default=str(DEFAULT_DIR), help="where studies live (default ./dse-studies)")
         sp.add_argument("-v", "--verbose", action="store_true",
                         help="also show the libraries' INFO lines and warnings (Ray, MLflow, ...)")
 
