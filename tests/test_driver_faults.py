@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -344,16 +345,33 @@ def wait_for(proc: subprocess.Popen[bytes], root: Path, name: str, complete: int
 
 
 def signal_and_wait(proc: subprocess.Popen[bytes], sigs: list[int], group: bool) -> tuple[int, str]:
+    """Send ``sigs``; each one after the first only once the driver has said it saw the
+    one before (as a person presses Ctrl-C again after the message). Python keeps one
+    pending flag per signal: two presses that arrive while the main thread is blocked in
+    Ray count as one, so pressing blind would test the signal module, not the driver."""
+    chunks: list[bytes] = []
+    readers = [
+        threading.Thread(target=lambda: chunks.extend(iter(proc.stderr.readline, b"")), daemon=True),  # type: ignore[union-attr]
+        threading.Thread(target=lambda: proc.stdout.read(), daemon=True),  # type: ignore[union-attr]
+    ]
+    for r in readers:
+        r.start()
     try:
-        for s in sigs:
+        for i, s in enumerate(sigs):
             (os.killpg if group else os.kill)(proc.pid, s)
-            time.sleep(0.3)
-        _, err = proc.communicate(timeout=120)
+            deadline = time.monotonic() + 60
+            while i + 1 < len(sigs) and time.monotonic() < deadline and proc.poll() is None:
+                if any(b"stopping:" in c for c in list(chunks)):
+                    break
+                time.sleep(0.02)
+        proc.wait(timeout=120)
+        for r in readers:
+            r.join(timeout=10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return proc.returncode, err.decode()
+    return proc.returncode, b"".join(chunks).decode()
 
 
 @pytest.mark.slow
