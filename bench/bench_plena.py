@@ -146,7 +146,7 @@ def main() -> None:
     rows.append(_row("dse `plena` evaluator evaluate()",
                      _times(lambda: ev.evaluate(params, {}), args.reps), ""))
 
-    ref = json.loads((ROOT.parent / "shared" / "reference" / "scalesim_cases.json").read_text())
+    ref = json.loads((ROOT / "tests" / "reference" / "scalesim_cases.json").read_text())
     cases = []
     for r in ref["results"]:
         g = ref["cases"][r["case"]]["gemm_equiv"]
