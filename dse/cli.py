@@ -259,6 +259,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
+    from dse import storage
     from dse.driver import study_dir
     from dse.spec import study_info
     from tracking.mlflow_tracker import TrackingError, sync
@@ -266,7 +267,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     spec, study = _load_study(args.study, args.dir)
     sdir = study_dir(args.study, args.dir)
     try:
-        res = sync(study_info(spec, sdir, uri=args.tracking_uri), sdir, study.get_trials(deepcopy=False))
+        info = study_info(spec, sdir, uri=args.tracking_uri, study_uid=storage.study_uid(study))
+        res = sync(info, sdir, study.get_trials(deepcopy=False))
     except TrackingError as e:
         print(f"dse sync: {e}", file=sys.stderr)
         return 1

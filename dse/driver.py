@@ -338,7 +338,7 @@ class Driver:
     def _run(self, t_start: float) -> RunSummary:
         study, state, recovered = self._open()
         # a complete study's MLflow runs stay as they are
-        tracker = self._tracker() if self.tracking and state.complete < self.n_trials else None
+        tracker = self._tracker(study) if self.tracking and state.complete < self.n_trials else None
         trials = study.get_trials(deepcopy=False)
         front, listeners = make_listeners(self.spec, study, trials, state, progress=self.progress, tracker=tracker)
         pool: Pool | None = None
@@ -485,10 +485,10 @@ class Driver:
         done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
         return study, RunState(n_trials=self.n_trials, complete=done), recovered
 
-    def _tracker(self) -> Any:
+    def _tracker(self, study: optuna.Study) -> Any:
         from tracking.mlflow_tracker import Tracker
 
-        return Tracker(study_info(self.spec, self.sdir), self.sdir)
+        return Tracker(study_info(self.spec, self.sdir, study_uid=storage.study_uid(study)), self.sdir)
 
     def _flush(self, study: optuna.Study, force: bool = False) -> None:
         """Write buffered journal records when ``FLUSH_S`` has passed (or ``force``)."""

@@ -317,7 +317,8 @@ def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     return out
 
 
-def study_info(spec: Spec, sdir: str | Path, uri: str | None = None, storage_desc: str = "") -> StudyInfo:
+def study_info(spec: Spec, sdir: str | Path, uri: str | None = None, storage_desc: str = "",
+               study_uid: str = "") -> StudyInfo:
     """What tracking is told about ``spec`` (a :class:`tracking.StudyInfo`).
 
     ``uri``: ``--tracking-uri`` from the command line; it wins over the spec's
@@ -357,6 +358,7 @@ def study_info(spec: Spec, sdir: str | Path, uri: str | None = None, storage_des
         artifact_every=spec.artifact_every,
         spec_text=spec.text,
         storage_desc=storage_desc or spec.storage or "journal:optuna.journal",
+        study_uid=study_uid,
     )
 
 

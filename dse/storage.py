@@ -398,6 +398,22 @@ def set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
     study._storage.set_study_system_attr(study._study_id, key, value)
 
 
+UID_ATTR = "dse:uid"
+
+
+def study_uid(study: optuna.Study) -> str:
+    """The study's identity across storages and tracking servers: a random hex string set
+    once when the study is first opened by dse (a system attribute). MLflow runs are keyed
+    by it, so a new study that re-uses a name never adopts an old study's runs."""
+    uid = system_attrs(study).get(UID_ATTR)
+    if not isinstance(uid, str):
+        import uuid
+
+        uid = uuid.uuid4().hex
+        set_system_attr(study, UID_ATTR, uid)
+    return uid
+
+
 def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """Fail a trial known only as a ``FrozenTrial`` (e.g. left RUNNING), with ``fail_reason``."""
     study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)

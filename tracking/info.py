@@ -55,6 +55,9 @@ class StudyInfo:
         uri: the MLflow tracking URI to use, already resolved (:func:`resolve_uri`).
         spec_text: the spec's TOML text (a tag of the parent run).
         storage_desc: where the Optuna storage lives (a tag of the parent run).
+        study_uid: the study's identity (tag ``dse.study_uid`` of its runs); a parent run
+            with another identity belongs to an earlier study of the same name and is
+            never adopted. ``""``: adopt the experiment's parent run.
         complete_params: a trial's sampled params -> all its active params, fixed included.
         is_feasible: whether a COMPLETE trial satisfies every constraint.
         front: the feasible COMPLETE trials on the Pareto front, in trial order.
@@ -80,6 +83,7 @@ class StudyInfo:
     artifact_every: int = 50
     spec_text: str = ""
     storage_desc: str = ""
+    study_uid: str = ""
 
     @property
     def param_names(self) -> list[str]:

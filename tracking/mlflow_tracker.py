@@ -45,6 +45,7 @@ log = logging.getLogger("dse.tracking")
 
 TRIAL_TAG = "dse.trial_number"
 ROLE_TAG = "dse.role"
+UID_TAG = "dse.study_uid"
 PARENT_TAG = "mlflow.parentRunId"
 NAMES_TAG = "dse.names"
 KIND_TAG = "mlflow.experimentKind"
@@ -222,20 +223,17 @@ class MlflowLink:
         for key, value in ((KIND_TAG, "custom_model_development"), (NOTE_TAG, self.info.description)):
             if exp is None or exp.tags.get(key) != value:
                 c.set_experiment_tag(self.experiment_id, key, value)
-        parents = c.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1
-        )
-        if parents:
-            self.parent_id = parents[0].info.run_id
-            if parents[0].info.status != "RUNNING":
+        parent = self._find_parent()
+        if parent is not None:
+            self.parent_id = parent.info.run_id
+            if parent.info.status != "RUNNING":
                 c.update_run(self.parent_id, status="RUNNING")
         else:
             info = self.info
-            run = c.create_run(
-                self.experiment_id,
-                tags={ROLE_TAG: "parent", "dse.study": info.name, "dse.storage": info.storage_desc},
-                run_name=info.name,
-            )
+            tags = {ROLE_TAG: "parent", "dse.study": info.name, "dse.storage": info.storage_desc}
+            if info.study_uid:
+                tags[UID_TAG] = info.study_uid
+            run = c.create_run(self.experiment_id, tags=tags, run_name=info.name)
             self.parent_id = run.info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in parent_params(info).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -248,6 +246,26 @@ class MlflowLink:
                 "search_space.json",
             )
         self._list_logged()
+
+    def _find_parent(self) -> Any:
+        """This study's parent run, or None. With a known study identity, only a parent
+        tagged with it (or an untagged one from before identities, which is then tagged)
+        is this study's: a parent with another identity belongs to an earlier study that
+        had the same name, and its child runs must not count as this study's."""
+        parents = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1000
+        )
+        uid = self.info.study_uid
+        if not uid:
+            return parents[0] if parents else None
+        for p in parents:
+            if p.data.tags.get(UID_TAG) == uid:
+                return p
+        for p in parents:
+            if UID_TAG not in p.data.tags:
+                self.client.set_tag(p.info.run_id, UID_TAG, uid)
+                return p
+        return None
 
     def _list_logged(self) -> None:
         token = None
@@ -281,7 +299,8 @@ class MlflowLink:
         run = c.create_run(
             self.experiment_id,
             start_time=_ms(t.datetime_start),
-            tags={PARENT_TAG: self.parent_id, TRIAL_TAG: str(t.number)},
+            tags={PARENT_TAG: self.parent_id, TRIAL_TAG: str(t.number),
+                  UID_TAG: self.info.study_uid},
             run_name=f"trial-{t.number}",
         )
         ts = _ms(t.datetime_complete)

@@ -1,0 +1,144 @@
+"""MLflow is a function of the journal (issue 10, item 2): a study SIGKILLed four times at
+different moments (start-up, early, mid-run, late), resumed after each kill, then `dse sync`:
+MLflow then holds exactly one FINISHED child run per COMPLETE trial, each with that trial's
+own parameters and metrics, and nothing else is left active. The random sampler's resumed
+state does not repeat earlier parameter sets (item 3)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dse.cli import main
+from dse.driver import open_storage
+from dse.plugins.benchmarks import study_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRIALS = 40
+NAME = "kills"
+
+
+def _trials(root: Path) -> list[optuna.trial.FrozenTrial]:
+    try:
+        study = optuna.load_study(study_name=NAME, storage=open_storage(None, root / NAME))
+    except KeyError:  # not created yet
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def _run_until(cmd: list[str], root: Path, complete_at_least: int, cwd: Path) -> None:
+    """Start `dse` in its own process group; SIGKILL the whole group once the study holds at
+    least `complete_at_least` COMPLETE trials and one RUNNING (0: as soon as one is RUNNING,
+    i.e. during start-up of the first evaluations)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *cmd], cwd=cwd, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"dse {cmd[0]} ended before the kill (rc {proc.returncode}): "
+                            f"{proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            if (root / NAME / "optuna.journal").exists():
+                c = Counter(t.state for t in _trials(root))
+                if c[TrialState.COMPLETE] >= complete_at_least and c[TrialState.RUNNING] >= 1:
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"dse {cmd[0]} made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_four_kills_then_sync_make_mlflow_equal_the_journal(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = tmp_path / "kills.toml"
+    spec.write_text(study_spec(NAME, n_trials=N_TRIALS, seed=3, sampler="random",
+                               options={"delay_s": 0.15}, tracking={"artifact_every": 10}))
+    root = tmp_path / "studies"
+    run = ["run", str(spec), "--dir", str(root), "--progress", "log"]
+    resume = ["resume", NAME, "--dir", str(root), "--progress", "log"]
+    _run_until(run, root, 0, tmp_path)  # start-up: first trials just asked
+    for at in (8, 18, 30):
+        _run_until(resume, root, at, tmp_path)
+    assert main(resume) == 0
+    assert main(["sync", NAME, "--dir", str(root)]) == 0
+
+    trials = _trials(root)
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == N_TRIALS and states[TrialState.RUNNING] == 0
+    complete = {t.number: t for t in trials if t.state == TrialState.COMPLETE}
+    # resume never repeats: every COMPLETE trial has its own parameter set, apart from
+    # re-runs of trials a kill left RUNNING (they re-use the orphan's parameters on purpose)
+    retried = {t.user_attrs.get("dse:retry_of") for t in complete.values()} - {None}
+    fresh = [t for t in complete.values() if t.user_attrs.get("dse:retry_of") is None]
+    assert len({tuple(sorted(t.params.items())) for t in fresh}) == len(fresh)
+    assert all(trials[n].state == TrialState.FAIL for n in retried)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / NAME / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(NAME)
+    assert exp is not None
+    runs: list[Any] = client.search_runs([exp.experiment_id], max_results=10000)
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    children = [r for r in runs if "dse.trial_number" in r.data.tags]
+    by_number = Counter(int(r.data.tags["dse.trial_number"]) for r in children)
+    assert sorted(by_number) == sorted(complete) and set(by_number.values()) == {1}
+    for r in children:
+        t = complete[int(r.data.tags["dse.trial_number"])]
+        assert r.info.status == "FINISHED"
+        assert {k: float(v) for k, v in r.data.params.items()} == t.params, t.number
+        assert [r.data.metrics["f1"], r.data.metrics["f2"]] == t.values, t.number
+    # sync again changes nothing
+    assert main(["sync", NAME, "--dir", str(root)]) == 0
+    assert len(client.search_runs([exp.experiment_id], max_results=10000)) == len(runs)
+
+
+@pytest.mark.slow
+def test_a_new_study_with_an_old_name_never_adopts_the_old_runs(tmp_path: Path) -> None:
+    """Tracking keys runs by the study's identity, not by a name or trial number it finds in
+    MLflow: a study deleted and re-created under the same name, tracked to the same server,
+    gets its own parent run and its own child runs with its own parameters."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    root = tmp_path / "studies"
+    for seed in (1, 2):
+        spec = tmp_path / f"s{seed}.toml"
+        spec.write_text(study_spec("again", n_trials=6, seed=seed, sampler="random",
+                                   tracking={"uri": uri}).replace("[ray]", "[ray]\naddress = \"inline\""))
+        assert main(["run", str(spec), "--dir", str(root), "--progress", "log"]) == 0
+        trials = optuna.load_study(study_name="again", storage=open_storage(None, root / "again")).trials
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name("again")
+        assert exp is not None
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.`dse.role` = 'parent'")
+        assert len(parents) == seed
+        mine = [p for p in parents if p.data.tags["dse.study_uid"] != ""]
+        assert len({p.data.tags["dse.study_uid"] for p in mine}) == seed
+        newest = max(parents, key=lambda p: p.info.start_time)
+        children = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{newest.info.run_id}'")
+        assert sorted(int(r.data.tags["dse.trial_number"]) for r in children) == list(range(6))
+        for r in children:
+            t = trials[int(r.data.tags["dse.trial_number"])]
+            assert {k: float(v) for k, v in r.data.params.items()} == t.params
+            assert r.data.tags["dse.study_uid"] == newest.data.tags["dse.study_uid"]
+        # sync on the re-created study touches only its own runs
+        assert main(["sync", "again", "--dir", str(root)]) == 0
+        import shutil
+
+        shutil.rmtree(root / "again")  # the user deletes the study, then re-creates the name
