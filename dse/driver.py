@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dse import registry, storage
+from dse import reaper, registry, storage
 from dse.listeners import DRIVER_ATTR, HEARTBEAT_S, Listener, RunState, make_listeners
 from dse.pools import (
     ActorPool,
@@ -234,6 +234,7 @@ def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
     os.environ[env_var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
         ray.init(**kwargs)
+        reaper.watch()  # the cluster's processes end with this one, even on SIGKILL
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
         if old_env is None:

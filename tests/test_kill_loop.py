@@ -142,3 +142,37 @@ def test_a_new_study_with_an_old_name_never_adopts_the_old_runs(tmp_path: Path) 
         import shutil
 
         shutil.rmtree(root / "again")  # the user deletes the study, then re-creates the name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["driver", "group"])
+def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path: Path, group: bool) -> None:
+    """Ray's agents used to live on 60-70 s after their driver was SIGKILLed (they report the
+    raylet's death to a GCS that is gone); the driver's watcher (dse/reaper.py) ends every
+    Ray process it started within a few seconds, whether the driver alone or its whole
+    process group is killed."""
+    import psutil
+
+    spec = tmp_path / "r.toml"
+    spec.write_text(study_spec(NAME, n_trials=200, options={"delay_s": 0.2}))
+    root = tmp_path / "studies"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root),
+                             "--no-tracking", "--progress", "log"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while Counter(t.state for t in _trials(root))[TrialState.COMPLETE] < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "driver made no progress"
+            time.sleep(0.1)
+        ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "ray" in " ".join(p.cmdline()[:2]) or p.name().startswith("ray::")]
+        assert len(ray_procs) >= 4  # gcs, raylet, agents, workers
+    finally:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(ray_procs, timeout=15)  # a bound against a hang, not a speed target
+    assert [p.pid for p in alive] == []
