@@ -21,6 +21,13 @@ from simulators.plena import (
     shipped_models,
     simulate,
 )
+from simulators.plena.anchor import (
+    anchor_head_dim,
+    anchor_prefill_softmax_cycles,
+    anchor_tokens_per_s,
+    anchor_ttft_s,
+    anchor_utilisation_softmax_cycles,
+)
 from simulators.plena.engine import stored_weight_bytes, sum_relu_affine
 from simulators.plena.ops import GEMM, build_ops
 
@@ -204,3 +211,63 @@ def test_formats_and_options_move_the_numbers() -> None:
     g = build_ops(load_model_config("llama-3.1-8b"), 1, 1, 100)
     assert {"o_proj", "residual_ffn", "lm_head", "final_norm", "rope"} <= set(g.names)
     assert int(np.sum(g.kind == GEMM)) == 8
+
+
+TINY = ModelConfig(name="tiny", hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=2, head_dim=128, vocab_size=256)
+TINY_HW = PlenaHardware(mlen=256, blen=16, vlen=64, hlen=128, hbm_gbps=1e12, clock_ghz=1.0)
+
+
+def test_overlap_vector_hand_computed() -> None:
+    # One layer, 16 prompt tokens, bandwidth ~infinite, 1 GHz. Matrix fill 16 + log2 256 = 24,
+    # vector fill log2 64 = 6 cycles. Matrix unit per layer: q, k, v, o 1*1*16*16 + 24 = 280
+    # each; gate, up, down 2*16*16 + 24 = 536 each (down: ceil(512/256) = 2 K tiles);
+    # QK^T 1 head pass * 16 + 24 = 40; PV 2 heads * 16 * ceil(128/16) + 24 = 280 -> 3048.
+    # Vector unit: 2 RMSNorms 16*256*4/64 + 6 = 262, RoPE 16*512*3/64 + 6 = 390, softmax
+    # 2*16*16*4/64 + 6 = 38, 2 residuals 16*256/64 + 6 = 70, SwiGLU 16*512*5/64 + 6 = 646
+    # -> 1738. Once per pass: LM head 280 (matrix), final norm 256*4/64 + 6 = 22 (vector).
+    bf = Numerics("bf16", "bf16", "bf16")
+    wl = Workload(TINY, 1, 16, 1)
+    serial = simulate(TINY_HW, wl, bf)
+    piped = simulate(TINY_HW, wl, bf, overlap_vector=True)
+    assert float(serial.prefill_s) * 1e9 == pytest.approx(3048 + 1738 + 280 + 22, rel=1e-9)
+    assert float(piped.prefill_s) * 1e9 == pytest.approx(max(3048, 1738) + max(280, 22),
+                                                         rel=1e-9)
+    # per-op times are each op's own, either way
+    assert float(piped.prefill_ops["swiglu"].time_s) * 1e9 == pytest.approx(646, rel=1e-9)
+    assert float(piped.ttft_s) == float(piped.prefill_s)
+
+
+def test_overlap_vector_bounds_and_vectorises() -> None:
+    rng = np.random.default_rng(1)
+    n = 24
+    hw = PlenaHardware(mlen=rng.choice([512, 2048, 4096], n), blen=rng.choice([8, 32, 128], n),
+                       vlen=rng.choice([256, 1024, 4096], n), hbm_gbps=rng.uniform(300, 4000, n),
+                       vector_sram_bytes=rng.choice([2**20, 2**24], n))
+    for wl in (Workload.of("llama-3.1-8b", 2, 8192, 64), Workload.of("qwen3-32b", 1, 2048, 16)):
+        serial = simulate(hw, wl, MX)
+        piped = simulate(hw, wl, MX, overlap_vector=True)
+        assert np.all(piped.prefill_s <= serial.prefill_s)
+        assert np.all(piped.decode_s <= serial.decode_s)
+        for table, total in ((piped.prefill_table, piped.prefill_s),
+                             (piped.decode_table, piped.decode_s)):
+            assert np.all(total >= np.sum(table.memory_s, axis=0) * (1 - 1e-12))
+        for i in (0, 7, 23):
+            one = simulate(PlenaHardware(**{f: float(np.asarray(getattr(hw, f))[i]) for f in (
+                "mlen", "blen", "vlen", "hbm_gbps", "vector_sram_bytes")}), wl, MX,
+                overlap_vector=True)
+            assert float(one.tokens_per_s) == float(piped.tokens_per_s[i])
+
+
+def test_anchor_conventions_hand_computed() -> None:
+    # Llama-3.1-8B prefill S = 2048, MLEN 2048, batch 1: one query tile x one key tile,
+    # 32 query heads in 8 KV groups of 4: 13 * 2048 * 4 * 1 * 1 * 8 * 1 cycles per layer
+    assert anchor_prefill_softmax_cycles(2048, 2048, 32, 8, 1, 2048) == 851_968
+    # 4096 tokens, MLEN 2048, batch 2: 2 x 2 tiles -> 4x the rows, 2x the batch
+    assert anchor_prefill_softmax_cycles(4096, 4096, 32, 8, 2, 2048) == 851_968 * 8
+    # utilisation model: 10 * MLEN per block per head group
+    assert anchor_utilisation_softmax_cycles(4096, 4096, 2, 2048) == 10 * 2048 * 2 * 4
+    m = load_model_config("qwen3-32b")
+    assert anchor_head_dim(m.hidden_size, m.num_attention_heads) == 80 and m.head_dim == 128
+    assert anchor_ttft_s(1.5, 0.01) == pytest.approx(1.52)
+    assert anchor_tokens_per_s(4, 1024, 2.0) == pytest.approx(1024.0)

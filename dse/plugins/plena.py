@@ -163,6 +163,8 @@ SCHEMAS = {
         "plena", "the PLENA LLM inference accelerator (simulators.plena)",
         options=(*_COMMON_OPTIONS,
                  flag("causal_skip", "skip the masked half of causal attention", True),
+                 flag("overlap_vector", "run the vector unit concurrently with the matrix "
+                      "unit (pipelined) instead of op after op", False),
                  flag("breakdown", "also return plena_ops (per-op totals)", False)),
         params=(*_hw_params(), *_WORKLOAD_PARAMS, *quant_params(_QUANT_KEYS_PARAMS)),
         metrics=(*(Metric(n, d) for n, d in _PERF_METRICS),
@@ -210,7 +212,8 @@ class PlenaEvaluator:
             raise ValueError(f"hw.*: expected scalar parameters, got shape {hw.shape}")
         numerics = Numerics.from_params(params, self.o["quant"])
         res = simulate(hw, _workload(self.o, params), numerics,
-                       causal_skip=self.o["causal_skip"])
+                       causal_skip=self.o["causal_skip"],
+                       overlap_vector=self.o["overlap_vector"])
         out: dict[str, Any] = dict(res.metrics())
         out["plena_bottleneck"] = _bottleneck(res)
         if self.o["breakdown"]:

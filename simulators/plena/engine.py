@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from simulators.plena.hardware import Numerics, format_bits
-from simulators.plena.ops import GEMM, MEM, OpGraph, build_ops, concat
+from simulators.plena.ops import GEMM, MEM, VEC, OpGraph, build_ops, concat
 from simulators.plena.workload import ModelConfig, Workload
 
 Array = NDArray[np.float64]
@@ -61,6 +61,32 @@ class Backend(Protocol):
 def opsum(x: Array) -> Array:
     """Sum over the op axis (axis 0) in a fixed, shape-independent order."""
     return np.cumsum(x, axis=0)[-1]  # strictly sequential, unlike np.sum's pairwise sum
+
+
+def overlapped_sum(t: Array, mem_s: Array, reps: NDArray[np.float64],
+                   vec: NDArray[np.bool_]) -> Array:
+    """Phase time with the vector unit overlapped with the matrix unit (pipelined).
+
+    Ops that run the same number of times (the per-layer ops, the once-per-pass ops) form
+    one group; a group costs ``max(sum of its matrix-unit op times, sum of its vector-unit
+    op times, sum of its HBM times)``: the two units work concurrently on different tiles,
+    while HBM stays one shared resource. Groups follow one another.
+
+    Args:
+        t: (n_ops, *hw) op times already multiplied by their repetitions, s.
+        mem_s: (n_ops, *hw) HBM times likewise, s.
+        reps: (n_ops,) repetitions; vec: (n_ops,) True for vector-unit ops.
+    Returns:
+        (*hw) phase time, s.
+    """
+    zeros = np.zeros(t.shape[1:])
+    total = zeros
+    for r in np.unique(reps):  # sorted: a fixed, shape-independent order
+        sel = reps == r
+        lanes = [opsum(x[m]) if m.any() else zeros
+                 for x, m in ((t, sel & ~vec), (t, sel & vec), (mem_s, sel))]
+        total = total + np.maximum(np.maximum(lanes[0], lanes[1]), lanes[2])
+    return total
 
 
 def sum_relu_affine(h0: Array, h1: Array, n: int) -> Array:
@@ -226,8 +252,16 @@ def request_ops(model: ModelConfig, batch: int, prompt_len: int, output_len: int
     return concat(parts), len(parts[0])
 
 
-def run(backend: Backend, workload: Workload, numerics: Numerics) -> InferenceResult:
-    """Price one request (prefill + O decode steps) on every hardware point of ``backend``."""
+def run(backend: Backend, workload: Workload, numerics: Numerics, *,
+        overlap_vector: bool = False) -> InferenceResult:
+    """Price one request (prefill + O decode steps) on every hardware point of ``backend``.
+
+    ``overlap_vector``: the vector unit runs concurrently with the matrix unit (a pipelined
+    implementation; :func:`overlapped_sum`) instead of every op after the other. The per-op
+    tables keep each op's own time either way. In decode the overlap is applied to the
+    totals over all steps (sum over steps of a max >= max of the sums), which is exact when
+    the same unit dominates at every step and otherwise a slightly optimistic bound.
+    """
     model, b = workload.model, workload.batch
     S, n = workload.prompt_len, workload.output_len
     shape = backend.shape()
@@ -242,7 +276,10 @@ def run(backend: Backend, workload: Workload, numerics: Numerics) -> InferenceRe
 
     # ---- prefill
     p_time = (np.maximum(comp[p], mem_s[p]) + fill[p]) * reps
-    prefill_s = opsum(p_time)
+    vec = graph.kind[p] == VEC
+    rep_k = graph.reps[p]
+    prefill_s = overlapped_sum(p_time, mem_s[p] * reps, rep_k, vec) if overlap_vector \
+        else opsum(p_time)
     p_macs = macs[p] * reps
 
     # ---- decode: affine in L between the first (L=S+1) and last (L=S+O) step
@@ -253,7 +290,8 @@ def run(backend: Backend, workload: Workload, numerics: Numerics) -> InferenceRe
     h0 = comp[d0] - mem_s[d0]
     h1 = ((comp[d1] - comp[d0]) - (mem_s[d1] - mem_s[d0])) / span
     d_time = steps(mem_s) + (sum_relu_affine(h0, h1, n) + n * fill[d0]) * reps
-    decode_s = opsum(d_time)
+    decode_s = overlapped_sum(d_time, steps(mem_s), rep_k, vec) if overlap_vector \
+        else opsum(d_time)
     d_macs = steps(macs)
 
     gen = float(b * n)

@@ -125,8 +125,8 @@ class PlenaBackend:
 
 
 def simulate(hw: PlenaHardware, workload: Workload, numerics: Numerics | None = None, *,
-             causal_skip: bool = True, costs: CostCoefficients = DEFAULT_COSTS
-             ) -> InferenceResult:
+             causal_skip: bool = True, costs: CostCoefficients = DEFAULT_COSTS,
+             overlap_vector: bool = False) -> InferenceResult:
     """Price one inference request on one or many PLENA design points.
 
     Args:
@@ -135,12 +135,15 @@ def simulate(hw: PlenaHardware, workload: Workload, numerics: Numerics | None = 
         numerics: operand formats (default MXINT4 weights, MXINT8 activations, MXINT4 KV).
         causal_skip: skip score blocks above the causal diagonal in prefill.
         costs: energy/area coefficients.
+        overlap_vector: run the vector unit concurrently with the matrix unit (pipelined:
+            per layer, max of the two units' times and the HBM time) instead of summing
+            every op one after another (docs/simulators.md).
 
     Returns:
         An :class:`InferenceResult` (arrays of ``hw.shape``), with ``area_mm2`` filled.
     """
     numerics = numerics or Numerics()
     backend = PlenaBackend(hw, causal_skip=causal_skip, costs=costs)
-    res = run(backend, workload, numerics)
+    res = run(backend, workload, numerics, overlap_vector=overlap_vector)
     res.area_mm2 = backend.area_mm2(numerics) + np.zeros(hw.shape)
     return res
