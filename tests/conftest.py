@@ -50,15 +50,17 @@ def ray_session():  # type: ignore[no-untyped-def]
 
     import ray
 
+    from dse.driver import _init_loopback_ray
+
     started = False
     if not ray.is_initialized():
-        ray.init(
+        _init_loopback_ray(dict(  # listens on 127.0.0.1 only, like a driver's own cluster
             address="local",
             num_cpus=4,
             include_dashboard=False,
             object_store_memory=100 * 1024 * 1024,
             logging_level=logging.WARNING,
-        )
+        ))
         started = True
     yield ray
     if started:
