@@ -1,4 +1,4 @@
-"""ZDT1, ZDT2 and DTLZ2: objective functions on their true fronts, exact hypervolumes."""
+"""ZDT1, ZDT2, ZDT3 and DTLZ2: objective functions on their true fronts, exact hypervolumes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dse.plugins.benchmarks import (
     zdt1,
     zdt1_objectives,
     zdt2_objectives,
+    zdt3_objectives,
 )
 from dse.registry import EvalContext
 
@@ -88,3 +89,22 @@ def test_evaluators_and_options(tmp_path: object) -> None:
             BenchmarkProblem("zdt1", bad)
     with pytest.raises(ValueError, match="n_vars: expected an integer >= 3"):
         BenchmarkProblem("dtlz2", {"n_vars": 2})
+
+
+def test_zdt3_front_and_hypervolume() -> None:
+    rng = np.random.default_rng(3)
+    for x0 in rng.random(20):  # Pareto-optimal set: x0 free, all other x = 0
+        x = np.zeros(4)
+        x[0] = x0
+        assert zdt3_objectives(x) == pytest.approx([x0, 1 - np.sqrt(x0) - x0 * np.sin(10 * np.pi * x0)])
+    front = true_front("zdt3", 20001)
+    assert len(front) < 20001 / 2  # the dominated parts of the curve are gone (5 pieces remain)
+    assert front[:, 0].max() == pytest.approx(0.8518, abs=1e-3)  # the last piece ends there
+    pts = np.array([zdt3_objectives(rng.random(4)) for _ in range(500)])
+    for p in pts:  # no random point dominates a front point
+        assert not np.any(np.all(p < front - 1e-9, axis=1))
+    exact = true_hypervolume("zdt3", 1.1)
+    assert hypervolume(front, [1.1, 1.1]) == pytest.approx(exact, rel=1e-3)
+    assert true_hypervolume("zdt3", [1.1, 2.0]) == pytest.approx(exact + 0.9 * 1.1, rel=1e-4)
+    with pytest.raises(ValueError, match="ref: expected every coordinate >= 1"):
+        true_hypervolume("zdt3", 0.5)

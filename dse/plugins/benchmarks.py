@@ -85,6 +85,14 @@ def zdt2_objectives(x: np.ndarray) -> np.ndarray:
     return np.array([f1, g * (1.0 - (f1 / g) ** 2)])
 
 
+def zdt3_objectives(x: np.ndarray) -> np.ndarray:
+    """ZDT3 objectives ``[f1, f2]`` of one point ``x`` in [0, 1]^n (n >= 2); disconnected front."""
+    f1 = x[0]
+    g = 1.0 + 9.0 * float(np.mean(x[1:]))
+    r = f1 / g
+    return np.array([f1, g * (1.0 - math.sqrt(r) - r * math.sin(10.0 * math.pi * f1))])
+
+
 def dtlz2_objectives(x: np.ndarray, n_obj: int) -> np.ndarray:
     """DTLZ2 objectives ``[f1 .. f_n_obj]`` of one point ``x`` in [0, 1]^n (n >= n_obj)."""
     g = float(np.sum((x[n_obj - 1 :] - 0.5) ** 2))
@@ -103,26 +111,34 @@ def true_front(problem: str, n_points: int = 1000, n_obj: int = 2) -> np.ndarray
     """Points on the true Pareto front, shape ``(n_points, n_obj)`` (DTLZ2: a sample).
 
     Args:
-        problem: ``"zdt1"``, ``"zdt2"`` or ``"dtlz2"``.
-        n_points: number of points (DTLZ2 with 3+ objectives: about that many).
+        problem: ``"zdt1"``, ``"zdt2"``, ``"zdt3"`` or ``"dtlz2"``.
+        n_points: number of points (ZDT3: the non-dominated ones among ``n_points`` on
+            the curve f2 = 1 - sqrt(f1) - f1 sin(10 pi f1); DTLZ2: a sample).
         n_obj: objectives (DTLZ2 only).
     """
     if problem in ("zdt1", "zdt2"):
         f1 = np.linspace(0.0, 1.0, n_points)
         f2 = 1.0 - np.sqrt(f1) if problem == "zdt1" else 1.0 - f1**2
         return np.stack([f1, f2], axis=1)
+    if problem == "zdt3":
+        f1 = np.linspace(0.0, 1.0, n_points)
+        pts = np.stack([f1, 1.0 - np.sqrt(f1) - f1 * np.sin(10.0 * np.pi * f1)], axis=1)
+        from dse.pareto import nondominated_mask
+
+        return pts[nondominated_mask(pts)]
     if problem == "dtlz2":
         rng = np.random.default_rng(0)
         v = np.abs(rng.standard_normal((n_points, n_obj)))
         return v / np.linalg.norm(v, axis=1, keepdims=True)
-    raise ValueError(f"problem: expected 'zdt1', 'zdt2' or 'dtlz2', got {problem!r}")
+    raise ValueError(f"problem: expected 'zdt1', 'zdt2', 'zdt3' or 'dtlz2', got {problem!r}")
 
 
 def true_hypervolume(problem: str, ref: float | list[float], n_obj: int = 2) -> float:
     """Exact hypervolume of the true Pareto front for reference point ``ref`` (minimisation).
 
     ``ref`` must dominate-bound the front: every coordinate >= 1 (the front lies in
-    [0, 1]^M). DTLZ2 takes one value used for every coordinate.
+    [0, 1]^M; ZDT3's f2 goes down to -0.77). DTLZ2 takes one value used for every
+    coordinate. ZDT3's value is computed from 200,001 front points (relative error ~1e-5).
     """
     if problem in ("zdt1", "zdt2"):
         r1, r2 = (ref, ref) if isinstance(ref, int | float) else ref
@@ -131,6 +147,13 @@ def true_hypervolume(problem: str, ref: float | list[float], n_obj: int = 2) -> 
         # integral over f1 in [0, 1] of (r2 - f2(f1)) plus the strip f1 in [1, r1].
         area = r2 - 1.0 + (2.0 / 3.0 if problem == "zdt1" else 1.0 / 3.0)
         return area + (r1 - 1.0) * r2
+    if problem == "zdt3":  # numeric: the front is 5 disconnected curve pieces
+        from dse.pareto import hypervolume
+
+        r = [ref, ref] if isinstance(ref, int | float) else list(ref)
+        if min(r) < 1:
+            raise ValueError(f"ref: expected every coordinate >= 1, got {ref!r}")
+        return hypervolume(true_front("zdt3", 200_001), r)
     if problem == "dtlz2":
         if not isinstance(ref, int | float):
             raise ValueError(f"ref: expected one number for DTLZ2, got {ref!r}")
@@ -138,7 +161,7 @@ def true_hypervolume(problem: str, ref: float | list[float], n_obj: int = 2) -> 
             raise ValueError(f"ref: expected >= 1, got {ref!r}")
         ball = math.pi ** (n_obj / 2.0) / math.gamma(n_obj / 2.0 + 1.0)
         return float(ref) ** n_obj - ball / 2.0**n_obj
-    raise ValueError(f"problem: expected 'zdt1', 'zdt2' or 'dtlz2', got {problem!r}")
+    raise ValueError(f"problem: expected 'zdt1', 'zdt2', 'zdt3' or 'dtlz2', got {problem!r}")
 
 
 class BenchmarkProblem:
@@ -192,7 +215,7 @@ def study_spec(
     problem: str = "zdt1",
     n_vars: int = 2,
     seed: int = 0,
-    sampler: str = "nsga2",
+    sampler: str | None = "nsga2",
     options: Mapping[str, Any] | None = None,
     sampler_options: Mapping[str, Any] | None = None,
     constraints: Sequence[tuple[str, str, float]] = (),
@@ -207,8 +230,9 @@ def study_spec(
     ``problem`` (any registered name taking ``n_vars``) with ``options`` added,
     ``constraints`` as ``(metric, op, bound)``, ``tracking`` as the ``[tracking]`` table.
     """
-    lines = ["[study]", f"name = {_toml(name)}", f"seed = {seed}",
-             f"sampler = {_toml(sampler)}", f"n_trials = {n_trials}"]
+    lines = ["[study]", f"name = {_toml(name)}", f"seed = {seed}", f"n_trials = {n_trials}"]
+    if sampler is not None:  # None: no sampler line, the study gets the default
+        lines.insert(3, f"sampler = {_toml(sampler)}")
     if storage is not None:
         lines.append(f"storage = {_toml(storage)}")
     if sampler_options:
