@@ -319,3 +319,33 @@ def test_sparse_table_monotone_in_any_channel(shape: tuple[int, int], seed: int,
     before = _window_cycle_table(rows(p), 9, streams)
     after = _window_cycle_table(rows(q), 9, streams)
     assert np.all(after[1:] <= before[1:] + 1e-12)
+
+
+def test_attention_matmul_stage_hand_computed() -> None:
+    """QK^T of 4 heads, 16 tokens x 16 dims: a grouped stage whose K^T is buffered on chip."""
+    from simulators.dataflow.pipeline import start_fraction
+
+    ly = Layer("qk", "matmul", 16, 1, 64, 64, groups=4)
+    m = LayerModel(ly, act_bits=8, weight_bits=16, weight_memory="stream")
+    assert (m.weight_bits, m.weight_memory) == (8, "bram")  # both operands are activations
+    assert ly.macs == 16 * 16 * 16 * 4 and ly.weights == 1024 and ly.in_words == 2048
+    out = m.evaluate(np.array([2]), np.array([4]), np.array([2]), np.array([1]))
+    # compute 16 rows * (64/(2*2)) * (64/(4*4)) = 1024; input 2048/4 = 512; output 1024/8 = 128
+    assert int(out["ii_cycles"][0]) == 1024
+    assert int(out["dsp"][0]) == 8  # 16 multipliers, two 8-bit products per DSP
+    assert int(out["bram18"][0]) == 4  # 64 words x 128 bits: 4 columns of 36-bit BRAM18
+    assert int(out["lut"][0]) == 250 + 16 * 32 + 4 * 4 + 8 * 32
+    assert int(out["ff"][0]) == 300 + 16 * 48 + 4 * 8 + 8 * 32
+    assert start_fraction(ly) == (1024 + 64) / 2048
+    assert ly.feasible("fine") == [1] and ly.feasible("coarse_group") == [1, 2, 4]
+
+
+def test_softmax_stage_hand_computed() -> None:
+    m = LayerModel(Layer("sm", "softmax", 16, 1, 64, 64), act_bits=8)
+    out = m.evaluate(np.array([4]), np.array([1]), np.array([1]), np.array([1]))
+    assert int(out["ii_cycles"][0]) == 256  # 1024 words / 4 lanes
+    assert int(out["dsp"][0]) == 2 and int(out["bram18"][0]) == 0  # 2 x 16-word rows: LUTRAM
+    assert int(out["lut"][0]) == 60 + 4 * (72 + 32) and int(out["ff"][0]) == 80 + 4 * (40 + 32)
+    big = LayerModel(Layer("sm", "softmax", 1024, 1, 4096, 4096), act_bits=8)
+    # 2 rows of 2048 words per lane pair, 16 bits wide: 4096 x 16 -> 4 BRAM18 of 1024 x 18
+    assert int(big.evaluate(np.array([2]), np.array([1]), np.array([1]), np.array([1]))["bram18"][0]) == 4

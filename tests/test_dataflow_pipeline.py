@@ -186,8 +186,8 @@ def test_trace_falls_back_to_hooks() -> None:
 
 
 def test_trace_vit_linear_layers() -> None:
-    """A ViT traces to its Linear layers (tokens as rows) with residual adds; attention
-    matmuls are fused, so the output projection depends on q, k and v."""
+    """A ViT traces to its Linear layers (tokens as rows) with residual adds and, per block,
+    attention stages QK^T (matmul) -> softmax -> AV (matmul) -> output projection."""
     from evaluators.models import GlyphViT
 
     model = GlyphViT()
@@ -197,7 +197,17 @@ def test_trace_vit_linear_layers() -> None:
     n_tokens = 16
     assert all(ly.rows == n_tokens for ly in net.layers if ly.op == "linear" and ly.name != "head")
     outs = [ly for ly in net.layers if ly.name.endswith("attn.o")]
-    assert outs and all(len(ly.inputs) == 3 for ly in outs)
+    assert outs and all(ly.inputs == (ly.name[:-1] + "pv",) for ly in outs)
+    by = {ly.name: ly for ly in net.layers}
+    for i in range(len(outs)):
+        p = f"blocks.{i}.attn."
+        qk, sm, pv = by[p + "qk"], by[p + "softmax"], by[p + "pv"]
+        assert (qk.op, sm.op, pv.op) == ("matmul", "softmax", "matmul")
+        assert qk.inputs == (p + "q", p + "k") and sm.inputs == (p + "qk",)
+        assert pv.inputs == (p + "softmax", p + "v")
+        # 4 heads of 16 tokens x 16 dims: QK^T (16 x 16) @ (16 x 16) per head
+        assert (qk.rows, qk.channels, qk.filters, qk.groups) == (16, 64, 64, 4)
+        assert qk.macs == pv.macs == 4 * 16 * 16 * 16 and qk.weights == 4 * 16 * 16
     assert sum(ly.op == "add" for ly in net.layers) == 2 * len(outs)
 
 

@@ -206,6 +206,10 @@ class DataflowEvaluator:
         qc = QuantConfig.from_params({k: v for k, v in params.items() if k.startswith("quant.")})
         out = {}
         for ly in self.net.layers:
+            if ly.op == "matmul":  # attention: both operands in quant.attn (or its override)
+                a = o["act_bits"] if o["act_bits"] is not None else _operand_bits(qc.matmul_format(ly.name).name)
+                out[ly.name] = (a, a)
+                continue
             a = o["act_bits"] if o["act_bits"] is not None else _operand_bits(qc.act_format(ly.name).name)
             w = o["weight_bits"] if o["weight_bits"] is not None else _operand_bits(qc.weight_format(ly.name).name)
             out[ly.name] = (a, w)

@@ -14,8 +14,14 @@ Model (fpgaConvNet semantics, re-derived; see docs/dataflow.md):
   lane's ci streams, in snake order of expected rate; the slowest stream sets the pace.
   1x1 and fully connected: per-channel average sparsity, capped at 1 - 1/(streams per
   cluster).
-* Non-weight stages (pool, global pool, eltwise add/mul, concat) move words at
+* Non-weight stages (pool, global pool, eltwise add/mul, concat, softmax) move words at
   ``coarse`` words per cycle (``coarse_in`` is the channel parallelism).
+* Attention (``matmul``: QK^T and AV, both operands activations): a grouped linear stage
+  with one group per head (rows = query tokens, channels = K x heads, filters = N x heads);
+  its second operand (K^T or V of the whole image, the "weights" of the stage) is buffered
+  on chip at the activation width and streamed in with the first. ``softmax``: a streaming
+  stage over rows of N scores per head with a double-buffered row buffer, one exp table and
+  one normalising multiplier per lane.
 
 Everything is vectorised over design points: folding arguments are integer arrays of one
 shape; results have that shape.
@@ -32,7 +38,9 @@ import numpy as np
 from simulators.dataflow.sparsity import PointwiseAvg, Sparsity, WindowHist
 
 WEIGHT_OPS = ("conv", "linear")
-OPS = ("conv", "linear", "pool", "gap", "add", "mul", "concat")
+#: stages with multipliers folded as a (grouped) convolution: weights, or a buffered operand
+MAC_OPS = ("conv", "linear", "matmul")
+OPS = ("conv", "linear", "pool", "gap", "add", "mul", "concat", "matmul", "softmax")
 WEIGHT_MEMORIES = ("bram", "uram", "auto", "stream")
 FOLD_FIELDS = ("coarse_in", "coarse_out", "coarse_group", "fine")
 
@@ -51,8 +59,12 @@ class Layer:
 
     Attributes:
         name: qualified name (the torch module's name where it came from a module).
-        op: one of ``conv``, ``linear``, ``pool``, ``gap``, ``add``, ``mul``, ``concat``.
-        rows, cols, channels: input feature map (a linear layer: rows = tokens, cols = 1).
+        op: one of ``conv``, ``linear``, ``pool``, ``gap``, ``add``, ``mul``, ``concat``,
+            ``matmul`` (activation x activation per head), ``softmax``.
+        rows, cols, channels: input feature map (a linear layer: rows = tokens, cols = 1;
+            matmul: rows = query tokens, channels = reduction dim x heads, filters = output
+            columns x heads, groups = heads; softmax: rows = query tokens, channels = keys x
+            heads).
         filters: output channels (equals ``channels`` for pool/gap/add/mul).
         kernel: (kh, kw); stride: (sh, sw); pad: (top, left, bottom, right).
         groups: convolution groups (``channels`` for depthwise).
@@ -103,8 +115,10 @@ class Layer:
 
     @property
     def in_words(self) -> int:
-        """Padded input words per image (one word = one activation)."""
-        return (self.rows + self.pad[0] + self.pad[2]) * (self.cols + self.pad[1] + self.pad[3]) * self.channels
+        """Padded input words per image (one word = one activation; a matmul's buffered
+        second operand included)."""
+        words = (self.rows + self.pad[0] + self.pad[2]) * (self.cols + self.pad[1] + self.pad[3]) * self.channels
+        return words + (self.weights if self.op == "matmul" else 0)
 
     @property
     def out_words(self) -> int:
@@ -113,21 +127,21 @@ class Layer:
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates per image (0 for non-weight stages)."""
-        if self.op not in WEIGHT_OPS:
+        """Multiply-accumulates per image (0 for stages without multipliers)."""
+        if self.op not in MAC_OPS:
             return 0
         return self.rows_out * self.cols_out * self.filters * (self.channels // self.groups) * self.window
 
     @property
     def weights(self) -> int:
-        """Weight count (0 for non-weight stages)."""
-        if self.op not in WEIGHT_OPS:
+        """Weight count (a matmul: its buffered second operand; 0 for non-weight stages)."""
+        if self.op not in MAC_OPS:
             return 0
         return self.filters * (self.channels // self.groups) * self.window
 
     def feasible(self, field_name: str) -> list[int]:
         """Feasible values of one folding field (``coarse_in``, ``coarse_out``, ``coarse_group``, ``fine``)."""
-        if self.op not in WEIGHT_OPS:
+        if self.op not in MAC_OPS:
             return {"coarse_in": divisors(self.channels), "coarse_out": [1],
                     "coarse_group": [1], "fine": [1]}[field_name]
         return {
@@ -289,6 +303,10 @@ class LayerModel:
         if self.weight_memory not in WEIGHT_MEMORIES:
             raise ValueError(f"weight_memory: expected one of {WEIGHT_MEMORIES}, got {self.weight_memory!r}")
         sp, ly = self.sparsity, self.layer
+        if ly.op == "matmul":  # both operands are activations; the buffer cannot be streamed
+            self.weight_bits = self.act_bits
+            if self.weight_memory == "stream":
+                self.weight_memory = "bram"
         if sp is None:
             return
         if ly.op not in WEIGHT_OPS:
@@ -371,7 +389,7 @@ class LayerModel:
     def check(self, ci: np.ndarray, co: np.ndarray, cg: np.ndarray, fine: np.ndarray) -> None:
         """Raise ValueError when a folding is infeasible for this layer."""
         ly = self.layer
-        if ly.op in WEIGHT_OPS:
+        if ly.op in MAC_OPS:
             limits = (("coarse_in", ci, ly.channels // ly.groups), ("coarse_out", co, ly.filters // ly.groups),
                       ("coarse_group", cg, ly.groups))
             for name, v, n in limits:
@@ -399,7 +417,7 @@ class LayerModel:
         if check:
             self.check(ci, co, cg, fine)
         ly = self.layer
-        if ly.op not in WEIGHT_OPS:
+        if ly.op not in MAC_OPS:
             return self._evaluate_stream(ci)
         si, so = ci * cg, co * cg
         K = ly.window
@@ -475,8 +493,10 @@ class LayerModel:
         return lut.astype(np.int64), ff.astype(np.int64)
 
     def _evaluate_stream(self, coarse: np.ndarray) -> dict[str, np.ndarray]:
-        """Pool, global pool, eltwise and concat stages: ``coarse`` words per cycle."""
+        """Pool, global pool, eltwise, concat and softmax stages: ``coarse`` words per cycle."""
         ly = self.layer
+        if ly.op == "softmax":
+            return self._evaluate_softmax(coarse)
         n_in = 2 if ly.op in ("add", "mul") else 1
         ii = np.maximum(-(-(ly.in_words) // coarse), -(-ly.out_words // coarse)).astype(np.int64)
         dsp = np.zeros_like(coarse)
@@ -491,5 +511,23 @@ class LayerModel:
         a = self.act_bits
         lut = 60 + coarse * (n_in * a + (ly.window * a // 2 if ly.op == "pool" else 0) + (ACC_BITS if ly.op == "gap" else 0))
         ff = 80 + coarse * (n_in * a + (ly.window * a if ly.op == "pool" else 0) + (ACC_BITS if ly.op == "gap" else 0))
+        return {"ii_cycles": ii, "dsp": dsp.astype(np.int64), "bram18": bram.astype(np.int64),
+                "uram": np.zeros_like(ii), "lut": lut.astype(np.int64), "ff": ff.astype(np.int64)}
+
+    def _evaluate_softmax(self, coarse: np.ndarray) -> dict[str, np.ndarray]:
+        """Softmax over rows of ``channels / heads`` scores: ``coarse`` lanes, one word each per
+        cycle. A lane keeps two rows (one filling while the other is normalised: running
+        max, exp by table, sum, then a multiply by the reciprocal), so II = words / coarse.
+        Resources (our model): a double-buffered row buffer of ``2 * channels / coarse``
+        words of ``coarse * act_bits`` bits; one multiplier per lane (DSP-packed like an
+        eltwise ``mul``); LUT = 60 + coarse * (a + 8a + 32) (compare, exp table, accumulator),
+        FF = 80 + coarse * (5a + 32)."""
+        ly, a = self.layer, self.act_bits
+        ii = np.maximum(-(-ly.in_words // coarse), -(-ly.out_words // coarse)).astype(np.int64)
+        unit = math.ceil(a / 18) * math.ceil(a / 27)
+        dsp = -(-(coarse * unit) // (2 if a <= 8 else 1))
+        bram = bram18_array(2 * (ly.channels // coarse), coarse * a, fifo=True)
+        lut = 60 + coarse * (9 * a + ACC_BITS)
+        ff = 80 + coarse * (5 * a + ACC_BITS)
         return {"ii_cycles": ii, "dsp": dsp.astype(np.int64), "bram18": bram.astype(np.int64),
                 "uram": np.zeros_like(ii), "lut": lut.astype(np.int64), "ff": ff.astype(np.int64)}

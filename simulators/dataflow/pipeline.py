@@ -122,8 +122,10 @@ def start_fraction(ly: Layer) -> float:
     """Share of a stage's II that passes before its first output (pipeline fill)."""
     if ly.op == "gap":
         return 1.0
-    if ly.op == "linear":
+    if ly.op in ("linear", "softmax"):
         return 1.0 / ly.rows
+    if ly.op == "matmul":  # the whole second operand (K^T or V) first, then one row
+        return (ly.weights + ly.channels) / ly.in_words
     rows_p = ly.rows + ly.pad[0] + ly.pad[2]
     cols_p = ly.cols + ly.pad[1] + ly.pad[3]
     kh, kw = ly.kernel

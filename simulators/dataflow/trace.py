@@ -4,7 +4,9 @@ torch is imported here, lazily, and nowhere else in the package. The module is t
 with ``torch.fx`` (shapes by ``ShapeProp`` on one zero image): ``Conv2d`` -> ``conv``,
 ``Linear`` -> ``linear``, ``MaxPool2d``/``AvgPool2d`` -> ``pool``, global average pooling
 (module, functional or ``mean`` over H, W) -> ``gap``, tensor + tensor -> ``add``,
-tensor * tensor -> ``mul``, ``cat`` -> ``concat``; every other node (BatchNorm,
+tensor * tensor -> ``mul``, ``cat`` -> ``concat``; a product of two activations
+(``quant.QMatmul`` modules, ``matmul`` / ``bmm`` / ``@``: attention's QK^T and AV) ->
+``matmul`` (one group per head), ``softmax`` -> ``softmax``; every other node (BatchNorm,
 activations, flatten, dropout, reshapes) is fused into the stage that produced its input.
 Stages made from modules keep the module's qualified name; functional stages are named
 ``<enclosing module>.<kind>`` (``layer1.0.add``, ``features.1.block.1.mul``), or just
@@ -85,6 +87,7 @@ def trace(module: Any, input_shape: tuple[int, ...] = (3, 224, 224), name: str |
     with torch.no_grad():
         ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
     mods = dict(gm.named_modules())
+    orig = dict(module.named_modules())  # modules fx traced through are not in gm
     # fx node -> names of the stages its value depends on (() = network input or constant)
     stage_of: dict[Any, tuple[str, ...]] = {}
     constant: set[Any] = set()
@@ -147,12 +150,39 @@ def trace(module: Any, input_shape: tuple[int, ...] = (3, 224, 224), name: str |
         if node.op == "output":
             continue
         targs = tensor_args(node)
-        if node.op == "call_module":
+        is_qmatmul = node.op == "call_module" and type(mods[node.target]).__name__ == "QMatmul"
+        if node.op == "call_module" and not is_qmatmul:
             ly = _layer_from_module(node.target, mods[node.target], shape(targs[0]), srcs(targs[:1]))
             if ly is not None:
                 add(ly, node)
                 continue
-        kind = _functional_kind(node, targs)
+        kind = "matmul" if is_qmatmul else _functional_kind(node, targs)
+        if (kind == "matmul" and len(targs) == 2 and not (set(targs) & constant)
+                and len(shape(targs[0])) >= 2):
+            a, b = shape(targs[0]), shape(targs[1])
+            heads = 1
+            for d in a[1:-2]:
+                heads *= d
+            sc = scope(node)
+            if is_qmatmul:
+                nm = node.target
+            elif sc and type(orig.get(sc)).__name__ == "QMatmul" and sc not in used:
+                nm = sc  # traced inside a QMatmul: the stage keeps the module's name
+            else:
+                nm = fresh(f"{sc}.matmul" if sc else "matmul")
+            add(Layer(nm, "matmul", a[-2], 1, a[-1] * heads, b[-1] * heads, groups=heads,
+                      inputs=srcs(targs)), node)
+            continue
+        if kind == "softmax":
+            out = shape(node)
+            heads = 1
+            for d in out[1:-2]:
+                heads *= d
+            rows = out[-2] if len(out) >= 3 else 1
+            base = f"{scope(node)}.softmax" if scope(node) else "softmax"
+            add(Layer(fresh(base), "softmax", rows, 1, out[-1] * heads, out[-1] * heads,
+                      inputs=srcs(targs[:1])), node)
+            continue
         two_streams = (len(targs) == 2 and not (set(targs) & constant)
                        and srcs(targs[:1]) != srcs(targs[1:]))
         if (kind in ("add", "mul") and two_streams) or kind == "concat":
@@ -183,6 +213,10 @@ def _functional_kind(node: Any, targs: list[Any]) -> str | None:
             return "mul"
         if t in (torch.cat, torch.concat):
             return "concat"
+        if t in (operator.matmul, torch.matmul, torch.bmm):
+            return "matmul"
+        if t in (torch.softmax, F.softmax):
+            return "softmax"
         if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
             if _pair(size) == (1, 1):
@@ -192,6 +226,10 @@ def _functional_kind(node: Any, targs: list[Any]) -> str | None:
             return "add"
         if t in ("mul", "mul_"):
             return "mul"
+        if t in ("matmul", "bmm"):
+            return "matmul"
+        if t == "softmax":
+            return "softmax"
         if t == "mean":
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if dims is not None and sorted(int(d) % 4 for d in (dims if isinstance(dims, list | tuple) else [dims])) == [2, 3]:
