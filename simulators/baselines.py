@@ -37,7 +37,7 @@ import numpy as np
 from simulators.plena.costs import DEFAULT_COSTS, CostCoefficients
 from simulators.plena.engine import Array, InferenceResult, OpCosts, run
 from simulators.plena.hardware import Numerics, PlenaHardware, mult_cost
-from simulators.plena.ops import OpGraph, cdiv, op_hbm_bytes
+from simulators.plena.ops import OpGraph, cdiv, kv_bytes_per_element, op_hbm_bytes
 from simulators.plena.workload import Workload
 from simulators.systolic import fold_cycles
 
@@ -136,7 +136,7 @@ def _energy(ops: OpGraph, nd: int, numerics: Numerics, w_bytes: Array, hbm: Arra
     e_ka = mult_cost(numerics.acts, numerics.kv) * k.mult_int8_pj + k.acc_pj
     macs = c(ops.macs, nd)
     operand = np.where(gemm, c(ops.w_elems * w_bytes, nd),
-                       c(ops.kv_read * numerics.kv_bytes, nd))
+                       c(ops.kv_read * kv_bytes_per_element(ops, numerics)[0], nd))
     pj = (macs * np.where(gemm, e_wa, e_ka) + vec_work * k.vector_op_pj
           + (hbm + operand) * 8.0 * k.sram_pj_per_bit + hbm * 8.0 * k.hbm_pj_per_bit)
     return pj * 1e-12
@@ -170,8 +170,7 @@ class _SpecBackend:
 
     def _hbm(self, ops: OpGraph, numerics: Numerics, w_bytes: Array, q_block: float) -> Array:
         sram = self.spec.sram_bytes
-        return op_hbm_bytes(ops, w_bytes, numerics.act_bytes, numerics.kv_bytes,
-                            len(self._shape), vector_sram_bytes=sram, matrix_sram_bytes=sram,
+        return op_hbm_bytes(ops, w_bytes, numerics.act_bytes, numerics, len(self._shape), vector_sram_bytes=sram, matrix_sram_bytes=sram,
                             q_block=q_block)
 
 

@@ -2,7 +2,8 @@
 
 ``plena`` prices the candidate's PLENA design point (``hw.*`` parameters over the ``hw``
 option's defaults) running a workload (``workload.*`` parameters over the options) with
-the operand formats ``quant.weights``, ``quant.acts``, ``quant.kv``. Metrics: ``ttft_s``,
+the operand formats ``quant.weights``, ``quant.acts``, ``quant.kv`` and the KV-cache layout
+``quant.kv_k_layout``, ``quant.kv_v_layout``, ``quant.kv_window`` (docs/simulators.md). Metrics: ``ttft_s``,
 ``tpot_s``, ``tokens_per_s``, ``prefill_s``, ``decode_s``, ``utilisation`` (and
 ``utilisation_prefill|decode|overall``), ``hbm_bytes``, ``energy_j``,
 ``energy_per_token_j``, ``memory_required_bytes``, ``area_mm2``, ``fits_memory`` (1/0);
@@ -40,11 +41,11 @@ from dse.schema import (
 from simulators.baselines import PRESETS, GpuSpec, TpuSpec, simulate_baseline
 from simulators.plena import Numerics, PlenaHardware, Workload, load_model_config, simulate
 from simulators.plena.engine import InferenceResult
-from simulators.plena.hardware import INT_FIELDS
+from simulators.plena.hardware import INT_FIELDS, NUMERICS_KEYS
 
 _BF16 = {"weights": "bf16", "acts": "bf16", "kv": "bf16"}
 _HW_FIELDS = tuple(f.name for f in dataclasses.fields(PlenaHardware))
-_QUANT_KEYS = ("weights", "acts", "kv")
+_QUANT_KEYS = NUMERICS_KEYS
 
 
 def _model(v: Any) -> None:
@@ -68,8 +69,9 @@ _COMMON_OPTIONS = (
     positive_int("output_len", "workload: generated tokens per sequence", default=256),
     Option("hw", "table", "PLENA hardware defaults under the hw.* parameters "
            f"({', '.join(_HW_FIELDS)})", default={}, check=_keys("hw", _HW_FIELDS)),
-    Option("quant", "table", "operand-format defaults under the quant.* parameters "
-           "(weights, acts, kv)", default={}, check=_keys("quant", _QUANT_KEYS)),
+    Option("quant", "table", "operand-format and KV-layout defaults under the quant.* "
+           f"parameters ({', '.join(_QUANT_KEYS)})", default={},
+           check=_keys("quant", _QUANT_KEYS)),
 )
 _WORKLOAD_PARAMS = (
     Param("workload.model", "str", "overrides option model"),

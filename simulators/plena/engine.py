@@ -302,8 +302,9 @@ def run(backend: Backend, workload: Workload, numerics: Numerics, *,
 
     # ---- capacity
     pre_io = (graph.act_in[p] + graph.act_out[p]) * (graph.kind[p] != MEM)
-    kv_cache = (2.0 * b * (S + n) * model.num_hidden_layers * model.num_key_value_heads
-                * model.head_dim * numerics.kv_bytes)
+    kv_cache = (b * model.num_hidden_layers * model.num_key_value_heads
+                * (numerics.kv_cache_bytes("k", S + n, model.head_dim)
+                   + numerics.kv_cache_bytes("v", S + n, model.head_dim)))
     required = (stored_weight_bytes(model, numerics.weights) + kv_cache
                 + float(np.max(pre_io)) * numerics.act_bytes)
 

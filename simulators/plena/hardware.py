@@ -94,9 +94,11 @@ def _numeric(x: Any) -> bool:
         return False
 
 
-@lru_cache(maxsize=512)
-def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None) -> float:
-    """Bits per element of format ``name`` (scales included) via ``quant.get_format``.
+@lru_cache(maxsize=4096)
+def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None,
+                axis: int = -1) -> float:
+    """Bits per element of format ``name`` (scales included) via ``quant.get_format``,
+    for a tensor of ``shape`` with blocks/groups along ``axis`` (``None``: asymptotic).
 
     Raises:
         ValueError: naming ``field`` when the format string does not parse.
@@ -109,7 +111,7 @@ def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None) -> 
         fmt = get_format(name)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{field}: expected a quant format name, got {name!r} ({e})") from None
-    return float(fmt.bits_per_element(shape, -1))
+    return float(fmt.bits_per_element(shape, axis))
 
 
 @lru_cache(maxsize=512)
@@ -120,13 +122,37 @@ def mult_cost(a: str, b: str) -> float:
     return float(multiplier_cost(a, b))
 
 
+#: the KV-cache layouts (``quant.kv_k_layout`` / ``quant.kv_v_layout``; as quant.KV_LAYOUTS)
+KV_LAYOUTS = ("token", "channel")
+#: bits per element of the full-precision window of recent tokens (``quant.kv_window``):
+#: bf16, as KIVI keeps its residual tokens in 16-bit floats
+KV_WINDOW_BITS = 16.0
+#: the Numerics fields a flat parameter dict may set as ``quant.<field>``
+NUMERICS_KEYS = ("weights", "acts", "kv", "kv_k_layout", "kv_v_layout", "kv_window")
+
+
 @dataclass(frozen=True)
 class Numerics:
-    """Operand formats (``quant`` format strings) of weights, activations and KV cache."""
+    """Operand formats (``quant`` format strings) of weights, activations and KV cache,
+    and the KV-cache layout.
+
+    Attributes:
+        weights, acts, kv: format names (``quant.get_format``).
+        kv_k_layout, kv_v_layout: ``token`` (blocks/groups along head_dim, one scale per
+            token and group) or ``channel`` (along the token axis, one scale per channel
+            and group of consecutive tokens from position 0; KIVI's K), as the accuracy
+            side's ``quant.KVQuant``.
+        kv_window: the most recent tokens of each sequence's cache held at
+            :data:`KV_WINDOW_BITS` instead of ``kv`` (0 = none; ignored when ``kv`` is an
+            identity format such as fp32, as on the accuracy side).
+    """
 
     weights: str = "mxint4"
     acts: str = "mxint8"
     kv: str = "mxint4"
+    kv_k_layout: str = "token"
+    kv_v_layout: str = "token"
+    kv_window: int = 0
 
     def __post_init__(self) -> None:
         for key in ("weights", "acts", "kv"):
@@ -134,16 +160,58 @@ class Numerics:
             if not isinstance(name, str):
                 raise ValueError(f"quant.{key}: expected a format name string, got {name!r}")
             format_bits(name, f"quant.{key}")
+        for key in ("kv_k_layout", "kv_v_layout"):
+            if getattr(self, key) not in KV_LAYOUTS:
+                raise ValueError(f"quant.{key}: expected one of {', '.join(KV_LAYOUTS)}, "
+                                 f"got {getattr(self, key)!r}")
+        w = self.kv_window
+        if isinstance(w, bool) or not isinstance(w, int | np.integer) or w < 0:
+            raise ValueError(f"quant.kv_window: expected an integer >= 0, got {w!r}")
+        object.__setattr__(self, "kv_window", int(w))
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], defaults: Mapping[str, str] | None = None
+    def from_params(cls, params: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
                     ) -> Numerics:
-        """Read ``quant.weights|acts|kv`` from a flat parameter dict."""
+        """Read ``quant.weights|acts|kv|kv_k_layout|kv_v_layout|kv_window`` from a flat
+        parameter dict."""
         kw = dict(defaults or {})
-        for key in ("weights", "acts", "kv"):
+        for key in NUMERICS_KEYS:
             if f"quant.{key}" in params:
                 kw[key] = params[f"quant.{key}"]
         return cls(**kw)
+
+    @cached_property
+    def _window_active(self) -> bool:
+        from quant.formats import get_format
+
+        return self.kv_window > 0 and not get_format(self.kv).is_identity
+
+    def kv_cache_bytes(self, part: str, tokens: int, head_dim: int) -> float:
+        """Bytes of one KV head's K (``part = "k"``) or V (``"v"``) cache of ``tokens``
+        tokens, scales included: the ``min(kv_window, tokens)`` most recent tokens at
+        :data:`KV_WINDOW_BITS`, the others in ``kv`` as a ``(tokens, head_dim)`` tensor with
+        blocks along head_dim (layout ``token``) or along tokens (``channel``; partial
+        token groups pay a whole group's scales, as ``Format.bits_per_element`` counts).
+        """
+        layout = self.kv_k_layout if part == "k" else self.kv_v_layout
+        w = min(self.kv_window, tokens) if self._window_active else 0
+        q = tokens - w
+        bits = w * head_dim * KV_WINDOW_BITS
+        if q > 0:
+            axis = -1 if layout == "token" else -2
+            bits += q * head_dim * format_bits(self.kv, "quant.kv", (q, head_dim), axis)
+        return bits / 8.0
+
+    def kv_step_write_bytes(self, tokens: int, head_dim: int) -> float:
+        """Bytes one decode step writes to one KV head's K (or V) cache holding ``tokens``
+        tokens after the step: the new token, at :data:`KV_WINDOW_BITS` under a window
+        (plus the token that leaves the window, re-written in ``kv``, once ``tokens >
+        kv_window``), else in ``kv``; ``kv`` at its asymptotic bits per element (per-token
+        and per-channel layouts then cost the same per token)."""
+        q = format_bits(self.kv, "quant.kv") * head_dim
+        if not self._window_active:
+            return q / 8.0
+        return (head_dim * KV_WINDOW_BITS + (q if tokens > self.kv_window else 0.0)) / 8.0
 
     def weight_bytes(self, rows: int, k: int) -> float:
         """Bytes per weight element of a rows x k matrix (blocks along k)."""
@@ -153,8 +221,3 @@ class Numerics:
     def act_bytes(self) -> float:
         """Bytes per activation element (asymptotic: per-block scales included)."""
         return format_bits(self.acts, "quant.acts") / 8.0
-
-    @property
-    def kv_bytes(self) -> float:
-        """Bytes per KV-cache element (asymptotic: per-block scales included)."""
-        return format_bits(self.kv, "quant.kv") / 8.0

@@ -26,7 +26,7 @@ import numpy as np
 from simulators.plena.costs import DEFAULT_COSTS, CostCoefficients
 from simulators.plena.engine import Array, InferenceResult, OpCosts, run
 from simulators.plena.hardware import Numerics, PlenaHardware, mult_cost
-from simulators.plena.ops import OpGraph, cdiv, op_hbm_bytes
+from simulators.plena.ops import OpGraph, cdiv, kv_bytes_per_element, op_hbm_bytes
 from simulators.plena.workload import Workload
 
 
@@ -87,7 +87,8 @@ class PlenaBackend:
         hw, k, nd = self.hw, self.costs, len(self._shape)
         c = ops.col
         m = {key: c(v, nd) for key, v in ops.masks.items()}
-        a_b, kv_b = numerics.act_bytes, numerics.kv_bytes
+        a_b = numerics.act_bytes
+        kv_b = c(kv_bytes_per_element(ops, numerics)[0], nd)  # per element of a cache read
         mat_cyc, block_frac = self.matrix_cycles(ops)
         vec_work = c(ops.vec_elems * ops.vec_ops, nd) * np.where(m["vec"], block_frac, 1.0)
         vec_cyc = cdiv(vec_work, hw.vlen)
@@ -95,7 +96,7 @@ class PlenaBackend:
         fill = np.where(m["mat"], hw.blen + np.ceil(np.log2(hw.mlen)),
                         np.where(m["vec"], np.ceil(np.log2(hw.vlen)), 0.0))
         hz = hw.clock_ghz * 1e9
-        hbm = op_hbm_bytes(ops, w_bytes, a_b, kv_b, nd, vector_sram_bytes=hw.vector_sram_bytes,
+        hbm = op_hbm_bytes(ops, w_bytes, a_b, numerics, nd, vector_sram_bytes=hw.vector_sram_bytes,
                            matrix_sram_bytes=hw.matrix_sram_bytes, q_block=hw.mlen)
         # dynamic energy
         e_wa = mult_cost(numerics.weights, numerics.acts) * k.mult_int8_pj + k.acc_pj

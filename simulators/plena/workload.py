@@ -30,6 +30,11 @@ class ModelConfig:
         tie_word_embeddings: LM head shares the embedding matrix (stored once).
         qk_norm: RMSNorm on q and k per head (Qwen3).
         num_experts, num_experts_per_tok, moe_intermediate_size: MoE FFN (0 = dense).
+        gated_mlp: the FFN is gate/up/down with SwiGLU (Llama); ``False``: up/down with
+            GELU (GPT-2).
+        layer_norm: LayerNorm (mean and variance) instead of RMSNorm.
+        position_embeddings: rows of a learned position table added to the token
+            embeddings (GPT-2 ``n_positions``); 0: rotary positions (RoPE).
     """
 
     name: str
@@ -45,12 +50,29 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
+    gated_mlp: bool = True
+    layer_norm: bool = False
+    position_embeddings: int = 0
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], name: str = "model") -> ModelConfig:
-        """Build from a parsed ``config.json`` (nested ``text_config`` is honoured)."""
+        """Build from a parsed ``config.json`` (nested ``text_config`` is honoured; a GPT-2
+        config, ``model_type = "gpt2"`` with ``n_embd``, ``n_layer``, ``n_head``,
+        ``n_inner``, ``n_positions``, is read as a non-gated GELU FFN with LayerNorm and
+        learned positions)."""
         if "text_config" in cfg and "hidden_size" not in cfg:
             cfg = cfg["text_config"]
+        gpt2 = cfg.get("model_type") == "gpt2"
+        if gpt2:
+            n_embd = cfg.get("n_embd")
+            cfg = {**cfg, "hidden_size": n_embd, "num_hidden_layers": cfg.get("n_layer"),
+                   "num_attention_heads": cfg.get("n_head"),
+                   "intermediate_size": cfg.get("n_inner") or (
+                       4 * n_embd if isinstance(n_embd, int) else None),
+                   "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+            if not isinstance(cfg.get("n_positions"), int) or cfg["n_positions"] < 1:
+                raise ValueError(f"{name}: config field 'n_positions' must be a positive "
+                                 f"int, got {cfg.get('n_positions')!r}")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "vocab_size"):
             if not isinstance(cfg.get(key), int) or cfg[key] < 1:
@@ -78,11 +100,14 @@ class ModelConfig:
             num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=int(cfg.get("moe_intermediate_size")
                                       or cfg["intermediate_size"]) if experts else 0,
+            gated_mlp=not gpt2,
+            layer_norm=gpt2,
+            position_embeddings=int(cfg["n_positions"]) if gpt2 else 0,
         )
 
     @property
     def n_params(self) -> int:
-        """Parameter count of the linear layers and embeddings (norms excluded)."""
+        """Parameter count of the linear layers and embeddings (norms and biases excluded)."""
         return sum(n for _, _, n in self.weight_matrices())
 
     def weight_matrices(self) -> list[tuple[str, int, int]]:
@@ -101,9 +126,12 @@ class ModelConfig:
                      ("up_proj", h, L * e * h * im), ("down_proj", im, L * e * im * h)]
         else:
             im = self.intermediate_size
-            mats += [("gate_proj", h, L * h * im), ("up_proj", h, L * h * im),
-                     ("down_proj", im, L * im * h)]
+            if self.gated_mlp:
+                mats.append(("gate_proj", h, L * h * im))
+            mats += [("up_proj", h, L * h * im), ("down_proj", im, L * im * h)]
         mats.append(("embed_tokens", h, self.vocab_size * h))
+        if self.position_embeddings:
+            mats.append(("embed_positions", h, self.position_embeddings * h))
         if not self.tie_word_embeddings:
             mats.append(("lm_head", h, self.vocab_size * h))
         return mats
