@@ -170,7 +170,8 @@ class _SpecBackend:
 
     def _hbm(self, ops: OpGraph, numerics: Numerics, w_bytes: Array, q_block: float) -> Array:
         sram = self.spec.sram_bytes
-        return op_hbm_bytes(ops, w_bytes, numerics.act_bytes, numerics, len(self._shape), vector_sram_bytes=sram, matrix_sram_bytes=sram,
+        return op_hbm_bytes(ops, w_bytes, numerics.act_bytes, numerics, len(self._shape),
+                            vector_sram_bytes=sram, matrix_sram_bytes=sram,
                             q_block=q_block)
 
 
