@@ -67,3 +67,16 @@ def test_reproduction_runs_tiny_and_reports(path: Path, tmp_path: Path) -> None:
     assert 1 <= len(rows) <= n and all(r.count(" | ") == len(header) - 1 for r in rows)
     assert "nan" not in "\n".join(rows)
     assert (out / f"{name}.png").stat().st_size > 1000
+
+
+def test_plena_anchor_script_our_side(capsys: pytest.CaptureFixture[str]) -> None:
+    """The anchor comparison script runs without the anchor checkout (our side only)."""
+    spec = importlib.util.spec_from_file_location("plena_anchor", REPRO / "plena_anchor.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", "qwen3-32b", "--batch", "1", "--prompt-len", "1024",
+                     "--output-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "head_dim: ours 128, anchor 80" in out
+    assert "| flash_attention | - |" in out and "| pipelined |" in out
