@@ -352,11 +352,6 @@ def _output(verbose: bool) -> Iterator[None]:
         "MLFLOW_LOGGING_LEVEL": "ERROR",  # e.g. "Creating initial MLflow database tables..."
         "PYTHONWARNINGS": "ignore",
     }
-    # Ray warns on every new local cluster that it turned token authentication on (its
-    # default, not a problem); that logger says nothing else.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.WARNING if verbose else logging.ERROR
-    )
     added = [k for k in quiet if k not in os.environ]
     os.environ.update({k: quiet[k] for k in added})
     try:

@@ -243,6 +243,26 @@ def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
             os.environ[env_var] = old_env
 
 
+def _check_answers(address: str, timeout_s: float = 10.0) -> None:
+    """Raise :class:`DriverError` when nothing accepts a connection at ``address``.
+
+    ``host:port`` (a GCS) or ``ray://host:port`` (a Ray Client server); ``auto`` and other
+    forms are left to Ray. Ray itself retries an unreachable GCS for ever, silently.
+    """
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise DriverError(
+            f"cannot join Ray at address {address!r}: nothing answers at {hostport} ({why}); "
+            "is the head node up (`ray start --head`) and the port reachable?"
+        ) from None
+
+
 @dataclass
 class RunSummary:
     """What a driver run did. Counts are over the whole study at the end.
@@ -337,17 +357,26 @@ class Driver:
             self._old_handlers.clear()
 
     def _run(self, t_start: float) -> RunSummary:
-        study, state, recovered = self._open()
+        # a new study: the cluster answers before anything is written (no empty study left behind)
+        owns_ray = self._init_ray() if not self.sdir.exists() else False
+        self._signals_on()  # again: ray.init replaces the SIGTERM handler
+        try:
+            study, state, recovered = self._open()
+        except BaseException:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+            raise
         # a complete study's MLflow runs stay as they are
         tracker = self._tracker(study) if self.tracking and state.complete < self.n_trials else None
         trials = study.get_trials(deepcopy=False)
         front, listeners = make_listeners(self.spec, study, trials, state, progress=self.progress, tracker=tracker)
         pool: Pool | None = None
-        owns_ray = False
         t_loop = time.monotonic()
         try:
             if state.complete < self.n_trials:
-                owns_ray = self._init_ray()
+                owns_ray = self._init_ray() or owns_ray
                 self._signals_on()  # again: ray.init replaces the SIGTERM handler
                 pool = self._pool()
                 pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
@@ -576,6 +605,11 @@ class Driver:
         """Connect to or start Ray; returns whether this driver must shut it down."""
         if self.address == "inline":
             return False
+        if self.address == "local" and "ray._raylet" not in sys.modules:
+            # Ray >= 2.52 turns token authentication on for a new local cluster and warns
+            # that it did unless RAY_AUTH_MODE is set; set Ray's default explicitly, before
+            # Ray reads its configuration (at import; a later change would not reach it)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
 
         if ray.is_initialized():
@@ -589,14 +623,19 @@ class Driver:
                 kwargs["num_gpus"] = math.ceil(self.workers * res["num_gpus"])
         else:
             kwargs["address"] = self.address
+            _check_answers(self.address)
         try:
             if self.address == "local":
                 _init_loopback_ray(kwargs)
             else:
                 ray.init(**kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}") from None
+            hint = "" if self.address == "local" else (
+                "; a cluster with token authentication refuses a client without its token: set "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints "
+                "it; clusters/README.md)")
+            raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}{hint}") from None
         return True
 
     def _evaluator_entries(self) -> list[EvaluatorEntry]:
