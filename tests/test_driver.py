@@ -50,6 +50,16 @@ def test_zdt1_search_reaches_true_front(ray_session: Any, tmp_path: Path) -> Non
 # ---- evaluators defined here: the driver ships registered factory objects to the actors
 
 
+def claim(marker: Path) -> bool:
+    """Create ``marker`` atomically: True for exactly one of several actors (exists() then
+    write would let two actors racing on their first trials both kill themselves)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 class KillOnce:
     """Kills its own actor process (os.kill, SIGKILL) the first time it sees x.0 >= 0.5."""
 
@@ -58,8 +68,7 @@ class KillOnce:
         self.marker = Path(options["marker"])
 
     def evaluate(self, params: Any, upstream: Any) -> dict[str, Any]:
-        if params["x.0"] >= 0.5 and not self.marker.exists():
-            self.marker.write_text(str(os.getpid()))
+        if params["x.0"] >= 0.5 and claim(self.marker):
             os.kill(os.getpid(), signal.SIGKILL)
         return self.inner.evaluate(params, upstream)
 

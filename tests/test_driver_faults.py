@@ -256,7 +256,6 @@ def test_no_actor_placeable_exits_1(ray_session: Any, tmp_path: Path, capsys: py
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="flaky in CI (1 of 3 full runs: both actors dropped, 'no evaluator actor alive (2 could not be placed)'); root cause open, see docs/driver.md Known gaps")
 def test_replacement_that_cannot_be_placed_shrinks_the_pool(idle_cluster: Any, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """An actor SIGKILLed mid-trial whose replacement cannot be placed (it asks for a
@@ -300,6 +299,23 @@ def test_replacement_that_cannot_be_placed_shrinks_the_pool(idle_cluster: Any, t
     assert len(warned) == 1 and "running with 1 of 2" in warned[0]
 
 
+def claim(marker: Path) -> bool:
+    """Create ``marker`` atomically; True for exactly one caller across processes.
+
+    ``exists()`` then ``write_text()`` let two actors that start their first trials at the
+    same moment both see no marker and both kill themselves (measured: 2 of 25 runs of
+    two actors here): the cause of the once-flaky unplaceable-replacement test, whose two
+    replacements then both asked for the unplaceable resource.
+    """
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 class KillFirst:
     """Kills its own actor (SIGKILL) on the first trial it sees anywhere (a marker file)."""
 
@@ -307,8 +323,7 @@ class KillFirst:
         self.marker = Path(options["marker"])
 
     def evaluate(self, params: Any, upstream: Any) -> dict[str, Any]:
-        if not self.marker.exists():
-            self.marker.write_text(str(os.getpid()))
+        if claim(self.marker):
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(0.3)
         return {"f1": params["x.0"], "f2": 1 - params["x.0"]}
