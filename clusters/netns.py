@@ -140,10 +140,9 @@ class TwoNodes:
         try:
             self._network()
             self._start(self.head, ["--head", f"--port={PORT}", "--include-dashboard=false"])
-            self._wait_nodes(1)
-            if self.with_worker:
+            if self.with_worker:  # at once: it waits for the head's GCS to answer
                 self._start(self.worker, [f"--address={self.address}"])
-                self._wait_nodes(2)
+            self._wait_nodes(2 if self.with_worker else 1)
         except BaseException:
             self.close()
             raise
@@ -174,23 +173,36 @@ class TwoNodes:
                                             stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True))
 
-    def _wait_nodes(self, n: int, timeout_s: float = 60.0) -> None:
-        """Wait until the cluster has ``n`` alive nodes (asked from inside the head's namespace)."""
-        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                 "print(sum(x['Alive'] for x in ray.nodes()))")
-        deadline = time.monotonic() + timeout_s
-        while True:
+    def _wait_nodes(self, n: int, timeout_s: float = 90.0) -> None:
+        """Wait until the cluster has ``n`` alive nodes, asked by one client process inside
+        the head's namespace (one ``import ray``; it retries until the head answers)."""
+        probe = (
+            "import sys, time, ray\n"
+            "n, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])\n"
+            "while time.monotonic() < deadline:\n"
+            "    try:\n"
+            "        if not ray.is_initialized():\n"
+            "            ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+            "        if sum(x['Alive'] for x in ray.nodes()) >= n:\n"
+            "            sys.exit(0)\n"
+            "    except Exception as e:\n"
+            "        print(type(e).__name__, e, file=sys.stderr)\n"
+            "    time.sleep(0.2)\n"
+            "sys.exit(1)\n"
+        )
+        proc = subprocess.Popen(self.head.argv([sys.executable, "-c", probe, self.address, str(n),
+                                                str(timeout_s)]),
+                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        while proc.poll() is None:
             for p in self._procs:
                 if p.poll() is not None:
+                    proc.kill()
                     raise RuntimeError(f"ray start exited with {p.returncode}: {self.logs()}")
-            out = subprocess.run(self.head.argv([sys.executable, "-c", probe, self.address]),
-                                 env=self.env, capture_output=True, text=True, timeout=60)
-            if out.returncode == 0 and int(out.stdout.split()[-1]) >= n:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster has not {n} nodes after {timeout_s:.0f} s: "
-                                   f"{out.stderr[-1500:]} {self.logs()}")
-            time.sleep(0.5)
+            time.sleep(0.2)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cluster has not {n} nodes after {timeout_s:.0f} s: "
+                               f"{proc.stderr.read()[-1500:]} {self.logs()}")  # type: ignore[union-attr]
 
     def logs(self) -> str:
         """The tail of each ``ray start`` output (for failure messages)."""
