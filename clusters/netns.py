@@ -60,6 +60,31 @@ def unavailable() -> str | None:
     return None
 
 
+def reap_stale() -> list[str]:
+    """Remove the namespaces (and their processes) of a :class:`TwoNodes` whose owner died
+    without tearing down (e.g. SIGKILLed); returns their names."""
+    import re
+
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    stale = []
+    for name in re.findall(r"^(dse(\d+)[hw])\b", out, flags=re.M):
+        try:
+            os.kill(int(name[1]), 0)
+        except ProcessLookupError:
+            stale.append(name[0])
+        except PermissionError:
+            pass  # alive (another user's)
+    for ns in stale:
+        node = Node(ns, "")
+        for pid in node.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    return stale
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
@@ -116,7 +141,7 @@ class TwoNodes:
         auth: bool = True,
         workers: bool = True,
     ) -> None:
-        tag = f"{os.getpid() % 100000}"
+        tag = str(os.getpid())  # names end in the owner's pid: reap_stale() finds orphans
         self.head = Node(f"dse{tag}h", f"{SUBNET}.1")
         self.worker = Node(f"dse{tag}w", f"{SUBNET}.2")
         self._veth = (f"dse{tag}a", f"dse{tag}b")  # interface names: at most 15 characters
@@ -137,6 +162,7 @@ class TwoNodes:
     # ------------------------------------------------------------------ life cycle
 
     def __enter__(self) -> TwoNodes:
+        reap_stale()
         try:
             self._network()
             self._start(self.head, ["--head", f"--port={PORT}", "--include-dashboard=false"])
