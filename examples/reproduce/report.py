@@ -42,12 +42,14 @@ def f(x: float, spec: str = ".3g") -> str:
 
 @dataclass
 class Report:
-    """How one study becomes a table (header + row function) and a plot."""
+    """How one study (or several, ``studies``) becomes a table (header + row function) and a
+    plot. Rows of several studies carry their study's name under ``"study"``."""
 
     header: list[str]
     row: Callable[[Row, list[Row]], list[str]]
     plot: Callable[[list[Row], Any], None]
     select: Callable[[list[Row]], list[Row]] = lambda rows: rows
+    studies: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- PLENA iso-resources
@@ -265,30 +267,101 @@ HASS = Report(
     _hass_plot, _hass_select)
 
 
+# ---------------------------------------------------------------- quantization ratio
+SIZES = {"ratio_s": "char_lm_s (0.43 M)", "ratio_m": "char_lm_m (1.8 M)",
+         "ratio_l": "char_lm_l (6.4 M)"}
+#: a ratio "tolerated" when perplexity is at most this much above the all-bf16 model
+RATIO_TOLERANCE = 0.02
+
+
+def _ratio_base(r: Row, rows: list[Row]) -> float:
+    return next(m(x, "perplexity") for x in rows
+                if x["study"] == r["study"] and not p(x, "quant.ratio"))
+
+
+def _ratio_select(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if p(r, "quant.ratio")]
+
+
+def _ratio_row(r: Row, rows: list[Row]) -> list[str]:
+    base = _ratio_base(r, rows)
+    ok = [p(x, "quant.ratio") for x in rows if x["study"] == r["study"]
+          and p(x, "quant.weights") == p(r, "quant.weights") and p(x, "quant.ratio")
+          and m(x, "perplexity") <= base * (1 + RATIO_TOLERANCE)]
+    return [SIZES.get(r["study"], r["study"]), str(p(r, "quant.weights")),
+            f(p(r, "quant.ratio"), "g"), f(m(r, "quant_ratio_params"), ".2f"),
+            f(m(r, "perplexity"), ".3f"),
+            f(100 * (m(r, "perplexity") / base - 1), "+.1f") + " %",
+            f(m(r, "kl_to_fp_nats"), ".3f"), f(max(ok), "g") if ok else "0"]
+
+
+def _ratio_plot(rows: list[Row], ax: Any) -> None:
+    for i, study in enumerate(s for s in SIZES if any(r["study"] == s for r in rows)):
+        for fmt, ls in (("int4", "-"), ("int3", "--")):
+            sel = sorted((r for r in rows if r["study"] == study
+                          and (p(r, "quant.weights") == fmt or not p(r, "quant.ratio"))),
+                         key=lambda r: m(r, "quant_ratio_params"))
+            if not sel:
+                continue
+            base = _ratio_base(sel[0], rows)
+            ax.plot([m(r, "quant_ratio_params") for r in sel],
+                    [100 * (m(r, "perplexity") / base - 1) for r in sel], ls, marker="o",
+                    color=f"C{i}", label=f"{SIZES[study]}, {fmt}")
+    ax.axhline(100 * RATIO_TOLERANCE, color="k", lw=1, ls=":", label="+2 % tolerance")
+    ax.set_xlabel("share of weight parameters in the low format")
+    ax.set_ylabel("perplexity increase over all-bf16, %")
+    ax.set_yscale("symlog", linthresh=1.0)
+
+
+RATIO = Report(["model", "low format", "quant.ratio", "achieved share", "perplexity",
+                "vs all bf16", "KL nats", "largest ratio within +2 %"],
+               _ratio_row, _ratio_plot, _ratio_select, studies=tuple(SIZES))
+
+
 REPORTS: dict[str, Report] = {
     "plena_iso": PLENA_ISO, "bitdecoding": BITDECODING, "lqer": LQER,
     "blockquant": BLOCKQUANT, "speft": SPEFT, "mxint_vit": MXINT_VIT, "hass": HASS,
+    "ratio": RATIO,
 }
 
 
-def load_rows(study: str, root: Path, table: Path | None) -> list[Row]:
-    """COMPLETE trials of ``study`` in trial order, as dicts of trials.parquet columns."""
-    if table is not None:
-        import pyarrow.parquet as pq
+def study_names(report: str) -> tuple[str, ...]:
+    """The studies a report reads (its own name unless it lists several)."""
+    return REPORTS[report].studies or (report,)
 
-        rows = pq.read_table(table).to_pylist()
-    else:
-        import dse
 
-        rows = dse.load(study, root=root).table().to_pylist()
-    return sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["number"])
+def load_rows(report: str, root: Path, tables: list[Path] | None = None) -> list[Row]:
+    """COMPLETE trials of the report's studies (study order, then trial order), as dicts of
+    trials.parquet columns plus ``"study"``. ``tables``: exported Parquet files, one per
+    study in :func:`study_names` order, instead of the storage under ``root``. Studies not
+    run (yet) are skipped."""
+    out: list[Row] = []
+    for i, study in enumerate(study_names(report)):
+        if tables:
+            import pyarrow.parquet as pq
+
+            if i >= len(tables):
+                break
+            rows = pq.read_table(tables[i]).to_pylist()
+        else:
+            import dse
+
+            if not (root / study).is_dir():
+                continue
+            rows = dse.load(study, root=root).table().to_pylist()
+        done = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["number"])
+        out += [{**r, "study": study} for r in done]
+    return out
 
 
 def render(study: str, rows: list[Row]) -> str:
     """The study's Markdown table."""
     rep = REPORTS[study]
     lines = ["| " + " | ".join(rep.header) + " |", "|" + "---|" * len(rep.header)]
-    lines += ["| " + " | ".join(rep.row(r, rows)) + " |" for r in rep.select(rows)]
+    for r in rep.select(rows):
+        line = "| " + " | ".join(rep.row(r, rows)) + " |"
+        if line != lines[-1]:  # trials identical in every reported column: one line
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -315,14 +388,17 @@ def plot(study: str, rows: list[Row], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("study", choices=sorted(REPORTS))
+    ap.add_argument("study", choices=sorted(REPORTS), help="a report (the ratio report reads "
+                    "studies ratio_s, ratio_m, ratio_l)")
     ap.add_argument("--dir", type=Path, default=Path("dse-studies"), help="studies root")
-    ap.add_argument("--table", type=Path, help="an exported trials.parquet instead of --dir")
+    ap.add_argument("--table", type=Path, nargs="+",
+                    help="exported trials.parquet file(s) instead of --dir (one per study)")
     ap.add_argument("--out", type=Path, help="output folder (default <dir>/<study>/report)")
     a = ap.parse_args(argv)
     rows = load_rows(a.study, a.dir, a.table)
     if not rows:
-        print(f"report: study {a.study}: no COMPLETE trial", file=sys.stderr)
+        print(f"report: {a.study}: no COMPLETE trial in {', '.join(study_names(a.study))}",
+              file=sys.stderr)
         return 1
     out = a.out or a.dir / a.study / "report"
     out.mkdir(parents=True, exist_ok=True)
