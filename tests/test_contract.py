@@ -60,9 +60,8 @@ def test_unknown_objective_and_constraint_metric_rejected() -> None:
 
 @pytest.mark.parametrize("text,old,new,field", [
     # accuracy evaluator (lm): an unknown option, a bad fidelity, a bad lqer rank range
-    (QUICK, "options = { budget_tokens = 4096 }", "options = { budget_token = 4096 }",
-     "evaluators[0].options"),
-    (QUICK, "options = { budget_tokens = 4096 }", 'options = { fidelity = "fast" }',
+    (QUICK, "budget_tokens = 4096 }", "budget_token = 4096 }", "evaluators[0].options"),
+    (QUICK, "budget_tokens = 4096 }", 'budget_tokens = 4096, fidelity = "fast" }',
      "evaluators[0].options"),
     # accuracy evaluator (vision): a salience that does not exist
     (HASS, 'salience = { value = "magnitude" }', 'salience = { value = "magnitud" }',
