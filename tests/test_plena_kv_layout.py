@@ -90,3 +90,15 @@ def test_layout_parameters_are_read_and_checked() -> None:
         Numerics(kv_v_layout="head")
     with pytest.raises(ValueError, match="quant.kv_window: expected an integer >= 0"):
         Numerics(kv_window=-1)
+
+
+def test_plena_evaluator_reads_the_layout_parameters() -> None:
+    """The study evaluator passes quant.kv_window through: the same 385,024 bytes."""
+    from dse.plugins.plena import PlenaEvaluator
+
+    ev = PlenaEvaluator({"model": "llama-3.2-1b", "batch": 1, "prompt_len": 100,
+                         "output_len": 28})
+    base = {"quant.weights": "mxint4", "quant.acts": "mxint8", "quant.kv": "mxint4"}
+    a = ev.evaluate(base, {})["memory_required_bytes"]
+    b = ev.evaluate({**base, "quant.kv_window": 16}, {})["memory_required_bytes"]
+    assert b - a == 385024.0
