@@ -129,6 +129,8 @@ class TwoNodes:
         pythonpath: extra ``PYTHONPATH`` entries (the actors import the project from there).
         ray_env: extra environment of the Ray nodes (e.g. :data:`FAST_NODE_DEATH`).
         workers: start the worker node (``False``: the head alone, a one-node cluster).
+        dashboard: start Ray's dashboard on the head (``http://10.77.0.1:8265``: job
+            submission, state API); off by default (it costs seconds and memory).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class TwoNodes:
         ray_env: Mapping[str, str] | None = None,
         auth: bool = True,
         workers: bool = True,
+        dashboard: bool = False,
     ) -> None:
         tag = str(os.getpid())  # names end in the owner's pid: reap_stale() finds orphans
         self.head = Node(f"dse{tag}h", f"{SUBNET}.1")
@@ -147,6 +150,7 @@ class TwoNodes:
         self._veth = (f"dse{tag}a", f"dse{tag}b")  # interface names: at most 15 characters
         self.address = f"{self.head.ip}:{PORT}"
         self.cpus, self.object_store_mb, self.with_worker = cpus, object_store_mb, workers
+        self.dashboard = dashboard
         self.tmp = Path(tempfile.mkdtemp(prefix="dsenn", dir="/tmp"))  # short: socket paths
         path = [str(p) for p in pythonpath] + [str(ROOT)]
         if os.environ.get("PYTHONPATH"):
@@ -165,7 +169,9 @@ class TwoNodes:
         reap_stale()
         try:
             self._network()
-            self._start(self.head, ["--head", f"--port={PORT}", "--include-dashboard=false"])
+            self._start(self.head, ["--head", f"--port={PORT}",
+                                    f"--include-dashboard={str(self.dashboard).lower()}",
+                                    f"--dashboard-host={self.head.ip}"])
             if self.with_worker:  # at once: it waits for the head's GCS to answer
                 self._start(self.worker, [f"--address={self.address}"])
             self._wait_nodes(2 if self.with_worker else 1)
@@ -298,13 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpus", type=int, default=1, help="logical CPUs per node")
+    ap.add_argument("--dashboard", action="store_true", help="Ray dashboard on the head (:8265)")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="run on the head node")
     args = ap.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if why := unavailable():
         print(f"netns: {why}", file=sys.stderr)
         return 2
-    with TwoNodes(cpus=args.cpus, pythonpath=[Path(__file__).parent]) as nodes:
+    with TwoNodes(cpus=args.cpus, pythonpath=[Path(__file__).parent], dashboard=args.dashboard) as nodes:
         print(f"netns: 2 nodes up, head at {nodes.address}", file=sys.stderr)
         return nodes.popen(command or ["bash"]).wait()
 
