@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dse import storage
-from dse.pareto import FrontTracker, is_feasible
+from dse.pareto import FrontTracker, is_feasible, params_key
 
 if TYPE_CHECKING:
     from dse.spec import Spec
@@ -75,7 +75,7 @@ class Front(Listener):
     def told(self, ft: FrozenTrial, state: RunState | None) -> None:
         """Add a feasible COMPLETE trial to the front."""
         if ft.state == TrialState.COMPLETE and ft.values and is_feasible(ft):
-            self.tracker.add(ft.values)
+            self.tracker.add(ft.values, params_key(ft))
             self._hv = None
 
     @property

@@ -93,13 +93,26 @@ def reference_point(spec: Spec, values_min: np.ndarray) -> np.ndarray | None:
     return ref
 
 
+def params_key(trial: FrozenTrial) -> str:
+    """A trial's parameter set as a key: trials with identical parameters share it."""
+    return repr(sorted(trial.params.items()))
+
+
 def pareto_trials(trials: Sequence[FrozenTrial], spec: Spec) -> list[FrozenTrial]:
-    """Feasible COMPLETE trials on the Pareto front (ties kept), in trial order."""
+    """Feasible COMPLETE trials on the Pareto front, in trial order. Ties of different
+    parameter sets are kept; a parameter set on the front more than once (a baseline run
+    again, a duplicate sample) appears once, as its first trial."""
     good, vals = feasible_values(trials, spec)
     if not good:
         return []
     mask = nondominated_mask(vals)
-    return [t for t, m in zip(good, mask, strict=True) if m]
+    seen: set[str] = set()
+    out = []
+    for t, m in zip(good, mask, strict=True):
+        if m and (key := params_key(t)) not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
 
 
 def study_hypervolume(trials: Sequence[FrozenTrial], spec: Spec) -> float:
@@ -118,20 +131,25 @@ class FrontTracker:
         self.spec = spec
         self.n_obj = len(spec.objectives)
         self.front = np.empty((0, self.n_obj))
+        self.keys: list[str | None] = []  # parameter-set key of each front row
         self.lo = np.full(self.n_obj, np.inf)
         self.hi = np.full(self.n_obj, -np.inf)
 
-    def add(self, values: Sequence[float]) -> None:
-        """Add one feasible complete trial's objective values (in the objectives' directions)."""
+    def add(self, values: Sequence[float], key: str | None = None) -> None:
+        """Add one feasible complete trial's objective values (in the objectives' directions);
+        ``key`` (:func:`params_key`): a parameter set already on the front is not added again."""
         v = np.asarray(values, dtype=float) * signs(self.spec)
         if not np.all(np.isfinite(v)):
             return  # never on a front: the hypervolume stays finite
         self.lo = np.minimum(self.lo, v)
         self.hi = np.maximum(self.hi, v)
+        if key is not None and key in self.keys:
+            return  # the same design again
         if len(self.front) and np.any(np.all(self.front <= v, axis=1) & np.any(self.front < v, axis=1)):
             return  # dominated
         keep = ~(np.all(v <= self.front, axis=1) & np.any(v < self.front, axis=1))
         self.front = np.vstack([self.front[keep], v])
+        self.keys = [k for k, kept in zip(self.keys, keep, strict=True) if kept] + [key]
 
     @property
     def size(self) -> int:

@@ -145,16 +145,128 @@ def test_front_and_tables() -> None:
         assert r["pareto"] == (t.number in {f.number for f in front})
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    b = path.read_bytes()
+    assert b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR"
+    return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
+
+
+def _check_html(path: Path, n_front: int, n_rows: int | None = None) -> str:
+    """A small self-contained page: inline SVG, no script, nothing fetched, a hover text
+    per front point, the front (and baselines: ``n_rows``) as a table."""
+    import re
+
+    page = path.read_text(encoding="utf-8")
+    assert path.stat().st_size < 1_000_000
+    assert "<svg" in page and "<script" not in page.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing to load
+    assert len(re.findall(r'<g id="dse-pt-0-\d+"><title>trial \d+', page)) == n_front
+    assert page.count("<tr") == 1 + (n_front if n_rows is None else n_rows)  # header + rows
+    return page
+
+
 def test_write_artifacts(tmp_path: Path) -> None:
     study, spec = _study()
-    paths = write_artifacts(study.trials, study_info(spec, tmp_path), tmp_path)
+    info = study_info(spec, tmp_path)
+    paths = write_artifacts(study.trials, info, tmp_path)
     assert [p.name for p in paths] == ["trials.parquet", "pareto.parquet", "pareto.png", "pareto.html"]
     assert pq.read_table(tmp_path / "trials.parquet").num_rows == 30
-    assert pq.read_table(tmp_path / "pareto.parquet").column("pareto").to_pylist() == [True] * len(
-        pareto_trials(study.trials, spec)
-    )
-    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    assert b"plotly" in (tmp_path / "pareto.html").read_bytes()[:200000]
+    front = pareto_trials(study.trials, spec)
+    assert pq.read_table(tmp_path / "pareto.parquet").column("pareto").to_pylist() == [True] * len(front)
+    w, h = _png_size(tmp_path / "pareto.png")
+    assert 500 <= w <= 700 and 400 <= h <= 600  # one panel (two objectives)
+    page = _check_html(tmp_path / "pareto.html", len(front))
+    assert "← better   a" in page and "b   better →" in page  # a minimised, b maximised
+    # the same trials give the same bytes: unchanged artifacts are not uploaded again
+    before = {p.name: p.read_bytes() for p in paths}
+    assert {p.name: p.read_bytes() for p in write_artifacts(study.trials, info, tmp_path)} == before
+
+
+def test_artifacts_of_an_empty_study(tmp_path: Path) -> None:
+    """No trials: typed empty tables and plots that say so (pa.array([]) has no type)."""
+    spec = parse_spec(SPEC, check_options=False)
+    paths = write_artifacts([], study_info(spec, tmp_path), tmp_path)
+    table = pq.read_table(paths[0])
+    assert table.num_rows == 0 and table.schema.field("pareto").type == "bool"
+    assert table.schema.field("values.a").type == "double" and table.schema.field("params.p.x").type == "string"
+    assert pq.read_table(paths[1]).num_rows == 0
+    assert "no complete trials yet" in paths[3].read_text() and _png_size(paths[2])[0] > 0
+
+
+def test_identical_parameter_sets_appear_once_on_the_front(tmp_path: Path) -> None:
+    """A baseline run twice and a duplicate sample are one design: once on the front (as
+    its first trial), in the table, the plots and the driver's front size alike."""
+    from dse.listeners import Front
+
+    spec = parse_spec(SPEC, check_options=False)
+    study = optuna.create_study(directions=spec.directions, sampler=spec.make_sampler())
+    points = [(0.1, "u", 0.5), (0.1, "u", 0.5), (0.9, "u", 0.9), (0.1, "u", 0.5), (0.5, "v", 0.2)]
+    for i, (x, k, b) in enumerate(points):
+        params = {"p.x": x, "p.k": k} | ({"p.y": 2} if k == "v" else {})
+        study.enqueue_trial(params, user_attrs={"dse:baseline": True} if i == 0 else {})
+        t = study.ask()
+        sample_params(t, spec)
+        t.set_user_attr("metrics", {"a": x, "b": b, "c": 0.0})
+        t.set_constraint(spec.constraints[0].key, spec.constraints[0].violation(0.0))
+        study.tell(t, [x, b])
+    front = pareto_trials(study.trials, spec)
+    assert [t.number for t in front] == [0, 2]  # trials 1 and 3 repeat trial 0; 4 is dominated
+    assert Front(spec, study.trials).size == 2
+    info = study_info(spec, tmp_path)
+    table = trials_table(study.trials, info)
+    assert table.column("pareto").to_pylist() == [True, False, True, False, False]
+    assert table.column("baseline").to_pylist() == [True, False, False, False, False]
+    write_artifacts(study.trials, info, tmp_path)
+    page = _check_html(tmp_path / "pareto.html", 2, n_rows=2)  # the baseline is on the front
+    assert '<g id="dse-base-0-0"><title>trial 0 (baseline)' in page
+
+
+@pytest.mark.parametrize(("metric", "unit"), [
+    ("ttft_s", "s"), ("area_mm2", "mm²"), ("tokens_per_s", "tokens/s"), ("energy_per_token_j", "J/token"),
+    ("images_per_s_per_dsp", "images/s/dsp"), ("hbm_bytes", "bytes"), ("clock_mhz", "MHz"),
+    ("perplexity", ""), ("f1", ""), ("zero_product_share", ""),
+])
+def test_metric_units(metric: str, unit: str) -> None:
+    from tracking.artifacts import axis_label, metric_unit
+
+    assert metric_unit(metric) == unit
+    label = axis_label(metric, "minimize")
+    assert label.startswith("← better") and (f"({unit})" in label) == bool(unit)
+
+
+@pytest.mark.slow
+def test_plots_of_a_large_study(tmp_path: Path) -> None:
+    """2,000 trials, 4 objectives spanning decades: 6 panels in one PNG, log axes where
+    the values span 100x, an HTML page under 1 MB."""
+    import re
+
+    text = SPEC.replace('[[constraints]]', '[[objectives]]\nmetric = "ttft_s"\n'
+                        '[[objectives]]\nmetric = "tokens_per_s"\ndirection = "maximize"\n[[constraints]]')
+    spec = parse_spec(text, check_options=False)
+    study = optuna.create_study(directions=spec.directions, sampler=spec.make_sampler())
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        t = study.ask()
+        x = sample_params(t, spec)["p.x"]
+        w = rng.dirichlet(np.ones(4)) * (1 + 0.1 * x)  # a wide front: most points trade off
+        vals = [float(w[0]), 1 - float(w[1]), 10 ** (4 * float(w[2])) * 1e-3, 100 * (2 - float(w[3]))]
+        c = float(rng.random())
+        t.set_user_attr("metrics", dict(zip(["a", "b", "ttft_s", "tokens_per_s"], vals, strict=True)) | {"c": c})
+        t.set_constraint(spec.constraints[0].key, spec.constraints[0].violation(c))
+        study.tell(t, vals)
+    info = study_info(spec, tmp_path)
+    paths = write_artifacts(study.trials, info, tmp_path)
+    w, h = _png_size(paths[2])
+    assert 1300 <= w <= 1500 and 800 <= h <= 950  # 3 x 2 panels
+    assert paths[2].stat().st_size < 1_000_000
+    n_front = len(pareto_trials(study.trials, spec))
+    assert n_front > 300  # more than get hover texts: the front is drawn as one image
+    page = paths[3].read_text(encoding="utf-8")
+    assert paths[3].stat().st_size < 1_000_000 and "<script" not in page
+    assert "ttft_s (s)   " not in page and "← better   ttft_s (s)" in page
+    assert "tokens_per_s (tokens/s)   better →" in page
+    assert len(re.findall(r"<tr>", page)) == 300 + 1 and f"{n_front - 300} more rows" in page
 
 
 @pytest.mark.slow
@@ -212,6 +324,18 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
     assert sorted(table("pareto_front.json")["number"]) == [t.number for t in front]  # replaced, not appended
     assert table("search_space.json")["name"] == ["p.x", "p.k", "p.y", "p.f"]
     assert study_run_path(default_uri(tmp_path), "t") == f"#/experiments/{exp.experiment_id}/runs/{parent[0].info.run_id}"
+    # artifacts are uploaded when their bytes change, not at every step
+    link = MlflowLink(study_info(spec, tmp_path), tmp_path)
+    link.connect()
+    link.log_artifacts(trials[:15])
+    stored = tmp_path / "mlartifacts" / parent[0].info.run_id / "artifacts"
+    names = ["trials.parquet", "pareto.parquet", "pareto.png", "pareto.html", "pareto_front.json"]
+    first = {n: (stored / n).stat().st_mtime_ns for n in names}
+    link.log_artifacts(trials[:15])
+    assert {n: (stored / n).stat().st_mtime_ns for n in names} == first
+    link.log_artifacts(trials[:15] + [t for t in trials[15:] if t.state == TrialState.FAIL], plots=False)
+    again = {n: (stored / n).stat().st_mtime_ns for n in names}
+    assert [n for n in names if again[n] != first[n]] == ["trials.parquet"]  # a FAIL changes no front
 
 
 @pytest.mark.slow

@@ -6,27 +6,50 @@ The tables are built from Optuna's frozen trials (the source of truth). Columns:
 * ``params.<name>`` for every parameter of the space (fixed ones included; null where a
   conditional parameter was inactive), stored as strings when a parameter mixes types
 * ``values.<metric>`` for each objective, ``metrics.<name>`` for every float metric
-* ``constraints.<key>`` (violation, <= 0 is feasible), ``feasible``, ``pareto``
+* ``constraints.<key>`` (violation, <= 0 is feasible), ``feasible``, ``pareto`` (a
+  parameter set on the front more than once is marked on its first trial only),
+  ``baseline`` (a spec ``enqueue`` point)
 * ``fail_reason``, ``info`` (the non-float evaluator outputs as JSON)
+
+Plots (:func:`plot_png`, :func:`plot_html`): a panel per pair of objectives.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from optuna.trial import FrozenTrial, TrialState
 
 from tracking.info import StudyInfo
 
+BASELINE_ATTR = "dse:baseline"  # trial user attribute of a spec ``enqueue`` point
 
-def _column(values: list[Any]) -> pa.Array:
+#: column types that do not depend on the values (an empty study still has typed columns)
+_TYPES = {
+    "number": pa.int64(), "state": pa.string(), "datetime_start": pa.timestamp("us"),
+    "datetime_complete": pa.timestamp("us"), "duration_s": pa.float64(), "feasible": pa.bool_(),
+    "pareto": pa.bool_(), "baseline": pa.bool_(), "fail_reason": pa.string(), "info": pa.string(),
+}
+_FLOAT_PREFIXES = ("values.", "metrics.", "constraints.")
+
+
+def _column(name: str, values: list[Any]) -> pa.Array:
+    """One column: its fixed type, float64 for numbers, else inferred (strings when the
+    values mix types; strings when there are no values to infer from)."""
+    typ = _TYPES.get(name) or (pa.float64() if name.startswith(_FLOAT_PREFIXES) else None)
+    if typ is None and all(v is None for v in values):
+        typ = pa.string()
     try:
-        return pa.array(values)
+        return pa.array(values, type=typ)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
@@ -52,7 +75,7 @@ def trials_table(trials: Sequence[FrozenTrial], info: StudyInfo) -> pa.Table:
         cols[f"metrics.{m}"] = []
     for k in con_keys:
         cols[f"constraints.{k}"] = []
-    for k in ("feasible", "pareto", "fail_reason", "info"):
+    for k in ("feasible", "pareto", "baseline", "fail_reason", "info"):
         cols[k] = []
     for t in trials:
         cols["number"].append(t.number)
@@ -68,16 +91,26 @@ def trials_table(trials: Sequence[FrozenTrial], info: StudyInfo) -> pa.Table:
             cols[f"values.{o.metric}"].append(t.values[i] if done else None)
         metrics = t.user_attrs.get("metrics", {}) or {}
         for m in metric_names:
-            cols[f"metrics.{m}"].append(metrics.get(m))
+            v = metrics.get(m)  # non-finite values are kept as strings ("nan", "inf")
+            cols[f"metrics.{m}"].append(float(v) if isinstance(v, (int, float, str)) and _is_number(v) else None)
         cons = t.constraints
         for k in con_keys:
             cols[f"constraints.{k}"].append(cons.get(k))
         cols["feasible"].append(done and info.is_feasible(t))
         cols["pareto"].append(t.number in front)
+        cols["baseline"].append(bool(t.user_attrs.get(BASELINE_ATTR, False)))
         cols["fail_reason"].append(t.user_attrs.get("fail_reason"))
         extra = t.user_attrs.get("info")
         cols["info"].append(json.dumps(extra) if extra else None)
-    return pa.table({k: _column(v) for k, v in cols.items()})
+    return pa.table({k: _column(k, v) for k, v in cols.items()})
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def pareto_table(trials: Sequence[FrozenTrial], info: StudyInfo) -> pa.Table:
@@ -99,94 +132,280 @@ def write_table(table: pa.Table, out: str | Path) -> Path:
     return out
 
 
-def _plot_data(table: pa.Table, info: StudyInfo) -> tuple[list[str], dict[str, list[list[float]]]]:
-    names = [o.metric for o in info.objectives][:3]
-    rows = table.to_pylist()
-    groups: dict[str, list[list[float]]] = {"pareto": [], "feasible": [], "infeasible": []}
-    for r in rows:
-        if r["state"] != "COMPLETE":
-            continue
-        pt = [r[f"values.{n}"] for n in names]
-        if len(names) == 1:
-            pt = [r["number"], pt[0]]
-        key = "pareto" if r["pareto"] else ("feasible" if r["feasible"] else "infeasible")
-        groups[key].append(pt)
-    if len(names) == 1:
-        names = ["trial", names[0]]
-    return names, groups
+# ----------------------------------------------------------------------------- plots
+
+#: metric-name suffix -> unit shown on an axis (``ttft_s`` -> s, ``area_mm2`` -> mm²)
+UNITS = {
+    "s": "s", "ms": "ms", "us": "µs", "ns": "ns", "mm2": "mm²", "um2": "µm²", "w": "W",
+    "mw": "mW", "j": "J", "mj": "mJ", "uj": "µJ", "nj": "nJ", "pj": "pJ", "bytes": "bytes",
+    "kb": "kB", "mb": "MB", "gb": "GB", "bits": "bits", "hz": "Hz", "mhz": "MHz", "ghz": "GHz",
+    "cycles": "cycles", "pct": "%", "percent": "%", "tops": "TOPS", "gops": "GOPS",
+}
+LOG_RATIO = 100.0  # an axis whose positive values span this factor or more is drawn in log scale
+MAX_TOOLTIPS = 300  # HTML: front points beyond this many get no hover text of their own
+MAX_TABLE_ROWS = 300  # HTML: rows of the front table
 
 
-_STYLE = {"pareto": ("tab:red", "o"), "feasible": ("tab:blue", "."), "infeasible": ("tab:gray", "x")}
+def metric_unit(metric: str) -> str:
+    """The unit a metric name carries (``""`` for none): its last ``_``-part from
+    :data:`UNITS`, divided by what follows ``_per_`` (``energy_per_token_j`` -> ``J/token``,
+    ``tokens_per_s`` -> ``tokens/s``, ``images_per_s_per_dsp`` -> ``images/s/dsp``)."""
+    parts = metric.lower().split("_")
+    if len(parts) < 2:
+        return ""
+    if parts[-1] in UNITS and parts[-2] != "per":
+        unit, rest = UNITS[parts[-1]], "_".join(parts[:-1])
+        per = rest.split("_per_")[1:]
+        return "/".join([unit, *per])
+    if "_per_" in metric.lower():
+        num, *per = metric.lower().split("_per_")
+        return "/".join([num.split("_")[-1], *(UNITS.get(p, p) for p in per)])
+    return ""
 
 
-def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
-    """Scatter of the objectives (2-D, or 3-D for 3+ objectives: the first three).
+def axis_label(metric: str, direction: str, axis: str = "x") -> str:
+    """``metric (unit)`` and an arrow pointing the better way along ``axis`` (``"x"``: left
+    or right; ``"y"``: the label is read bottom-up, so ``→`` points up)."""
+    unit = metric_unit(metric)
+    text = f"{metric} ({unit})" if unit else metric
+    return f"← better   {text}" if direction == "minimize" else f"{text}   better →"
 
-    Pareto members, other feasible trials and infeasible trials are marked differently.
-    """
+
+@dataclass
+class _Points:
+    """The COMPLETE trials of a table, split the way the plots draw them."""
+
+    names: list[str]  # objective metrics
+    directions: list[str]
+    values: np.ndarray  # (n, n_objectives)
+    number: np.ndarray  # trial numbers
+    kind: list[str]  # "pareto" | "dominated" | "infeasible"
+    baseline: np.ndarray  # bool
+    params: list[dict[str, Any]]
+
+
+def _points(table: pa.Table, info: StudyInfo) -> _Points:
+    names = [o.metric for o in info.objectives]
+    rows = [r for r in table.to_pylist() if r["state"] == "COMPLETE"
+            and all(r[f"values.{n}"] is not None and math.isfinite(r[f"values.{n}"]) for n in names)]
+    kind = ["pareto" if r["pareto"] else ("dominated" if r["feasible"] else "infeasible") for r in rows]
+    return _Points(
+        names=names,
+        directions=[o.direction for o in info.objectives],
+        values=np.array([[r[f"values.{n}"] for n in names] for r in rows], dtype=float).reshape(-1, len(names)),
+        number=np.array([r["number"] for r in rows], dtype=int),
+        kind=kind,
+        baseline=np.array([bool(r.get("baseline")) for r in rows], dtype=bool),
+        params=[{k.removeprefix("params."): v for k, v in r.items() if k.startswith("params.") and v is not None}
+                for r in rows],
+    )
+
+
+def _log_scale(v: np.ndarray) -> bool:
+    """Whether values span :data:`LOG_RATIO` or more and are all positive."""
+    return len(v) > 1 and bool(np.all(v > 0)) and float(v.max() / v.min()) >= LOG_RATIO
+
+
+def _fmt(v: Any) -> str:
+    """A value for reading: floats with 4 significant digits, anything else as it is."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _front_steps(x: np.ndarray, y: np.ndarray, sx: float, sy: float) -> tuple[np.ndarray, np.ndarray]:
+    """The 2-D non-dominated points of (x, y) sorted along x (signs ``sx``, ``sy``: +1
+    minimise, -1 maximise), for a step line."""
+    order = np.lexsort((sy * y, sx * x))
+    keep, best = [], math.inf
+    for i in order:
+        if sy * y[i] < best:
+            keep.append(i)
+            best = sy * y[i]
+    return x[keep], y[keep]
+
+
+_STYLE: dict[str, dict[str, Any]] = {
+    "pareto": {"c": "tab:red", "marker": "o", "s": 22, "alpha": 0.95, "zorder": 3, "edgecolors": "darkred",
+               "linewidths": 0.5},
+    "dominated": {"c": "tab:blue", "marker": "o", "s": 10, "alpha": 0.22, "zorder": 2, "linewidths": 0},
+    "infeasible": {"c": "tab:gray", "marker": "x", "s": 10, "alpha": 0.3, "zorder": 1, "linewidths": 0.8},
+}
+_LABEL = {"pareto": "Pareto front", "dominated": "dominated", "infeasible": "infeasible"}
+
+
+def _figure(table: pa.Table, info: StudyInfo, *, tooltips: bool = False) -> tuple[Any, dict[str, str]]:
+    """The Pareto views of a study: one panel per pair of objectives (the trial number
+    against the objective for a single one). Returns the figure and, when ``tooltips``,
+    a map from the SVG group id of each front/baseline point to its hover text."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-    names, groups = _plot_data(table, info)
-    fig = plt.figure(figsize=(6, 5))
-    ax: Any = fig.add_subplot(111, projection="3d") if len(names) == 3 else fig.add_subplot(111)
-    for key, pts in groups.items():
-        if not pts:
-            continue
-        color, marker = _STYLE[key]
-        cols = list(zip(*pts, strict=True))
-        ax.scatter(*cols, c=color, marker=marker, label=f"{key} ({len(pts)})", s=14)
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    if len(names) == 3:
-        ax.set_zlabel(names[2])
-    ax.set_title(f"{info.name}: Pareto front")
-    if any(groups.values()):
-        ax.legend(loc="best", fontsize=8)
+    pts = _points(table, info)
+    n_obj = len(pts.names)
+    if n_obj == 1:
+        pairs: list[tuple[int, int]] = [(-1, 0)]
+    else:
+        shown = min(n_obj, 5)  # 10 panels at most
+        pairs = [(i, j) for i in range(shown) for j in range(i + 1, shown)]
+    ncols = min(3, len(pairs))
+    nrows = math.ceil(len(pairs) / ncols)
+    fig = Figure(figsize=(max(6.0, 4.6 * ncols), 4.0 * nrows + 0.7), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(pairs):]:
+        ax.set_visible(False)
+    tips: dict[str, str] = {}
+    kinds = np.array(pts.kind, dtype=object)
+    log_axis = [_log_scale(pts.values[:, k]) for k in range(n_obj)]
+    sign = [1.0 if d == "minimize" else -1.0 for d in pts.directions]
+
+    def tip(r: int) -> str:
+        vals = ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(pts.names, pts.values[r], strict=True))
+        prm = ", ".join(f"{k} = {_fmt(v)}" for k, v in pts.params[r].items())
+        base = " (baseline)" if pts.baseline[r] else ""
+        return f"trial {pts.number[r]}{base}: {vals}; {prm}"
+
+    for p, (i, j) in enumerate(pairs):
+        ax = axes[p]
+        x = pts.number.astype(float) if i < 0 else pts.values[:, i]
+        y = pts.values[:, j]
+        for kind in ("infeasible", "dominated", "pareto"):
+            sel = kinds == kind
+            if not sel.any():
+                continue
+            style = dict(_STYLE[kind])
+            label = f"{_LABEL[kind]} ({int(sel.sum())})"
+            if tooltips and kind == "pareto" and sel.sum() <= MAX_TOOLTIPS:
+                for k, r in enumerate(np.flatnonzero(sel)):
+                    gid = f"dse-pt-{p}-{pts.number[r]}"
+                    ax.scatter([x[r]], [y[r]], gid=gid, label=label if k == 0 else None, **style)
+                    tips[gid] = tip(r)
+            else:
+                ax.scatter(x[sel], y[sel], label=label, rasterized=tooltips, **style)  # SVG: an image
+        if i >= 0 and n_obj == 2:
+            feas = kinds != "infeasible"
+            if feas.any():
+                fx, fy = _front_steps(x[feas], y[feas], sign[i], sign[j])
+                ax.plot(fx, fy, drawstyle="steps-post", color="tab:red", lw=0.8, alpha=0.6, zorder=2)
+        elif i < 0 and len(y):
+            best = np.minimum.accumulate(sign[j] * np.where(kinds != "infeasible", y, np.inf)) * sign[j]
+            ok = np.isfinite(best)
+            ax.plot(x[ok], best[ok], drawstyle="steps-post", color="tab:red", lw=0.8, label="best so far")
+        for r in np.flatnonzero(pts.baseline):
+            gid = f"dse-base-{p}-{pts.number[r]}"
+            ax.scatter([x[r]], [y[r]], marker="*", s=180, c="gold", edgecolors="black", linewidths=0.8,
+                       zorder=4, label="baseline" if r == np.flatnonzero(pts.baseline)[0] else None,
+                       gid=gid if tooltips else None)
+            if tooltips:
+                tips[gid] = tip(r)
+        ax.set_xlabel("trial" if i < 0 else axis_label(pts.names[i], pts.directions[i], "x"))
+        ax.set_ylabel(axis_label(pts.names[j], pts.directions[j], "y"))
+        for axis, k in ((ax.xaxis, i), (ax.yaxis, j)):
+            if k >= 0 and log_axis[k]:
+                (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+            else:
+                axis.set_major_locator(MaxNLocator(nbins=5))
+                fmt = ScalarFormatter(useOffset=False)  # 12.002, not "+1.2e1" and 0.002
+                fmt.set_powerlimits((-3, 4))
+                axis.set_major_formatter(fmt)
+        ax.grid(True, lw=0.4, alpha=0.4)
+    n_front = int((kinds == "pareto").sum())
+    fig.suptitle(f"{info.name}: {len(pts.number)} complete trials, {n_front} on the Pareto front"
+                 + (f" (first 5 of {n_obj} objectives)" if n_obj > 5 else ""), fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(5 if ncols > 1 else 3, len(handles)), fontsize=8,
+                   frameon=False)
+    if not len(pts.number):
+        axes[0].text(0.5, 0.5, "no complete trials yet", ha="center", va="center", transform=axes[0].transAxes)
+    return fig, tips
+
+
+def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
+    """Pareto views as one PNG: a panel per pair of objectives, the better direction
+    arrowed on each axis, units from the metric names, the front in red, dominated points
+    faded, infeasible ones grey, baselines as stars, log axes where values span 100x."""
+    fig, _ = _figure(table, info)
     out = Path(out)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(out, format="png", dpi=100, metadata={"Software": None})
     return out
 
 
 def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
-    """Interactive plotly scatter (self-contained HTML, works offline); hover shows the trial."""
-    import plotly.graph_objects as go
+    """The Pareto views as a small self-contained page (no script, no external file: it
+    renders offline and in MLflow's sandboxed artifact preview): the panels as inline SVG
+    (dominated and infeasible points rasterised), each front point and baseline with its
+    trial, objectives and parameters as hover text, and the front as a table."""
+    import html
 
-    names, groups = _plot_data(table, info)
-    fig = go.Figure()
-    for key, pts in groups.items():
-        if not pts:
-            continue
-        cols = list(zip(*pts, strict=True))
-        color = _STYLE[key][0].removeprefix("tab:")
-        if len(names) == 3:
-            fig.add_trace(go.Scatter3d(x=cols[0], y=cols[1], z=cols[2], mode="markers", name=key,
-                                       marker={"size": 3, "color": color}))
-        else:
-            fig.add_trace(go.Scatter(x=cols[0], y=cols[1], mode="markers", name=key,
-                                     marker={"color": color}))
-    if len(names) == 3:
-        fig.update_layout(scene={"xaxis_title": names[0], "yaxis_title": names[1], "zaxis_title": names[2]})
-    else:
-        fig.update_layout(xaxis_title=names[0], yaxis_title=names[1])
-    fig.update_layout(title=f"{info.name}: Pareto front")
+    import matplotlib
+
+    fig, tips = _figure(table, info, tooltips=True)
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dse"}):
+        fig.savefig(buf, format="svg", dpi=72, metadata={"Date": None, "Creator": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    for gid, text in tips.items():
+        svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{html.escape(text)}</title>', 1)
+    pts = _points(table, info)
+    front = [r for r in range(len(pts.number)) if pts.kind[r] == "pareto" or pts.baseline[r]]
+    front.sort(key=lambda r: tuple(s * v for s, v in zip(
+        [1.0 if d == "minimize" else -1.0 for d in pts.directions], pts.values[r], strict=True)))
+    pnames = [n for n in info.param_names if any(n in pts.params[r] for r in front)]
+    head = ["trial"] + [
+        f"{n} ({metric_unit(n)}) {'↓' if d == 'minimize' else '↑'}" if metric_unit(n) else
+        f"{n} {'↓' if d == 'minimize' else '↑'}" for n, d in zip(pts.names, pts.directions, strict=True)
+    ] + pnames
+    rows = []
+    for r in front[:MAX_TABLE_ROWS]:
+        cells = [f"{pts.number[r]}{' (baseline)' if pts.baseline[r] else ''}"]
+        cells += [_fmt(v) for v in pts.values[r]] + [_fmt(pts.params[r].get(k, "")) for k in pnames]
+        cls = ' class="base"' if pts.baseline[r] else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    more = (f"<p>{len(front) - MAX_TABLE_ROWS} more rows in pareto.parquet.</p>"
+            if len(front) > MAX_TABLE_ROWS else "")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(info.name)}: Pareto front</title>
+<style>
+body {{ font: 13px sans-serif; margin: 12px; color: #222; }}
+svg {{ max-width: 100%; height: auto; }}
+table {{ border-collapse: collapse; font-size: 12px; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
+th {{ background: #f3f3f3; position: sticky; top: 0; }}
+tr.base td {{ background: #fff6cc; }}
+</style></head><body>
+<p>{html.escape(info.description or info.name)} Hover a red point (front) or a star
+(baseline) for its trial and parameters.</p>
+{svg}
+<h3>Pareto front ({sum(pts.kind[r] == "pareto" for r in front)} trials) and baselines</h3>
+<table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr></thead><tbody>
+{"".join(rows)}
+</tbody></table>{more}
+</body></html>
+"""
     out = Path(out)
-    fig.write_html(str(out), include_plotlyjs=True, full_html=True)
+    out.write_text(page, encoding="utf-8")
     return out
 
 
-def write_artifacts(trials: Sequence[FrozenTrial], info: StudyInfo, out_dir: str | Path) -> list[Path]:
-    """Write trials.parquet, pareto.parquet, pareto.png and pareto.html into ``out_dir``."""
+PLOTS = ("pareto.png", "pareto.html")
+
+
+def write_artifacts(
+    trials: Sequence[FrozenTrial], info: StudyInfo, out_dir: str | Path, *, plots: bool = True
+) -> list[Path]:
+    """Write trials.parquet, pareto.parquet and (``plots``, or when missing) pareto.png and
+    pareto.html into ``out_dir``; returns the four paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = trials_table(trials, info)
     paths = [
         write_table(table, out_dir / "trials.parquet"),
         write_table(table.filter(table.column("pareto")), out_dir / "pareto.parquet"),
-        plot_png(table, info, out_dir / "pareto.png"),
-        plot_html(table, info, out_dir / "pareto.html"),
     ]
+    for name, draw in zip(PLOTS, (plot_png, plot_html), strict=True):
+        path = out_dir / name
+        paths.append(draw(table, info, path) if plots or not path.exists() else path)
     return paths

@@ -1,11 +1,11 @@
-"""MLflow tracking of a study: one parent run, one child run per trial, from a thread.
+"""MLflow tracking of a study: one parent run, one child run per trial, from a process.
 
 The Optuna storage is the source of truth; MLflow is a view of it. The driver hands each
 finished trial to :class:`Tracker`, which logs it from a background process with
 ``MlflowClient`` (``create_run`` + one ``log_batch`` + ``set_terminated``), so MLflow never
 blocks the search. If MLflow fails (unreachable, or an error it answers with) the tracker
-logs one warning naming what failed; a server that is gone stops the logging for the run,
-and ``dse sync <study>`` (:func:`sync`) backfills later.
+logs one warning naming what failed; a server that is gone is reconnected to with backoff,
+and ``dse sync <study>`` (:func:`sync`) backfills whatever is still missing.
 
 Any parameter or metric name a spec accepts is tracked: a name MLflow rejects (MLflow
 allows letters, digits, ``_ - . / :`` and spaces, 250 characters at most; a spec also
@@ -207,6 +207,7 @@ class MlflowLink:
         self.experiment_id = ""
         self.parent_id = ""
         self.logged: set[int] = set()
+        self._uploaded: dict[str, str] = {}  # artifact name -> SHA-256 of the bytes logged
 
     def connect(self) -> None:
         """Find or create the experiment and the parent run; list the logged trials."""
@@ -339,16 +340,17 @@ class MlflowLink:
                 self.parent_id, metrics=[Metric("hypervolume", v, ts, step) for step, v, ts in points[k : k + 1000]]
             )
 
-    def log_artifacts(self, trials: Sequence[FrozenTrial]) -> None:
-        """Write the tables and plots to ``<sdir>/artifacts`` and log them on the parent run,
-        with the summary metrics (:func:`summary_metrics`) and the front as an MLflow table
+    def log_artifacts(self, trials: Sequence[FrozenTrial], plots: bool = True) -> None:
+        """Write the tables (and, with ``plots``, the plots) to ``<sdir>/artifacts`` and log
+        those whose bytes changed since this link last logged them on the parent run, with
+        the summary metrics (:func:`summary_metrics`) and the front as an MLflow table
         (``pareto_front.json``: trial number, objective values, constraints, parameters)."""
         import pyarrow.parquet as pq
         from mlflow.entities import Metric
 
-        paths = write_artifacts(trials, self.info, self.sdir / "artifacts")
+        paths = write_artifacts(trials, self.info, self.sdir / "artifacts", plots=plots)
         for p in paths:
-            self.client.log_artifact(self.parent_id, str(p))
+            self._log_file(p)
         front = pq.read_table(self.sdir / "artifacts" / "pareto.parquet")
         cols = ["number"] + [c for c in front.column_names if c.startswith(("values.", "constraints.", "params."))]
         self._log_table(front.select(cols).to_pydict(), "pareto_front.json")
@@ -359,9 +361,19 @@ class MlflowLink:
             self.parent_id, metrics=[Metric(mlflow_key(k), v, ts, step) for k, v in summary.items()]
         )
 
+    def _log_file(self, path: Path) -> bool:
+        """Log ``path`` on the parent run unless the same bytes were logged already."""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if self._uploaded.get(path.name) == digest:
+            return False
+        self.client.log_artifact(self.parent_id, str(path))
+        self._uploaded[path.name] = digest
+        return True
+
     def _log_table(self, data: dict[str, list[Any]], name: str) -> None:
         """``MlflowClient.log_table`` that replaces the table (log_table appends to it):
-        the same JSON (pandas ``split``) and the ``mlflow.loggedArtifacts`` tag the UI reads."""
+        the same JSON (pandas ``split``) and the ``mlflow.loggedArtifacts`` tag the UI reads.
+        Logged only when its content changed."""
         import tempfile
 
         import pandas as pd
@@ -369,7 +381,8 @@ class MlflowLink:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             pd.DataFrame(data).to_json(path, orient="split", index=False, date_format="iso")
-            self.client.log_artifact(self.parent_id, str(path))
+            if not self._log_file(path):
+                return
         logged = json.loads(self.client.get_run(self.parent_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
         entry = {"path": name, "type": "table"}
         if entry not in logged:
@@ -472,6 +485,7 @@ class _TrackerWorker:
     """
 
     BACKOFF_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
+    ARTIFACTS_EVERY_S = 10.0  # shortest time between two artifact steps (the last one always runs)
 
     def __init__(self, info: StudyInfo, sdir: Path) -> None:
         self.info = info
@@ -481,6 +495,8 @@ class _TrackerWorker:
         self._link: MlflowLink | None = None
         self._since_artifacts = 0
         self._hv: list[tuple[int, float, int]] = []  # points not yet logged
+        self._plotted: list[int] | None = None  # the front (trial numbers) last plotted
+        self._artifacts_due = 0.0  # monotonic time from which the next artifact step may run
         self._down: str | None = None  # why MLflow is down
         self._down_since = 0.0
         self._retry_at = 0.0
@@ -571,7 +587,7 @@ class _TrackerWorker:
                     self._flush_hv()
                     self._final()
             self._flush_hv()
-            if self._since_artifacts >= self.info.artifact_every:
+            if self._since_artifacts >= self.info.artifact_every and time.monotonic() >= self._artifacts_due:
                 self._since_artifacts = 0
                 self._artifacts()
             if done:
@@ -594,11 +610,21 @@ class _TrackerWorker:
             if self._guard("logging the hypervolume", self._link.log_hypervolume, self._hv):
                 self._hv = []
 
-    def _artifacts(self) -> None:
+    def _artifacts(self, final: bool = False) -> None:
+        """Tables, summary and front table; the plots only when the front changed (and at
+        the end). Then the next step waits :attr:`ARTIFACTS_EVERY_S`, or 10x the time this
+        one took: drawing thousands of points costs seconds, and the logging must keep up
+        with the search."""
         trials = sorted(self._trials.values(), key=lambda t: t.number)
-        if self._link is None or not self._guard("logging artifacts", self._link.log_artifacts, trials):
+        front = [t.number for t in self.info.front(trials)]
+        t0 = time.monotonic()
+        plots = final or front != self._plotted
+        self._plotted = front
+        ok = self._link is not None and self._guard("logging artifacts", self._link.log_artifacts, trials, plots)
+        self._artifacts_due = time.monotonic() + max(self.ARTIFACTS_EVERY_S, 10 * (time.monotonic() - t0))
+        if not ok:
             try:
-                write_artifacts(trials, self.info, self.sdir / "artifacts")
+                write_artifacts(trials, self.info, self.sdir / "artifacts", plots=plots)
             except OSError as e:  # e.g. a full disk: the journal has everything
                 log.warning("artifacts not written to %s (%s); `dse sync %s` writes them later",
                             self.sdir / "artifacts", e.strerror or e, self.info.name)
@@ -612,7 +638,7 @@ class _TrackerWorker:
         elif link is not None:
             for t in trials:  # anything missed
                 self._guard(f"logging trial {t.number}", link.log_trial, t)
-        self._artifacts()
+        self._artifacts(final=True)
         if link is not None:
             self._guard("closing the parent run", link.close)
 
