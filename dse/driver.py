@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -41,13 +42,15 @@ from dse.pools import (
     ActorPool,
     EvaluatorEntry,
     EvaluatorHost,
-    InlinePool,
+    InlineStage,
     Job,
     Outcome,
+    Pipeline,
     Pool,
     PoolError,
 )
 from dse.spec import (
+    EvaluatorSpec,
     Spec,
     SpecError,
     complete_params,
@@ -99,6 +102,8 @@ def load_study_spec(name: str, root: str | Path = DEFAULT_DIR) -> Spec:
 
 #: spec fields that steer a run without changing what the study is (accepted on an existing study)
 RUN_CONTROL_FIELDS = ("study.n_trials", "study.timeout_s", "study.max_failed", "ray.", "tracking.")
+#: where an evaluator runs and on how many actors (accepted too)
+RUN_CONTROL_EVALUATOR_FIELDS = r"evaluators\[\d+\]\.(workers|inline|resources)\b"
 
 
 def _flat_fields(x: Any, prefix: str = "") -> dict[str, Any]:
@@ -155,7 +160,8 @@ def check_spec_change(spec: Spec, sdir: Path, *, allow: bool = False) -> None:
 def _spec_change(spec: Spec, stored: str, where: str, allow: bool) -> list[str]:
     """The fields ``spec`` changes against the ``stored`` text; raises on a refused change."""
     changed = spec_changes(stored, spec.text)
-    meaning = [k for k in changed if not k.startswith(RUN_CONTROL_FIELDS)]
+    meaning = [k for k in changed if not k.startswith(RUN_CONTROL_FIELDS)
+               and not re.match(RUN_CONTROL_EVALUATOR_FIELDS, k)]
     if meaning and not allow:
         shown = ", ".join(meaning[:8]) + (f" (+{len(meaning) - 8} more)" if len(meaning) > 8 else "")
         raise SpecError([
@@ -261,6 +267,15 @@ def _check_answers(address: str, timeout_s: float = 10.0) -> None:
             f"cannot join Ray at address {address!r}: nothing answers at {hostport} ({why}); "
             "is the head node up (`ray start --head`) and the port reachable?"
         ) from None
+
+
+def _is_cheap(e: EvaluatorSpec) -> bool:
+    """Whether evaluator ``e``'s kind declares itself cheap under its options (no schema: no)."""
+    try:
+        schema = registry.schema(e.name)
+        return schema is not None and schema.is_cheap(e.options)
+    except Exception:  # noqa: BLE001 - validation reports a broken evaluator; here it is not cheap
+        return False
 
 
 @dataclass
@@ -378,7 +393,7 @@ class Driver:
             if state.complete < self.n_trials:
                 owns_ray = self._init_ray() or owns_ray
                 self._signals_on()  # again: ray.init replaces the SIGTERM handler
-                pool = self._pool()
+                pool = self._pool(owns_ray)
                 pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
             t_loop = time.monotonic()
             deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else math.inf
@@ -460,8 +475,8 @@ class Driver:
         if res.get("info"):
             trial.set_user_attr("info", res["info"])
         trial.set_user_attr("eval_s", res.get("eval_s", 0.0))
-        if job.attempts > 1:
-            trial.set_user_attr("attempts", job.attempts)
+        if job.runs > 1:
+            trial.set_user_attr("attempts", job.runs)
         nan = [k for k, v in metrics.items() if math.isnan(v)]
         if nan:
             return self._fail(study, job, f"NaN metric(s): {', '.join(nan)}")
@@ -601,9 +616,27 @@ class Driver:
 
     # -------------------------------------------------------------- Ray and the pool
 
-    def _init_ray(self) -> bool:
-        """Connect to or start Ray; returns whether this driver must shut it down."""
+    def _inline(self) -> list[bool]:
+        """Per evaluator, whether it runs in the driver process (else on its own Ray actors).
+
+        ``inline = true/false`` in its entry decides; else it runs inline when its kind
+        declares itself cheap (:meth:`dse.schema.EvaluatorSchema.is_cheap`) and the entry
+        names no ``resources``/``workers``. A study whose evaluators would all run inline
+        while the user asked for a cluster (an address other than ``local``) runs them on
+        actors there. ``[ray] address = "inline"``: all inline.
+        """
         if self.address == "inline":
+            return [True] * len(self.spec.evaluators)
+        chosen = [e.inline if e.inline is not None else not e.asks_for_actors and _is_cheap(e)
+                  for e in self.spec.evaluators]
+        if self.address != "local" and all(chosen):
+            chosen = [e.inline is True for e in self.spec.evaluators]
+        return chosen
+
+    def _init_ray(self) -> bool:
+        """Connect to or start Ray if an evaluator needs actors; returns whether this
+        driver must shut it down."""
+        if all(self._inline()):
             return False
         if self.address == "local" and "ray._raylet" not in sys.modules:
             # Ray >= 2.52 turns token authentication on for a new local cluster and warns
@@ -614,13 +647,14 @@ class Driver:
 
         if ray.is_initialized():
             return False
-        res = self.spec.actor_resources()
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if self.address == "local":
-            cpus = self.num_cpus or max(1, math.ceil(self.workers * max(res["num_cpus"], 1e-3)))
+            # CPUs: every actor at once; GPUs and accelerator types: what Ray detects (a
+            # request the machine cannot meet is reported, not faked); no custom resources
+            cpus = self.num_cpus or max(1, math.ceil(sum(
+                self._pool_size(e) * max(e.actor_resources()["num_cpus"], 1e-3)
+                for e, inline in zip(self.spec.evaluators, self._inline(), strict=True) if not inline)))
             kwargs.update(address="local", num_cpus=cpus, object_store_memory=100 * 1024 * 1024)
-            if res["num_gpus"]:
-                kwargs["num_gpus"] = math.ceil(self.workers * res["num_gpus"])
         else:
             kwargs["address"] = self.address
             _check_answers(self.address)
@@ -643,7 +677,7 @@ class Driver:
         evals: list[EvaluatorEntry] = []
         for e in self.spec.evaluators:
             fac = registry._LOADED.get(e.name) if e.name not in registry._BUILTIN else None
-            if fac is not None and self.address != "inline":
+            if fac is not None and not all(self._inline()):
                 # A factory registered as an object (a notebook, a test) may live in a
                 # module the workers cannot import: ship its module by value.
                 mod = sys.modules.get(getattr(fac, "__module__", "") or "")
@@ -654,28 +688,37 @@ class Driver:
             evals.append((e.name, e.options, fac))
         return evals
 
-    def _pool(self) -> Pool:
-        """The inline pool (``address = "inline"``) or a pool of ``workers`` Ray actors."""
-        res = self.spec.actor_resources()
-        threads = max(1, int(res["num_cpus"]))
+    def _pool_size(self, e: EvaluatorSpec) -> int:
+        """Actors of one evaluator: its ``workers``, else the run's (``--workers``, ``[ray]``)."""
+        return e.workers or self.workers
+
+    def _pool(self, owns_ray: bool = False) -> Pool:
+        """One stage per evaluator, in spec order: inline, or a pool of its own Ray actors."""
         entries = self._evaluator_entries()
         sdir = str(self.sdir.resolve())
-        if self.address == "inline":
-            return InlinePool(entries, Path(sdir), self.spec.seed, threads)
-        import ray
+        inline = self._inline()
+        several = sum(not x for x in inline) > 1
+        stages: list[InlineStage | ActorPool] = []
+        for e, entry, here in zip(self.spec.evaluators, entries, inline, strict=True):
+            if here:
+                stages.append(InlineStage([entry], sdir, self.spec.seed, e.name))
+                continue
+            import ray
 
-        opts: dict[str, Any] = {"num_cpus": res["num_cpus"], "num_gpus": res["num_gpus"], "max_restarts": 0}
-        if "memory" in res:
-            opts["memory"] = res["memory"]
-        cls = ray.remote(EvaluatorHost).options(**opts)
-        return ActorPool(
-            lambda: cls.remote(entries, sdir, self.spec.seed, threads),
-            self.workers,
-            demand=res,
-            place_timeout_s=self.spec.place_timeout_s,
-            trial_timeout_s=self.spec.trial_timeout_s,
-            stopping=self._abort.is_set,
-        )
+            res = e.actor_resources()
+            threads = max(1, int(res["num_cpus"]))
+            cls = ray.remote(EvaluatorHost).options(max_restarts=0, **res)
+            stages.append(ActorPool(
+                lambda cls=cls, entry=entry, threads=threads: cls.remote([entry], sdir, self.spec.seed, threads),
+                self._pool_size(e),
+                demand=res,
+                place_timeout_s=self.spec.place_timeout_s,
+                trial_timeout_s=self.spec.trial_timeout_s,
+                stopping=self._abort.is_set,
+                label=f" of {e.name!r}" if several else "",
+                fixed_cluster=owns_ray and self.address == "local",
+            ))
+        return Pipeline(stages)
 
     # -------------------------------------------------------------- signals
 

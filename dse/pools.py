@@ -1,9 +1,12 @@
-"""Where trials are evaluated: a pool of Ray actors, or inline in the driver process.
+"""Where trials are evaluated: one pool per evaluator, Ray actors or the driver process.
 
 A pool takes :class:`Job`\\ s (an Optuna trial and its parameters) and gives back
 :class:`Outcome`\\ s: the evaluators' result, or why the job could not be evaluated. The
-driver never sees an actor. Both pools hold :class:`EvaluatorHost`\\ s, which build every
-``[[evaluators]]`` entry once and run them in spec order.
+driver never sees an actor. It holds one :class:`Pipeline`: a stage per ``[[evaluators]]``
+entry, in spec order, each either an :class:`ActorPool` (the evaluator's own Ray actors,
+with its own resources and size) or an :class:`InlineStage` (a cheap evaluator run in the
+driver process, no Ray hop). A job flows through the stages; each later stage receives the
+earlier ones' outputs as ``upstream``. Every stage holds :class:`EvaluatorHost`\\ s.
 
 :class:`ActorPool` (one Ray actor per worker) handles every fault of an actor itself:
 
@@ -21,10 +24,11 @@ driver never sees an actor. Both pools hold :class:`EvaluatorHost`\\ s, which bu
 * **trial timeout**: a job running longer than ``trial_timeout_s`` has its actor killed and
   replaced; the job comes back as a ``timed_out`` outcome (the driver fails the trial and
   decides whether to retry it).
-* **no actor left** (none alive, none starting): :class:`PoolError`.
+* **no actor left** (none alive, none starting): :class:`PoolError`; on a cluster that
+  cannot grow (a local one the driver started) an actor that could never fit is one too,
+  at once.
 
-:class:`InlinePool` runs the evaluators in the driver process: no Ray, one trial at a
-time; for cheap evaluators where a Ray hop costs more than the evaluation.
+:class:`InlinePool` is a pipeline of inline stages only: no Ray, one trial at a time.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ from optuna.trial import Trial
 
 from dse import registry
 
-__all__ = ["ActorPool", "EvaluatorHost", "InlinePool", "Job", "Outcome", "Pool", "PoolError"]
+__all__ = [
+    "ActorPool", "EvaluatorHost", "InlinePool", "InlineStage", "Job", "Outcome", "Pipeline", "Pool",
+    "PoolError",
+]
 
 log = logging.getLogger("dse")
 
@@ -98,9 +105,12 @@ class EvaluatorHost:
     Construction is cheap (it only sets thread counts); :meth:`build` runs the factories.
     """
 
-    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: str, seed: int, num_threads: int) -> None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[var] = str(num_threads)
+    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: str, seed: int, num_threads: int,
+                 set_threads: bool = True) -> None:
+        self._set_threads = set_threads  # False in the driver process (an inline stage)
+        if set_threads:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                os.environ[var] = str(num_threads)
         self._entries = evaluators
         self._study_dir = study_dir
         self._seed = seed
@@ -118,20 +128,25 @@ class EvaluatorHost:
             fac = factory if factory is not None else registry.get(name)
             ctx = registry.EvalContext(Path(self._study_dir), seed=self._seed, num_threads=self._num_threads, name=name)
             self.evaluators.append((name, fac(dict(options), ctx)))
-        if "torch" in sys.modules:
+        if self._set_threads and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self._num_threads)
         return os.getpid()
 
-    def evaluate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Run every evaluator on ``params``; never raises (errors come back as ``error``)."""
+    def evaluate(self, params: dict[str, Any], upstream: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run every evaluator on ``params``; never raises (errors come back as ``error``).
+
+        ``upstream``: what earlier stages returned (metrics and information); the result
+        holds only this host's own ``metrics`` and ``info``.
+        """
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         info: dict[str, Any] = {}
+        before = dict(upstream or {})
         name = ""
         try:
             for ev_name, ev in self.evaluators:
                 name = ev_name
-                out = ev.evaluate(MappingProxyType(params), MappingProxyType({**info, **metrics}))
+                out = ev.evaluate(MappingProxyType(params), MappingProxyType({**before, **info, **metrics}))
                 if not isinstance(out, Mapping):
                     raise TypeError(f"evaluate returned {type(out).__name__}; expected a dict")
                 for k, v in out.items():
@@ -155,12 +170,44 @@ class EvaluatorHost:
 
 @dataclass
 class Job:
-    """One trial to evaluate: the Optuna trial, its full parameters, the runs so far."""
+    """One trial to evaluate: the Optuna trial, its full parameters, where it is.
+
+    ``attempts`` counts runs at the current stage (a dead actor's job runs again);
+    ``metrics``/``info``/``eval_s`` gather what the finished stages returned.
+    """
 
     trial: Trial
     params: dict[str, Any]
     attempts: int = 0
     started_s: float = 0.0  # time.monotonic() of the current run
+    stage: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    eval_s: float = 0.0  # summed over the finished stages, s
+    most_attempts: int = 0  # the most runs a finished stage needed
+
+    @property
+    def runs(self) -> int:
+        """The most runs any stage needed (> 1: an actor died under it)."""
+        return max(self.attempts, self.most_attempts)
+
+    @property
+    def upstream(self) -> dict[str, Any]:
+        """What the finished stages returned, as the next evaluator sees it."""
+        return {**self.info, **self.metrics}
+
+    def absorb(self, result: Mapping[str, Any]) -> None:
+        """Add one stage's successful result; the job moves to the next stage."""
+        self.metrics.update(result.get("metrics", {}))
+        self.info.update(result.get("info", {}))
+        self.eval_s += float(result.get("eval_s", 0.0))
+        self.most_attempts, self.attempts = self.runs, 0
+        self.stage += 1
+
+    def result(self, pid: int | None = None) -> dict[str, Any]:
+        """The whole trial's result once the last stage is done (the host's format)."""
+        return {"metrics": dict(self.metrics), "info": dict(self.info), "eval_s": self.eval_s,
+                "pid": pid if pid is not None else os.getpid()}
 
 
 @dataclass
@@ -210,50 +257,25 @@ class Pool(Protocol):
 # ----------------------------------------------------------------------------- inline
 
 
-class InlinePool:
-    """Evaluators in the driver process, one job at a time (no Ray)."""
+class InlineStage:
+    """One evaluator run in the driver process (a cheap one: no Ray hop, no actor)."""
 
-    overlaps = False
+    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path | str, seed: int, label: str = "") -> None:
+        self.host = EvaluatorHost(evaluators, str(study_dir), seed, 1, set_threads=False)
+        self.label = label
 
-    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path, seed: int, num_threads: int = 1) -> None:
-        self.host = EvaluatorHost(evaluators, str(study_dir), seed, num_threads)
-        self._job: Job | None = None
-
-    def start(self, should_stop: Callable[[], bool], on_wait: Callable[[], Any]) -> None:
-        """Build the evaluators here; a factory that raises is a :class:`PoolError`."""
+    def start(self) -> None:
+        """Build the evaluator here; a factory that raises is a :class:`PoolError`."""
         try:
             self.host.build()
         except Exception as e:  # noqa: BLE001 - reported as one line by the CLI
             raise PoolError(f"an evaluator failed to start: {type(e).__name__}: {e}") from None
 
-    def idle(self) -> int:
-        """1 when no job is held, else 0."""
-        return 0 if self._job is not None else 1
-
-    def in_flight(self) -> int:
-        """The held job, if any."""
-        return 0 if self._job is None else 1
-
-    def submit(self, job: Job) -> None:
-        """Hold ``job``; it runs in the next :meth:`wait`."""
+    def run(self, job: Job) -> dict[str, Any]:
+        """Evaluate ``job`` at this stage now."""
         job.attempts += 1
-        self._job = job
-
-    def wait(self, timeout_s: float) -> list[Outcome]:
-        """Run the held job now (``timeout_s`` is not used: the driver process evaluates)."""
-        job, self._job = self._job, None
-        if job is None:
-            return []
         job.started_s = time.monotonic()
-        return [Outcome(job, result=self.host.evaluate(job.params))]
-
-    def drain(self) -> list[Job]:
-        """The held job, not run."""
-        job, self._job = self._job, None
-        return [job] if job is not None else []
-
-    def close(self) -> None:
-        """Nothing to stop."""
+        return self.host.evaluate(job.params, job.upstream)
 
 
 # ----------------------------------------------------------------------------- Ray actors
@@ -281,7 +303,11 @@ class ActorPool:
     Args:
         make_actor: creates one actor (an ``EvaluatorHost`` handle), not waiting for it.
         size: the number of actors (``--workers``).
-        demand: the resources one actor asks for (named in warnings).
+        demand: the Ray options of one actor (``num_cpus``, ``num_gpus``, ``memory``,
+            ``resources``, ``accelerator_type``), named in warnings.
+        label: which evaluator the pool serves, in messages (``""``: the only one).
+        fixed_cluster: the cluster cannot grow (a local one the driver started): an actor
+            that can never fit stops the start at once instead of after ``place_timeout_s``.
         place_timeout_s: drop an actor not placed by then.
         trial_timeout_s: kill an actor whose job runs longer (``None``: no limit).
         max_attempts: runs of one job before it fails; consecutive start deaths of a slot.
@@ -294,11 +320,13 @@ class ActorPool:
         make_actor: Callable[[], Any],
         size: int,
         *,
-        demand: Mapping[str, float] | None = None,
+        demand: Mapping[str, Any] | None = None,
         place_timeout_s: float = PLACE_TIMEOUT_S,
         trial_timeout_s: float | None = None,
         max_attempts: int = MAX_ATTEMPTS,
         stopping: Callable[[], bool] = lambda: False,
+        label: str = "",
+        fixed_cluster: bool = False,
     ) -> None:
         self.make_actor = make_actor
         self.size = size
@@ -307,6 +335,9 @@ class ActorPool:
         self.trial_timeout_s = trial_timeout_s
         self.max_attempts = max_attempts
         self.stopping = stopping
+        self.label = label
+        self.fixed_cluster = fixed_cluster
+        self.launched = False
         self.overlaps = True
         self.slots = [_Slot(i) for i in range(size)]
         self.queue: deque[Job] = deque()  # jobs whose actor died, waiting for a live one
@@ -333,34 +364,48 @@ class ActorPool:
         self._kill(slot)
         self._launch(slot)
 
-    def _demand_text(self) -> str:
+    def _need(self) -> dict[str, float]:
+        """The demand of one actor as Ray resource names (``CPU``, ``GPU``, custom, ...)."""
+        d = self.demand
+        need = {"CPU": float(d.get("num_cpus", 0.0)), "GPU": float(d.get("num_gpus", 0.0)),
+                "memory": float(d.get("memory", 0.0)), **dict(d.get("resources") or {})}
+        if d.get("accelerator_type"):
+            need[f"accelerator_type:{d['accelerator_type']}"] = 0.001  # as Ray asks for it
+        return {k: float(v) for k, v in need.items() if v}
+
+    def _demand_text(self, what: str = "free") -> str:
         import ray
 
-        want = ", ".join(f"{k}={v:g}" for k, v in self.demand.items() if v and k != "memory")
-        if self.demand.get("memory"):
-            want += f", memory={self.demand['memory'] / 1e9:.3g} GB"
-        want = want.strip(", ") or "nothing"
+        d = self.demand
+        want = [f"{k}={float(d[k]):g}" for k in ("num_cpus", "num_gpus") if d.get(k)]
+        want += [f"{k}={float(v):g}" for k, v in dict(d.get("resources") or {}).items()]
+        if d.get("accelerator_type"):
+            want.append(f"accelerator_type={d['accelerator_type']}")
+        if d.get("memory"):
+            want.append(f"memory={float(d['memory']) / 1e9:.3g} GB")
         try:
-            free = ray.available_resources()
-            keys = ["CPU"] + (["GPU"] if self.demand.get("num_gpus") or "GPU" in free else [])
-            have = ", ".join(f"{k}={free.get(k, 0.0):g}" for k in keys)
-            if "memory" in self.demand:
+            free = ray.available_resources() if what == "free" else ray.cluster_resources()
+            keys = ["CPU"] + [k for k in self._need() if k not in ("CPU", "memory")]
+            have = ", ".join(f"{k}={free.get(k, 0.0):g}" for k in dict.fromkeys(keys))
+            if "memory" in d:
                 have += f", memory={free.get('memory', 0.0) / 1e9:.3g} GB"
         except Exception:  # noqa: BLE001 - the cluster may be unreachable
             have = "unknown"
-        return f"each actor asks for {want}; the cluster has {have or 'nothing'} free"
+        return f"each actor{self.label} asks for {', '.join(want) or 'nothing'}; the cluster has {have or 'nothing'} {what}"
 
-    def _fits(self) -> int:
-        """How many actors the cluster's total resources hold (an autoscaler may add more)."""
+    def _fits(self, free: bool = False) -> int:
+        """How many actors the cluster's total (or ``free``) resources hold (an autoscaler may add more)."""
         import ray
 
         try:
-            total = ray.cluster_resources()
+            have = ray.available_resources() if free else ray.cluster_resources()
         except Exception:  # noqa: BLE001 - the cluster may be unreachable
             return self.size
-        need = {"CPU": self.demand.get("num_cpus", 0.0), "GPU": self.demand.get("num_gpus", 0.0),
-                "memory": self.demand.get("memory", 0.0)}
-        return min([self.size] + [int(total.get(k, 0.0) // v) for k, v in need.items() if v > 0])
+        return min([self.size] + [int(have.get(k, 0.0) // v) for k, v in self._need().items()])
+
+    def live(self) -> int:
+        """Actors alive or starting (not dropped)."""
+        return sum(s.state != "dead" for s in self.slots)
 
     def _drop(self, slots: list[_Slot]) -> None:
         for s in slots:
@@ -383,15 +428,20 @@ class ActorPool:
         cluster (they join when placed). ``should_stop`` is polled, ``on_wait`` called each
         second. Raises :class:`PoolError` when a factory raises or no actor could start.
         """
-        for s in self.slots:
-            self._launch(s)
+        self.launch()
+        if self.fixed_cluster and self._fits() == 0:
+            self.close()
+            raise PoolError(f"no evaluator actor can be placed: {self._demand_text('in total')}, "
+                            "and a local cluster does not grow; ask for less, or run with --address "
+                            "on a cluster that has it")
         while any(s.state in ("placing", "building") for s in self.slots) and not should_stop():
             on_wait()
             waiting = [s for s in self.slots if s.state == "placing"]
+            idle = sum(s.state == "idle" for s in self.slots)
             if (
-                any(s.state == "idle" for s in self.slots)
+                idle
                 and all(s.state in ("idle", "dead", "placing") for s in self.slots)
-                and sum(s.state == "idle" for s in self.slots) >= self._fits()
+                and (idle >= self._fits() or self._fits(free=True) == 0)
             ):  # the rest wait for room on the cluster: run with what fits, say so once
                 for s in waiting:
                     s.announced = True
@@ -404,6 +454,13 @@ class ActorPool:
                 break
             self._poll(1.0)
         self._check_alive()
+
+    def launch(self) -> None:
+        """Create every actor, not waiting for them (once)."""
+        if not self.launched:
+            self.launched = True
+            for s in self.slots:
+                self._launch(s)
 
     def idle(self) -> int:
         """Idle live actors not claimed by a job waiting for a re-run."""
@@ -419,7 +476,7 @@ class ActorPool:
         job.attempts += 1
         job.started_s = time.monotonic()
         slot.job, slot.state, slot.since_s = job, "busy", job.started_s
-        slot.ref = slot.actor.evaluate.remote(job.params)
+        slot.ref = slot.actor.evaluate.remote(job.params, job.upstream)
 
     def wait(self, timeout_s: float) -> list[Outcome]:
         """Outcomes ready within ``timeout_s`` (re-runs and replacements happen inside)."""
@@ -448,29 +505,12 @@ class ActorPool:
     def _check_alive(self) -> None:
         if all(s.state == "dead" for s in self.slots) and not self.stopping():
             raise PoolError(
-                f"no evaluator actor alive ({self.dropped} could not be placed; {self._demand_text()}); "
+                f"no evaluator actor{self.label} alive ({self.dropped} could not be placed; {self._demand_text()}); "
                 "`dse resume` continues once the cluster has room"
             )
 
     def _poll(self, timeout_s: float) -> list[Outcome]:
-        import ray
-
-        refs = {s.ref: s for s in self.slots if s.ref is not None}
-        wait_s = min(timeout_s, self._next_deadline_s())
-        ready: list[Any] = []
-        if refs:
-            ready, rest = ray.wait(list(refs), num_returns=1, timeout=max(0.0, wait_s))
-            if ready and rest:
-                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-                ready += more
-        elif wait_s > 0:
-            time.sleep(min(wait_s, 0.05))
-        out: list[Outcome] = []
-        for ref in ready:
-            out.extend(self._on_ready(refs[ref], ref))
-        out.extend(self._on_deadlines())
-        self._dispatch_queue()
-        return out
+        return _poll_many([self], timeout_s)
 
     def _next_deadline_s(self) -> float:
         now, soon = time.monotonic(), float("inf")
@@ -552,3 +592,151 @@ class ActorPool:
     def _dispatch_queue(self) -> None:
         while self.queue and not self.stopping() and any(s.state == "idle" for s in self.slots):
             self.submit(self.queue.popleft())
+
+
+def _poll_many(pools: list[ActorPool], timeout_s: float) -> list[Outcome]:
+    """One ``ray.wait`` over every pool's calls: outcomes of all pools within ``timeout_s``."""
+    import ray
+
+    refs = {s.ref: (p, s) for p in pools for s in p.slots if s.ref is not None}
+    wait_s = min([timeout_s] + [p._next_deadline_s() for p in pools])
+    ready: list[Any] = []
+    if refs:
+        ready, rest = ray.wait(list(refs), num_returns=1, timeout=max(0.0, wait_s))
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+    elif wait_s > 0:
+        time.sleep(min(wait_s, 0.05))
+    out: list[Outcome] = []
+    for ref in ready:
+        pool, slot = refs[ref]
+        out.extend(pool._on_ready(slot, ref))
+    for p in pools:
+        out.extend(p._on_deadlines())
+        p._dispatch_queue()
+    return out
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+Stage = InlineStage | ActorPool
+
+
+class Pipeline:
+    """One stage per evaluator, in spec order; a job flows through them (see module doc).
+
+    Inline stages run when a job reaches them (in :meth:`submit` or :meth:`wait`). Between
+    actor stages a job waits for a free actor of the next stage; new jobs are taken only
+    while no later stage has a backlog as large as its live actors (so a fast first stage
+    does not pile up work in front of a slow one). ``overlaps`` when some stage has actors.
+    """
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = stages
+        self.actor_pools = [st for st in stages if isinstance(st, ActorPool)]
+        self.overlaps = bool(self.actor_pools)
+        self.waiting: list[deque[Job]] = [deque() for _ in stages]  # ready for stage k, no free actor
+        self.held: list[Job] = []  # inline only: submitted, run in wait()
+        self.ready: list[Outcome] = []  # finished, not yet returned
+
+    def start(self, should_stop: Callable[[], bool], on_wait: Callable[[], Any]) -> None:
+        """Build the inline evaluators, start every actor pool (their actors start together)."""
+        for st in self.stages:
+            if isinstance(st, InlineStage):
+                st.start()
+        for p in self.actor_pools:
+            p.launch()
+        for p in self.actor_pools:
+            p.start(should_stop, on_wait)
+
+    def idle(self) -> int:
+        """New jobs the pipeline takes now: the first actor stage's free actors (1 inline)."""
+        if not self.actor_pools:
+            return 0 if self.held else 1
+        first = self.stages.index(self.actor_pools[0])
+        for k, st in enumerate(self.stages):
+            if k > first and isinstance(st, ActorPool) and len(self.waiting[k]) >= max(1, st.live()):
+                return 0
+        return max(0, self.actor_pools[0].idle() - len(self.waiting[first]))
+
+    def in_flight(self) -> int:
+        """Jobs submitted and not yet returned."""
+        return (sum(p.in_flight() for p in self.actor_pools) + sum(len(w) for w in self.waiting)
+                + len(self.held) + len(self.ready))
+
+    def submit(self, job: Job) -> None:
+        """Take ``job``: inline stages before the first actor stage run now."""
+        if not self.actor_pools:
+            self.held.append(job)
+        else:
+            self._forward(job)
+
+    def wait(self, timeout_s: float) -> list[Outcome]:
+        """Trials done within ``timeout_s`` (each through every stage, or failed at one)."""
+        if not self.actor_pools:
+            held, self.held = self.held, []
+            for job in held:
+                self._forward(job)
+        else:
+            for o in _poll_many(self.actor_pools, 0.0 if self.ready else timeout_s):
+                res = o.result
+                if res is None or o.timed_out or res.get("error"):
+                    self.ready.append(self._final(o))
+                else:
+                    o.job.absorb(res)
+                    self._forward(o.job, res.get("pid"))
+            for k, st in enumerate(self.stages):
+                while self.waiting[k] and isinstance(st, ActorPool) and st.idle() > 0:
+                    st.submit(self.waiting[k].popleft())
+            for p in self.actor_pools:
+                p._check_alive()
+        out, self.ready = self.ready, []
+        return out
+
+    def drain(self) -> list[Job]:
+        """Every job not yet returned (an abort)."""
+        jobs = [o.job for o in self.ready] + self.held
+        self.ready, self.held = [], []
+        for w in self.waiting:
+            jobs += list(w)
+            w.clear()
+        for p in self.actor_pools:
+            jobs += p.drain()
+        return jobs
+
+    def close(self) -> None:
+        """Stop every actor."""
+        for p in self.actor_pools:
+            p.close()
+
+    def _final(self, o: Outcome) -> Outcome:
+        """A stage's failure as the trial's outcome (the time of earlier stages added)."""
+        if o.result is not None:
+            o.result = {**o.result, "eval_s": o.job.eval_s + float(o.result.get("eval_s", 0.0))}
+        o.job.most_attempts = o.job.runs
+        return o
+
+    def _forward(self, job: Job, pid: int | None = None) -> None:
+        """Move ``job`` on from its stage: run inline stages, queue for an actor stage, or finish."""
+        while job.stage < len(self.stages):
+            st = self.stages[job.stage]
+            if isinstance(st, ActorPool):
+                if not self.waiting[job.stage] and st.idle() > 0:
+                    st.submit(job)
+                else:
+                    self.waiting[job.stage].append(job)
+                return
+            res = st.run(job)
+            if res.get("error"):
+                self.ready.append(self._final(Outcome(job, result=res)))
+                return
+            job.absorb(res)
+        self.ready.append(Outcome(job, result=job.result(pid)))
+
+
+class InlinePool(Pipeline):
+    """Every evaluator in the driver process, one job at a time (``[ray] address = "inline"``)."""
+
+    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path, seed: int, num_threads: int = 1) -> None:
+        super().__init__([InlineStage([e], study_dir, seed, e[0]) for e in evaluators])

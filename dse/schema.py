@@ -204,6 +204,10 @@ class EvaluatorSchema:
         finish: cross-option checks after the per-option ones; gets the options with
             defaults filled and returns them (possibly completed), raising a one-line
             ``ValueError`` naming the option.
+        cheap: whether one evaluation costs less than a Ray round trip (about a
+            millisecond), so that it runs in the driver process, no actor: ``True``,
+            ``False`` or a function of the checked options (e.g. a benchmark problem is
+            cheap unless it is told to sleep); ``cheap_doc`` says when, for the docs.
     """
 
     name: str
@@ -213,6 +217,20 @@ class EvaluatorSchema:
     metrics: tuple[Metric, ...] = ()
     info: tuple[Metric, ...] = ()
     finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    cheap: bool | Callable[[Mapping[str, Any]], bool] = False
+    cheap_doc: str = ""
+
+    def is_cheap(self, options: Mapping[str, Any]) -> bool:
+        """Whether the evaluator runs in the driver process under ``options`` (checked here)."""
+        if isinstance(self.cheap, bool):
+            return self.cheap
+        return bool(self.cheap(self.check_options(options)))
+
+    def cheap_text(self) -> str:
+        """Where it runs, in words (docs, ``dse evaluators``)."""
+        if self.cheap is False:
+            return "Ray actors"
+        return "the driver process (cheap)" + (f" when {self.cheap_doc}" if self.cheap_doc else "")
 
     def option(self, name: str) -> Option:
         """The option called ``name`` (``KeyError`` if none)."""
@@ -284,6 +302,7 @@ class EvaluatorSchema:
             "params": [{**typed(p), **cond(p)} for p in self.params],
             "metrics": [{"name": m.name, "doc": m.doc, **cond(m)} for m in self.metrics],
             "info": [{"name": m.name, "doc": m.doc, **cond(m)} for m in self.info],
+            "runs_in": self.cheap_text(),
         }
 
 
@@ -298,7 +317,7 @@ def _cond(x: Param | Metric) -> str:
 
 def as_text(schema: EvaluatorSchema) -> str:
     """A plain-text listing of ``schema`` (what ``dse evaluators NAME`` prints)."""
-    lines = [f"{schema.name}: {schema.doc}", "  options:"]
+    lines = [f"{schema.name}: {schema.doc}", f"  runs in: {schema.cheap_text()}", "  options:"]
     for o in schema.options:
         d = "required" if o.required else "unset" if o.default is None else f"default {o.default!r}"
         lines.append(f"    {o.name:<18} {o.expected()}; {d}. {o.doc}")
@@ -325,7 +344,7 @@ def as_markdown(schemas: Sequence[EvaluatorSchema]) -> str:
 
     out: list[str] = []
     for sc in schemas:
-        out += [f"### `{sc.name}`", "", cell(sc.doc), "",
+        out += [f"### `{sc.name}`", "", cell(sc.doc), "", f"Runs in {cell(sc.cheap_text())}.", "",
                 "| option | expected | default | meaning |", "|---|---|---|---|"]
         out += [f"| `{o.name}` | {cell(o.expected())} | "
                 f"{'required' if o.required else 'unset' if o.default is None else f'`{o.default!r}`'}"

@@ -69,8 +69,9 @@ _STUDY_KEYS = (
 _OBJ_KEYS = ("metric", "direction", "ref")
 _CON_KEYS = ("metric", "op", "bound")
 _LEAF_KEYS = ("choices", "type", "low", "high", "step", "log", "value", "when")
-_EVAL_KEYS = ("name", "options", "resources")
-_RES_KEYS = ("num_cpus", "num_gpus", "memory")
+_EVAL_KEYS = ("name", "options", "resources", "workers", "inline")
+_RES_KEYS = ("num_cpus", "num_gpus", "memory", "custom", "accelerator_type")
+_RES_NUM_KEYS = ("num_cpus", "num_gpus", "memory")
 _RAY_KEYS = ("address", "workers", "place_timeout_s")
 _TRACK_KEYS = ("enabled", "uri", "child_runs", "artifact_every")
 
@@ -186,11 +187,43 @@ class Constraint:
 
 @dataclass(frozen=True)
 class EvaluatorSpec:
-    """One ``[[evaluators]]`` entry: a registered name, its options and actor resources."""
+    """One ``[[evaluators]]`` entry: a registered name, its options and its pool.
+
+    Attributes:
+        resources: Ray resources of one of its actors: ``num_cpus`` (default 1),
+            ``num_gpus``, ``memory`` (bytes).
+        custom: custom Ray resources of one actor (``resources.custom``, name -> amount).
+        accelerator_type: Ray accelerator type its actors need (``"A100"``, ...).
+        workers: its number of actors (``None``: the study's ``[ray] workers``).
+        inline: run it in the driver process (``True``), on Ray actors (``False``), or as
+            its kind declares (``None``: cheap kinds inline, see ``Driver``).
+    """
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
+    custom: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
+    workers: int | None = None
+    inline: bool | None = None
+
+    def actor_resources(self) -> dict[str, Any]:
+        """Ray options of one of its actors: ``num_cpus``, ``num_gpus``, and where given
+        ``memory``, ``resources`` (custom) and ``accelerator_type``."""
+        out: dict[str, Any] = {"num_cpus": float(self.resources.get("num_cpus", 1.0)),
+                               "num_gpus": float(self.resources.get("num_gpus", 0.0))}
+        if self.resources.get("memory"):
+            out["memory"] = float(self.resources["memory"])
+        if self.custom:
+            out["resources"] = dict(self.custom)
+        if self.accelerator_type:
+            out["accelerator_type"] = self.accelerator_type
+        return out
+
+    @property
+    def asks_for_actors(self) -> bool:
+        """Whether the entry says anything only actors use (``resources``, ``workers``)."""
+        return bool(self.resources or self.custom or self.accelerator_type or self.workers)
 
 
 @dataclass
@@ -241,16 +274,6 @@ class Spec:
     def directions(self) -> list[str]:
         """Optuna directions, one per objective."""
         return [o.direction for o in self.objectives]
-
-    def actor_resources(self) -> dict[str, float]:
-        """Ray resources of one actor holding every evaluator: max CPUs/GPUs, summed memory."""
-        cpus = max((e.resources.get("num_cpus", 1.0) for e in self.evaluators), default=1.0)
-        gpus = max((e.resources.get("num_gpus", 0.0) for e in self.evaluators), default=0.0)
-        mem = sum(e.resources.get("memory", 0.0) for e in self.evaluators)
-        out: dict[str, float] = {"num_cpus": float(cpus), "num_gpus": float(gpus)}
-        if mem:
-            out["memory"] = float(mem)
-        return out
 
     def make_sampler(self, n_trials_in_study: int = 0) -> optuna.samplers.BaseSampler:
         """The seeded Optuna sampler named by ``study.sampler``.
@@ -860,11 +883,34 @@ class _Validator:
             res = self.table(t, "resources", pre + "resources")
             self.unknown(res, _RES_KEYS, pre + "resources.")
             resources: dict[str, float] = {}
-            for k in _RES_KEYS:
+            for k in _RES_NUM_KEYS:
                 if k in res:
                     val = self.get_num(res, k, f"{pre}resources.{k}", nonneg=True)
                     if val is not None:
                         resources[k] = val
+            custom: dict[str, float] = {}
+            for k in self.table(res, "custom", pre + "resources.custom"):
+                fld = f"{pre}resources.custom.{k}"
+                if k in ("CPU", "GPU", "memory", "object_store_memory") or not k.strip() or ":" in k:
+                    self.err(fld, "expected the name of a custom Ray resource (CPU, GPU and "
+                             "memory are num_cpus, num_gpus, memory), got " + repr(k))
+                elif (val := self.get_num(res["custom"], k, fld, positive=True)) is not None:
+                    custom[k] = val
+            accel = self.get_str(res, "accelerator_type", pre + "resources.accelerator_type", None)
+            if accel is not None and (not accel or accel != accel.strip() or " " in accel):
+                self.err(pre + "resources.accelerator_type",
+                         f"expected a Ray accelerator type such as 'A100' or 'L4', got {accel!r}")
+                accel = None
+            workers = self.get_int(t, "workers", pre + "workers", None, minimum=1, maximum=MAX_WORKERS)
+            inline = t.get("inline")
+            if inline is not None and not isinstance(inline, bool):
+                self.err(pre + "inline", f"expected true or false, got {_show(inline)}")
+                inline = None
+            if inline and (resources or custom or accel or workers):
+                what = ", ".join(f for f, v in (("resources", resources or custom or accel),
+                                                ("workers", workers)) if v)
+                self.err(pre + "inline", f"expected no {what} with inline = true (the driver "
+                         "process runs it, no Ray actor), got both")
             if name is None:
                 continue
             if name not in known and not registry.is_import_path(name):
@@ -889,7 +935,7 @@ class _Validator:
                         schema = None
                         checked = {}
                 schemas.append((name, schema, checked))
-            out.append(EvaluatorSpec(name, dict(options), resources))
+            out.append(EvaluatorSpec(name, dict(options), resources, custom, accel, workers, inline))
         return out, schemas
 
     def contract(

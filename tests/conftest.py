@@ -44,7 +44,8 @@ def _single_thread() -> None:
 def ray_session():  # type: ignore[no-untyped-def]
     """One local Ray cluster for the whole test session (start-up costs seconds).
 
-    Drivers started inside the session find Ray initialised and reuse it.
+    Drivers started inside the session find Ray initialised and reuse it. It has 2 of a
+    custom resource ``dse_test_pool`` (tests of per-evaluator resources).
     """
     import logging
 
@@ -57,6 +58,7 @@ def ray_session():  # type: ignore[no-untyped-def]
         _init_loopback_ray(dict(  # listens on 127.0.0.1 only, like a driver's own cluster
             address="local",
             num_cpus=4,
+            resources={"dse_test_pool": 2},
             include_dashboard=False,
             object_store_memory=100 * 1024 * 1024,
             logging_level=logging.WARNING,

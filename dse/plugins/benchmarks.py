@@ -61,6 +61,7 @@ def _schema(problem: str, doc: str) -> EvaluatorSchema:
                       repeat=("n_vars", 0)),),
         metrics=metrics,
         finish=_finish(problem),
+        cheap=lambda o: float(o["delay_s"]) == 0.0, cheap_doc="delay_s = 0",
     )
 
 

@@ -147,6 +147,7 @@ SCHEMA = EvaluatorSchema(
           Metric("dataflow_bottleneck", "the slowest stage, or off-chip bandwidth"),
           Metric("dataflow_sparsity_source", "measured, synthetic or dense")),
     finish=_finish,
+    cheap=True,
 )
 
 

@@ -156,6 +156,7 @@ def _baseline_schema(kind: str, doc: str) -> EvaluatorSchema:
                         when_doc="an earlier evaluator returns tokens_per_s")),
         info=(Metric("{prefix}bottleneck", "the slowest op and what bounds it"),),
         finish=_finish(kind),
+        cheap=True,
     )
 
 
@@ -175,6 +176,7 @@ SCHEMAS = {
               Metric("plena_ops", "per-op totals", when=lambda o: bool(o["breakdown"]),
                      when_doc="breakdown = true")),
         finish=_finish("plena"),
+        cheap=True,
     ),
     "gpu": _baseline_schema("gpu", "GPU baseline (A100 / H100 presets) on the same workload"),
     "tpu": _baseline_schema("tpu", "TPU baseline (TPU v6e) on the same workload"),
