@@ -29,6 +29,8 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dse import reaper, registry, storage
 from dse.listeners import DRIVER_ATTR, HEARTBEAT_S, Listener, RunState, make_listeners
+from dse.pareto import params_key
 from dse.pools import (
     ActorPool,
     EvaluatorEntry,
@@ -72,6 +75,7 @@ FLUSH_S = 0.2  # longest time told results stay unflushed in the journal buffer
 SPEC_ATTR = "dse:spec"
 ENQUEUED_ATTR = "dse:baselines_enqueued"
 TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
+DUPLICATE_ATTR = "dse:duplicate_of"  # trial user attribute: the COMPLETE trial it was answered from
 
 
 class DriverError(RuntimeError):
@@ -101,7 +105,9 @@ def load_study_spec(name: str, root: str | Path = DEFAULT_DIR) -> Spec:
 
 
 #: spec fields that steer a run without changing what the study is (accepted on an existing study)
-RUN_CONTROL_FIELDS = ("study.n_trials", "study.timeout_s", "study.max_failed", "ray.", "tracking.")
+RUN_CONTROL_FIELDS = (
+    "study.n_trials", "study.timeout_s", "study.max_failed", "study.deterministic", "ray.", "tracking.",
+)
 #: where an evaluator runs and on how many actors (accepted too)
 RUN_CONTROL_EVALUATOR_FIELDS = r"evaluators\[\d+\]\.(workers|inline|resources)\b"
 
@@ -302,6 +308,102 @@ class RunSummary:
     finish_s: float = 0.0  # shutdown, final tracking flush and artifacts
     stop_reason: str = ""
     signal: int | None = None
+    duplicates: int = 0  # trials of this run answered from the study (parameters seen before)
+
+
+class _Order:
+    """The trials asked and not yet told, and when to ask, submit and tell.
+
+    Deterministic (``lag`` = the worker count): outcomes are told in the order their trials
+    were asked (trial-number order), and a trial is asked only while fewer than ``lag``
+    are untold, right after the tell that freed it. Trial n is thus asked when exactly
+    trials 0 .. n - lag are told and n - lag + 1 .. n - 1 are running, whatever the
+    timing, and the sampler sees the same study at every ask. A trial asked while no
+    worker is idle (actors starting or replaced) is held until one is.
+
+    Throughput (``lag = None``): a trial is asked only when a worker is idle for it, and
+    outcomes are told as they arrive.
+
+    A trial whose parameters an untold trial is evaluating waits for that one's outcome
+    (:meth:`release`) instead of being evaluated too.
+    """
+
+    def __init__(self, lag: int | None) -> None:
+        self.lag = lag
+        self.untold: dict[int, Job] = {}  # by trial number, in ask order
+        self.held: deque[Job] = deque()  # asked, not yet submitted
+        self.ready: dict[int, Outcome] = {}  # arrived, not yet told
+        self.evaluating: dict[str, int] = {}  # parameter set -> the untold trial evaluating it
+        self.waiting: dict[int, list[Job]] = {}  # trial number -> trials with its parameters
+
+    def pending(self) -> int:
+        """Trials asked and not yet told."""
+        return len(self.untold)
+
+    def may_ask(self, pool: Pool) -> bool:
+        """Whether another trial may be asked now."""
+        if self.lag is None:
+            return pool.idle() > len(self.held)
+        return len(self.untold) < self.lag
+
+    def asked(self, job: Job, key: str, answer: Outcome | None = None) -> None:
+        """A trial was asked, ``key`` its parameter set: ``answer`` is its outcome, or it
+        waits for the untold trial with the same parameters, or it is evaluated (held until
+        submitted)."""
+        self.untold[job.trial.number] = job
+        if answer is not None:
+            self.ready[job.trial.number] = answer
+        elif (first := self.evaluating.get(key)) is not None:
+            self.waiting.setdefault(first, []).append(job)
+        else:
+            self.evaluating[key] = job.trial.number
+            self.held.append(job)
+
+    def release(self, ft: FrozenTrial, answer: Callable[[Job], Outcome | None]) -> list[Job]:
+        """``ft`` was told: the trials waiting for it get ``answer(job)``, or (``None``: it
+        failed) are evaluated; returns the answered ones."""
+        self.evaluating = {k: n for k, n in self.evaluating.items() if n != ft.number}
+        answered = []
+        for job in self.waiting.pop(ft.number, []):
+            o = answer(job)
+            if o is not None:
+                self.ready[job.trial.number] = o
+                answered.append(job)
+            else:
+                self.evaluating.setdefault(params_key(job.trial), job.trial.number)
+                self.held.append(job)
+        return answered
+
+    def submit(self, pool: Pool) -> None:
+        """Submit held trials while the pool has idle workers."""
+        while self.held and pool.idle() > 0:
+            pool.submit(self.held.popleft())
+
+    def arrived(self, outcomes: list[Outcome]) -> None:
+        """Outcomes back from the pool."""
+        for o in outcomes:
+            self.ready[o.job.trial.number] = o
+
+    def next(self) -> Outcome | None:
+        """The next outcome to tell, if it is there (deterministic: the oldest trial's)."""
+        if not self.ready:
+            return None
+        number = next(iter(self.ready)) if self.lag is None else next(iter(self.untold))
+        o = self.ready.pop(number, None)
+        if o is not None:
+            del self.untold[number]
+        return o
+
+    def take_all(self, pool: Pool) -> list[tuple[Job, Outcome | None]]:
+        """Every untold trial in ask order with its outcome if it has one; empties the pool."""
+        pool.drain()
+        out = [(job, self.ready.get(n)) for n, job in self.untold.items()]
+        self.untold.clear()
+        self.held.clear()
+        self.ready.clear()
+        self.evaluating.clear()
+        self.waiting.clear()
+        return out
 
 
 class Driver:
@@ -312,6 +414,8 @@ class Driver:
         root: the studies directory (``--dir``).
         n_trials, workers, seed, address: overrides of the spec's values (``None``: keep).
             ``address = "inline"`` evaluates in the driver process (no Ray, one at a time).
+        deterministic: override of ``[study] deterministic`` (``None``: keep): the same
+            seed and workers propose the same trials whatever the timing (:class:`_Order`).
         tracking: ``False`` disables MLflow (``--no-tracking``); ``None`` keeps the spec's.
         progress: ``True`` for a tqdm bar, ``False`` for log lines, ``None``: bar on a TTY.
         num_cpus: logical CPUs of a local Ray cluster the driver starts (default: enough
@@ -333,6 +437,7 @@ class Driver:
         progress: bool | None = None,
         num_cpus: int | None = None,
         allow_spec_change: bool = False,
+        deterministic: bool | None = None,
     ) -> None:
         if seed is not None:
             spec.seed = seed
@@ -346,6 +451,9 @@ class Driver:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.num_cpus = num_cpus
         self.allow_spec_change = allow_spec_change
+        self.deterministic = spec.deterministic if deterministic is None else deterministic
+        self._seen: dict[str, FrozenTrial] = {}  # COMPLETE trials by parameter set (the first)
+        self._duplicates = 0
         # 0 and 1 both stop at the first FAIL
         self.max_failed = max(1, spec.max_failed if spec.max_failed is not None else max(self.n_trials, 10))
         self._stop = threading.Event()
@@ -376,7 +484,8 @@ class Driver:
         owns_ray = self._init_ray() if not self.sdir.exists() else False
         self._signals_on()  # again: ray.init replaces the SIGTERM handler
         try:
-            study, state, recovered = self._open()
+            study, state, stale = self._open()
+            recovered = [t.number for t in stale]
         except BaseException:
             if owns_ray:
                 import ray
@@ -388,6 +497,7 @@ class Driver:
         trials = study.get_trials(deepcopy=False)
         front, listeners = make_listeners(self.spec, study, trials, state, progress=self.progress, tracker=tracker)
         pool: Pool | None = None
+        order = _Order(self.workers if self.deterministic else None)
         t_loop = time.monotonic()
         try:
             if state.complete < self.n_trials:
@@ -395,25 +505,30 @@ class Driver:
                 self._signals_on()  # again: ray.init replaces the SIGTERM handler
                 pool = self._pool(owns_ray)
                 pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
+                for t in stale:  # left RUNNING by a dead driver: evaluated again as themselves
+                    if self.deterministic:  # (only a torn journal leaves parameters to sample)
+                        study.sampler = self.spec.make_sampler(t.number)
+                    job = self._job(study, storage.running_trial(study, t))
+                    order.asked(job, params_key(job.trial))
+            else:
+                for t in stale:  # the target is reached without them
+                    storage.fail_trial(study, t, "left RUNNING by a driver that stopped; not run again "
+                                       f"(the study has its {self.n_trials} COMPLETE trials)")
             t_loop = time.monotonic()
             deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else math.inf
             while pool is not None and not self._abort.is_set():
                 if time.monotonic() > deadline and not self._stop.is_set():
                     self._halt("timeout_s", "timeout_s reached: no new trials")
-                self._fill(study, pool, state, 0)
+                self._step(study, pool, state, order, listeners)
                 self._flush(study, force=not pool.in_flight())
-                if not pool.in_flight() and not self._wants(state, 0):
+                if not order.pending() and not self._wants(state, 0):
                     break  # (wanting more with nothing in flight: actors are starting)
-                outcomes = pool.wait(FLUSH_S if storage.unflushed(study) else 1.0)
-                if pool.overlaps:  # keep workers busy, then tell
-                    self._fill(study, pool, state, len(outcomes))
-                for o in outcomes:
-                    self._told(self._tell(study, o), state, listeners)
-                state.running = pool.in_flight()
+                order.arrived(pool.wait(FLUSH_S if storage.unflushed(study) else 1.0))
+                state.running = order.pending()
                 for li in listeners:
                     li.tick(state)
             if pool is not None and self._abort.is_set():
-                self._fail_in_flight(study, pool, state, listeners, "interrupted (Ctrl-C/SIGTERM); re-enqueued")
+                self._fail_in_flight(study, pool, order, state, listeners, "interrupted (Ctrl-C/SIGTERM); re-enqueued")
             if state.failed >= self.max_failed:
                 self._stop_reason = "max_failed"
                 log.error("stopped: %d failed trials (max_failed = %d)", state.failed, self.max_failed)
@@ -421,18 +536,57 @@ class Driver:
                 li.tick(state, final=True)
         except PoolError as e:
             if pool is not None:
-                self._fail_in_flight(study, pool, state, listeners, f"no evaluator left ({e}); re-enqueued")
+                self._fail_in_flight(study, pool, order, state, listeners, f"no evaluator left ({e}); re-enqueued")
             raise DriverError(str(e)) from None
         finally:
             t_fin = time.monotonic()
             all_trials = self._close(study, pool, owns_ray, listeners)
         return self._summary(all_trials, front, t_start, t_loop, t_fin, recovered)
 
-    def _fill(self, study: optuna.Study, pool: Pool, state: RunState, n_untold: int) -> None:
-        """Ask and submit trials while a worker is idle and more are needed."""
-        while pool.idle() > 0 and self._wants(state, n_untold + pool.in_flight()):
-            trial = study.ask()
-            pool.submit(Job(trial, complete_params(sample_params(trial, self.spec), self.spec)))
+    def _step(
+        self, study: optuna.Study, pool: Pool, state: RunState, order: _Order, listeners: list[Listener]
+    ) -> None:
+        """Ask, submit and tell what the order allows; each tell may free the next ask."""
+        if pool.overlaps:  # keep workers busy, then tell
+            self._fill(study, pool, state, order)
+        while (o := order.next()) is not None:
+            ft = self._tell(study, o)
+            self._told(ft, state, listeners)
+            order.release(ft, lambda job, ft=ft: self._answer(job, ft))
+            self._fill(study, pool, state, order)
+        self._fill(study, pool, state, order)
+
+    def _fill(self, study: optuna.Study, pool: Pool, state: RunState, order: _Order) -> None:
+        """Ask trials while the order allows and more are needed; submit what a worker can take."""
+        while order.may_ask(pool) and self._wants(state, order.pending()):
+            if self.deterministic:  # the sampler's state follows from (seed, trials so far)
+                study.sampler = self.spec.make_sampler(len(study.get_trials(deepcopy=False)))
+            job = self._job(study, study.ask())
+            key = params_key(job.trial)
+            order.asked(job, key, self._answer(job, self._seen.get(key)))
+        order.submit(pool)
+
+    def _job(self, study: optuna.Study, trial: optuna.Trial) -> Job:
+        """A trial's job: its full parameters (a recovered trial keeps those it has)."""
+        return Job(trial, complete_params(sample_params(trial, self.spec), self.spec))
+
+    def _answer(self, job: Job, orig: FrozenTrial | None) -> Outcome | None:
+        """``job``'s outcome copied from ``orig``, a COMPLETE trial with the same parameters
+        (``None`` when there is none: then it is evaluated)."""
+        if orig is None or orig.state != TrialState.COMPLETE or not isinstance(orig.user_attrs.get("metrics"), dict):
+            return None
+        self._duplicates += 1
+        job.trial.set_user_attr(DUPLICATE_ATTR, orig.number)
+        log.debug("trial %d: the parameters of trial %d; answered from the study", job.trial.number, orig.number)
+        result = {"metrics": orig.user_attrs["metrics"], "eval_s": 0.0}
+        if orig.user_attrs.get("info"):
+            result["info"] = orig.user_attrs["info"]
+        return Outcome(job, result=result)
+
+    def _remember(self, ft: FrozenTrial) -> None:
+        """Keep a COMPLETE trial as the answer for its parameter set (the first one only)."""
+        if ft.state == TrialState.COMPLETE and isinstance(ft.user_attrs.get("metrics"), dict):
+            self._seen.setdefault(params_key(ft), ft)
 
     def _wants(self, state: RunState, n_pending: int) -> bool:
         """Whether to ask for another trial, ``n_pending`` trials being on their way."""
@@ -445,6 +599,7 @@ class Driver:
     def _told(self, ft: FrozenTrial, state: RunState, listeners: list[Listener]) -> None:
         if ft.state == TrialState.COMPLETE:
             state.complete += 1
+            self._remember(ft)
         else:
             state.failed += 1
         for li in listeners:
@@ -503,10 +658,14 @@ class Driver:
         return self._fail(study, job, f"{reason}; not retried (trial_retries = {self.spec.trial_retries})")
 
     def _fail_in_flight(
-        self, study: optuna.Study, pool: Pool, state: RunState, listeners: list[Listener], reason: str
+        self, study: optuna.Study, pool: Pool, order: _Order, state: RunState, listeners: list[Listener],
+        reason: str,
     ) -> None:
-        """Fail every job the pool still holds and re-enqueue its parameters."""
-        for job in pool.drain():
+        """Tell the untold trials that have an outcome; fail the others and re-enqueue them."""
+        for job, outcome in order.take_all(pool):
+            if outcome is not None:
+                self._told(self._tell(study, outcome), state, listeners)
+                continue
             timeouts = job.trial.user_attrs.get(TIMEOUTS_ATTR)
             requeue = {TIMEOUTS_ATTR: timeouts} if timeouts else {}
             self._told(self._fail(study, job, reason, requeue=requeue), state, listeners)
@@ -515,13 +674,15 @@ class Driver:
 
     # -------------------------------------------------------------- start and end
 
-    def _open(self) -> tuple[optuna.Study, RunState, list[int]]:
-        """Open the study, check nobody else runs it, recover stale trials, enqueue baselines."""
+    def _open(self) -> tuple[optuna.Study, RunState, list[FrozenTrial]]:
+        """Open the study, check nobody else runs it, find stale trials, enqueue baselines."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sdir.mkdir(parents=True, exist_ok=True)
         study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
         self._check_owner(study)
         recovered = self._recover(study)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            self._remember(t)
         if self.spec.enqueue and not storage.system_attrs(study).get(ENQUEUED_ATTR):
             for point in self.spec.enqueue:
                 study.enqueue_trial(point, user_attrs={"dse:baseline": True})
@@ -584,6 +745,7 @@ class Driver:
             finish_s=time.monotonic() - t_fin,
             stop_reason=self._stop_reason if counts[TrialState.COMPLETE] < self.n_trials else "",
             signal=self._signal,
+            duplicates=self._duplicates,
         )
 
     def _check_owner(self, study: optuna.Study) -> None:
@@ -603,16 +765,15 @@ class Driver:
         elif fresh:
             raise DriverError(f"study {self.spec.name!r} is being run on host {hb.get('host')}; stop it first")
 
-    def _recover(self, study: optuna.Study) -> list[int]:
-        """Fail trials left RUNNING by a dead driver and re-enqueue their parameters."""
+    def _recover(self, study: optuna.Study) -> list[FrozenTrial]:
+        """Trials left RUNNING by a dead driver: the run evaluates them again as themselves
+        (same numbers, same parameters) before asking new ones, so the study goes on as
+        the uninterrupted run would have."""
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in stale:
-            storage.fail_trial(study, t, "left RUNNING by a driver that stopped (no heartbeat); re-enqueued")
-            extra = {TIMEOUTS_ATTR: t.user_attrs[TIMEOUTS_ATTR]} if TIMEOUTS_ATTR in t.user_attrs else {}
-            study.enqueue_trial(dict(t.params), user_attrs={"dse:retry_of": t.number, **extra})
         if stale:
-            log.warning("recovered %d trial(s) left RUNNING: %s", len(stale), [t.number for t in stale])
-        return [t.number for t in stale]
+            log.warning("%d trial(s) left RUNNING by a driver that stopped: running them again: %s",
+                        len(stale), [t.number for t in stale])
+        return stale
 
     # -------------------------------------------------------------- Ray and the pool
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import moocore
 import numpy as np
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import BaseTrial, FrozenTrial, TrialState
 
 if TYPE_CHECKING:
     from dse.spec import Spec
@@ -64,12 +64,19 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 
 def feasible_values(trials: Sequence[FrozenTrial], spec: Spec) -> tuple[list[FrozenTrial], np.ndarray]:
-    """Feasible COMPLETE trials (with finite values) and their values in minimisation space."""
-    good = [
-        t for t in trials
-        if t.state == TrialState.COMPLETE and t.values and is_feasible(t)
-        and all(math.isfinite(v) for v in t.values)
-    ]
+    """Feasible COMPLETE trials (with finite values) and their values in minimisation space.
+
+    Each parameter set counts once (:func:`params_key`): of trials with equal parameters (a
+    duplicate answered from the study, or one evaluated twice in an older study) only the
+    first is kept, so ``dse status`` counts the front as :func:`pareto_trials` lists it.
+    """
+    good: list[FrozenTrial] = []
+    seen: set[str] = set()
+    for t in trials:
+        if t.state == TrialState.COMPLETE and t.values and is_feasible(t) \
+                and all(math.isfinite(v) for v in t.values) and (key := params_key(t)) not in seen:
+            seen.add(key)
+            good.append(t)
     n_obj = len(spec.objectives)
     vals = np.array([t.values for t in good], dtype=float).reshape(-1, n_obj) * signs(spec)
     return good, vals
@@ -93,8 +100,11 @@ def reference_point(spec: Spec, values_min: np.ndarray) -> np.ndarray | None:
     return ref
 
 
-def params_key(trial: FrozenTrial) -> str:
-    """A trial's parameter set as a key: trials with identical parameters share it."""
+def params_key(trial: BaseTrial) -> str:
+    """A trial's parameter set as a key: trials with identical parameters share it.
+
+    (``trial.params``: the searched parameters; fixed ones are the same for every trial of a
+    study and not stored there. A live ``optuna.Trial`` works too.)"""
     return repr(sorted(trial.params.items()))
 
 

@@ -65,6 +65,7 @@ _STUDY_KEYS = (
     "max_failed",
     "trial_timeout_s",
     "trial_retries",
+    "deterministic",
 )
 _OBJ_KEYS = ("metric", "direction", "ref")
 _CON_KEYS = ("metric", "op", "bound")
@@ -239,6 +240,8 @@ class Spec:
         max_failed: stop after this many FAIL trials (extension; default n_trials).
         trial_timeout_s: a trial running longer is failed, its actor killed (extension).
         trial_retries: times a timed-out trial's parameters are re-enqueued (default 1).
+        deterministic: the same seed and workers propose the same trials whatever the timing
+            (results told in trial order; default True); False trades that for throughput.
         objectives, constraints, params, evaluators: the corresponding sections.
         address, workers: the ``[ray]`` fields (``address = "inline"``: no Ray).
         place_timeout_s: an actor not placed on a node by then is dropped (default 60).
@@ -261,6 +264,7 @@ class Spec:
     max_failed: int | None = None
     trial_timeout_s: float | None = None
     trial_retries: int = 1
+    deterministic: bool = True
     place_timeout_s: float = 60.0
     constraints: list[Constraint] = field(default_factory=list)
     address: str = "local"
@@ -560,6 +564,7 @@ class _Validator:
                                   maximum=MAX_TRIALS)
         trial_timeout_s = self.get_num(study, "trial_timeout_s", "study.trial_timeout_s", None, positive=True)
         trial_retries = self.get_int(study, "trial_retries", "study.trial_retries", 1, minimum=0, maximum=100)
+        deterministic = self.get_bool(study, "deterministic", "study.deterministic", True)
 
         objectives = self.objectives(data)
         default_sampler = "nsga2" if len(objectives) > 1 else "tpe"
@@ -607,6 +612,7 @@ class _Validator:
             max_failed=max_failed,
             trial_timeout_s=trial_timeout_s,
             trial_retries=1 if trial_retries is None else trial_retries,
+            deterministic=deterministic,
             place_timeout_s=60.0 if place_timeout_s is None else float(place_timeout_s),
             constraints=constraints,
             address=address or "local",

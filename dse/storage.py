@@ -420,6 +420,12 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
+def running_trial(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
+    """A live ``optuna.Trial`` for a RUNNING trial known only as a ``FrozenTrial`` (e.g. left
+    RUNNING by a driver that died), to evaluate and tell it as itself."""
+    return optuna.Trial(study, trial._trial_id)
+
+
 def unflushed(study: optuna.Study) -> int:
     """Records of the study written but not yet flushed (see :func:`buffered_records`)."""
     return buffered_records(study._storage)

@@ -93,19 +93,7 @@ def test_three_sigkills_then_resume_repeat_no_parameters(ray_session: Any, tmp_p
     study = optuna.load_study(study_name="rk", storage=open_storage(None, root / "rk"))
     states = Counter(t.state for t in study.trials)
     assert states[TrialState.COMPLETE] == n and states[TrialState.RUNNING] == 0
-    assert states[TrialState.FAIL] >= 3  # each kill left at least one trial RUNNING
+    # each kill left trials RUNNING; the resumes ran them again as themselves
+    assert states[TrialState.FAIL] == 0 and len(study.trials) == n
     complete = [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(set(complete)) == n  # a continuous space: not one parameter set twice
-    # the only repeated parameter sets in the whole study are the re-enqueued retries
-    retries = {t.number: t.user_attrs.get("dse:retry_of") for t in study.trials}
-    by_params: dict[tuple[Any, ...], list[int]] = {}
-    for t in study.trials:
-        by_params.setdefault(tuple(sorted(t.params.items())), []).append(t.number)
-
-    def first(k: int) -> int:  # a retry of a retry leads back to the first trial
-        while retries[k] is not None:
-            k = retries[k]
-        return k
-
-    for numbers in by_params.values():
-        assert len({first(k) for k in numbers}) == 1, numbers

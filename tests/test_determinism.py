@@ -1,0 +1,230 @@
+"""The same seed gives the same study; no parameter set is evaluated twice; a run
+continues as it was started (issue 11 items 2, 3, 5; docs/driver.md "What is reproducible").
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from dse import registry
+from dse.driver import DUPLICATE_ATTR, Driver, open_storage
+from dse.pareto import params_key, pareto_trials
+from dse.plugins.benchmarks import BenchmarkProblem, study_spec
+from dse.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Jittery:
+    """ZDT1 that sleeps a random 0-60 ms first (from the OS's entropy, not any seed), so
+    trials finish in a different order on every run."""
+
+    def __init__(self, options: dict[str, Any], ctx: registry.EvalContext) -> None:
+        self.inner = BenchmarkProblem("zdt1", {"n_vars": 2})
+        self.rng = random.SystemRandom()
+
+    def evaluate(self, params: Any, upstream: Any) -> dict[str, Any]:
+        time.sleep(self.rng.uniform(0.0, 0.06))
+        return self.inner.evaluate(params, upstream)
+
+
+registry.register("test_jittery", Jittery)
+
+
+def _spec(name: str, *, n_trials: int, sampler: str, workers: int, problem: str = "zdt1",
+          seed: int = 3, options: dict[str, Any] | None = None) -> str:
+    opts = {"n_startup_trials": 4} if sampler == "tpe" else {"population_size": 4}
+    return study_spec(name, n_trials=n_trials, sampler=sampler, seed=seed, workers=workers,
+                      problem=problem, sampler_options=opts if sampler != "random" else None,
+                      options=options, tracking={"enabled": False})
+
+
+def _trials(root: Path, name: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(None, root / name)).trials
+
+
+def _sequence(trials: list[FrozenTrial]) -> list[tuple[int, str, str]]:
+    """What a study proposed, in order: (number, state, parameters)."""
+    return [(t.number, t.state.name, params_key(t)) for t in trials]
+
+
+# ----------------------------------------------------------------------------- same seed
+
+
+def test_inline_runs_repeat_and_workers_set_the_lag(tmp_path: Path) -> None:
+    """Inline (no Ray): two runs per worker count give the same study; the worker count is
+    part of what is reproduced (trial n is asked once trial n - workers is told)."""
+    seqs: dict[int, list[Any]] = {}
+    for workers in (1, 2):
+        runs = []
+        for i in range(2):
+            name = f"w{workers}r{i}"
+            spec = parse_spec(_spec(name, n_trials=14, sampler="tpe", workers=workers))
+            Driver(spec, tmp_path, address="inline", progress=False).run()
+            runs.append(_sequence(_trials(tmp_path, name)))
+        assert runs[0] == runs[1]
+        assert Counter(s for _, s, _ in runs[0]) == {"COMPLETE": 14}
+        seqs[workers] = runs[0]
+    assert seqs[1][:4] == seqs[2][:4]  # the same random start-up trials ...
+    assert seqs[1] != seqs[2]  # ... then TPE sees one told trial fewer at each ask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sampler", "workers"), [("tpe", 1), ("tpe", 2), ("nsga2", 2)])
+def test_ray_runs_with_random_durations_repeat(ray_session: Any, tmp_path: Path, sampler: str,
+                                               workers: int) -> None:
+    """Ray actors, evaluation times random: the finishing order differs between runs, the
+    proposed parameters do not; the inline pool with the same worker count agrees."""
+    seqs, orders = [], []
+    for i in range(2):
+        name = f"r{i}"
+        spec = parse_spec(_spec(name, n_trials=16, sampler=sampler, workers=workers, problem="test_jittery"))
+        Driver(spec, tmp_path, progress=False).run()
+        trials = _trials(tmp_path, name)
+        seqs.append(_sequence(trials))
+        orders.append([t.number for t in sorted(trials, key=lambda t: t.datetime_complete)])
+    assert seqs[0] == seqs[1]
+    assert Counter(s for _, s, _ in seqs[0]) == {"COMPLETE": 16}
+    spec = parse_spec(_spec("inline", n_trials=16, sampler=sampler, workers=workers, problem="test_jittery"))
+    Driver(spec, tmp_path, address="inline", progress=False).run()
+    assert [(n, s, p) for n, s, p in _sequence(_trials(tmp_path, "inline"))] == seqs[0]
+
+
+def test_throughput_mode_still_completes(tmp_path: Path) -> None:
+    spec = parse_spec(_spec("fast", n_trials=8, sampler="tpe", workers=2).replace(
+        "[study]\n", "[study]\ndeterministic = false\n", 1))
+    assert not spec.deterministic
+    summary = Driver(spec, tmp_path, address="inline", progress=False).run()
+    assert summary.complete == 8 and summary.failed == 0
+
+
+# ----------------------------------------------------------------------------- kill + resume
+
+
+def _states(root: Path, name: str) -> Counter[TrialState]:
+    try:
+        return Counter(t.state for t in _trials(root, name))
+    except KeyError:  # the study is being created
+        return Counter()
+
+
+def _run_until(argv: list[str], root: Path, name: str, at_complete: int) -> None:
+    """Run ``dse argv`` in its own process group; SIGKILL it once the journal holds
+    ``at_complete`` COMPLETE trials and one RUNNING."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv, "--dir", str(root), "--progress", "log"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            c = _states(root, name) if (root / name / "optuna.journal").exists() else Counter()
+            if c[TrialState.COMPLETE] >= at_complete and c[TrialState.RUNNING] >= 1:
+                return
+            time.sleep(0.02)
+        pytest.fail("driver made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_sigkill_and_resume_give_the_uninterrupted_study(tmp_path: Path, sampler: str) -> None:
+    """A driver SIGKILLed twice mid-run, then resumed: the same trials, numbers, parameters
+    and values as a run never interrupted (the trials left RUNNING run again as themselves)."""
+    n = 24
+    text = _spec("k", n_trials=n, sampler=sampler, workers=2, options={"delay_s": 0.05})
+    text = text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1)
+    spec_path = tmp_path / "k.toml"
+    spec_path.write_text(text)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    _run_until(["run", str(spec_path)], killed, "k", 6)
+    _run_until(["resume", "k"], killed, "k", 14)
+    from dse.cli import main
+
+    assert main(["resume", "k", "--dir", str(killed), "--progress", "log"]) == 0
+    Driver(parse_spec(text), clean, progress=False).run()
+    got, want = _trials(killed, "k"), _trials(clean, "k")
+    assert _sequence(got) == _sequence(want)
+    assert [t.values for t in got] == [t.values for t in want]
+    assert Counter(t.state for t in got) == {TrialState.COMPLETE: n}
+
+
+# ----------------------------------------------------------------------------- no trial twice
+
+
+class Counting:
+    """ZDT1 that counts its evaluations (inline: the driver's process)."""
+
+    calls: list[dict[str, Any]] = []
+
+    def __init__(self, options: dict[str, Any], ctx: registry.EvalContext) -> None:
+        self.inner = BenchmarkProblem("zdt1", {"n_vars": 2})
+
+    def evaluate(self, params: Any, upstream: Any) -> dict[str, Any]:
+        Counting.calls.append(dict(params))
+        return self.inner.evaluate(params, upstream)
+
+
+registry.register("test_counting", Counting)
+
+
+def test_a_parameter_set_is_evaluated_once(tmp_path: Path) -> None:
+    """A 3 x 3 grid, 20 trials: each set is evaluated once; the repeats are answered from
+    the study, attributed to the first trial, and the front lists each set once."""
+    text = study_spec("dup", n_trials=20, sampler="random", seed=1, problem="test_counting",
+                      tracking={"enabled": False})
+    text = text.replace('type = "float", low = 0.0, high = 1.0', "choices = [0.0, 0.5, 1.0]")
+    spec = parse_spec(text)
+    Counting.calls = []
+    summary = Driver(spec, tmp_path, address="inline", progress=False).run()
+    trials = _trials(tmp_path, "dup")
+    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 20}
+    keys = [params_key(t) for t in trials]
+    assert len(Counting.calls) == len(set(keys)) < 20  # every set once, and there were repeats
+    assert summary.duplicates == 20 - len(set(keys))
+    first: dict[str, FrozenTrial] = {}
+    for t, k in zip(trials, keys, strict=True):
+        if k not in first:
+            first[k] = t
+            assert DUPLICATE_ATTR not in t.user_attrs
+        else:
+            assert t.user_attrs[DUPLICATE_ATTR] == first[k].number
+            assert t.values == first[k].values and t.user_attrs["metrics"] == first[k].user_attrs["metrics"]
+    front = pareto_trials(trials, spec)
+    assert len({params_key(t) for t in front}) == len(front) > 0
+    assert all(DUPLICATE_ATTR not in t.user_attrs for t in front)
+    # running on adds trials, and still evaluates no set twice
+    Counting.calls = []
+    Driver(spec, tmp_path, n_trials=30, address="inline", progress=False).run()
+    more = _trials(tmp_path, "dup")[20:]
+    assert len(Counting.calls) == len({params_key(t) for t in more} - set(keys))
+
+
+def test_front_of_an_older_study_lists_each_set_once(tmp_path: Path) -> None:
+    """A study whose duplicates were evaluated twice (before this rule): one front entry each."""
+    spec = parse_spec(study_spec("old", n_trials=4, tracking={"enabled": False}))
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for x in (0.1, 0.9, 0.1):
+        study.enqueue_trial({"x.0": x, "x.1": 0.0})
+        t = study.ask()
+        t.suggest_float("x.0", 0, 1)
+        t.suggest_float("x.1", 0, 1)
+        study.tell(t, [x, 1 - x])
+    front = pareto_trials(study.trials, spec)
+    assert [t.number for t in front] == [0, 1]
