@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--workers", type=int, help="Ray actors = in-flight trials (overrides the spec)")
         sp.add_argument("--seed", type=int, help="sampler seed (overrides the spec)")
         sp.add_argument("--address", help="Ray address: local, auto or ray://host:port")
+        sp.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                        help="same seed and workers -> same study whatever the timing (default: the "
+                             "spec's [study] deterministic, true); --no-deterministic for throughput")
         sp.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         sp.add_argument("--allow-spec-change", action="store_true",
                         help="continue an existing study with a spec that differs from its stored one")
@@ -150,6 +153,7 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         tracking=False if args.no_tracking else None,
         progress=progress,
         allow_spec_change=allow,
+        deterministic=args.deterministic,
     )
     summary = driver.run()
     print(
