@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     def overrides(sp: argparse.ArgumentParser) -> None:
         common(sp)
         sp.add_argument("--n-trials", type=int, help="COMPLETE trials to reach (overrides the spec)")
-        sp.add_argument("--workers", type=int, help="Ray actors = in-flight trials (overrides the spec)")
+        sp.add_argument("--workers", type=int, help="Ray actors per evaluator without its own workers (overrides [ray] workers)")
         sp.add_argument("--seed", type=int, help="sampler seed (overrides the spec)")
-        sp.add_argument("--address", help="Ray address: local, auto or ray://host:port")
+        sp.add_argument("--address", help="Ray address: local (started only if an evaluator needs actors), "
+                        "auto or ray://host:port")
         sp.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                         help="same seed and workers -> same study whatever the timing (default: the "
                              "spec's [study] deterministic, true); --no-deterministic for throughput")
