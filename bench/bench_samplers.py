@@ -249,9 +249,9 @@ PROBLEMS = ("zdt1", "zdt2", "zdt3", "dtlz2", "plena", "dataflow")
 
 # ----------------------------------------------------------------------------- samplers
 
-#: name -> (factory(seed) -> sampler, trials run, trials pending while asking). ``tpe-2w``
-#: keeps one trial running while the next is asked (two workers, constant liar); GP and
-#: tpe-2w run fewer trials (GP costs ~0.3-1 s per trial by 60 trials on one core).
+#: name -> (factory(seed) -> sampler, trials run, trials pending while asking). ``*-2w``
+#: keep one trial running while the next is asked (two workers, constant liar); GP and
+#: the 2w ones run fewer trials (GP costs ~0.3-1 s per trial by 60 trials on one core).
 SAMPLERS: dict[str, tuple[Callable[[int], optuna.samplers.BaseSampler], int, int]] = {
     "random": (lambda s: optuna.samplers.RandomSampler(seed=s), 1000, 0),
     "nsga2-p50": (lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=50), 500, 0),
@@ -260,6 +260,8 @@ SAMPLERS: dict[str, tuple[Callable[[int], optuna.samplers.BaseSampler], int, int
     "tpe": (lambda s: optuna.samplers.TPESampler(seed=s), 500, 0),
     "tpe-mv": (lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True), 500, 0),
     "tpe-2w": (lambda s: optuna.samplers.TPESampler(seed=s, constant_liar=True), 200, 1),
+    "tpe-mv-2w": (lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True,
+                                                       constant_liar=True), 200, 1),
     "gp": (lambda s: optuna.samplers.GPSampler(seed=s), 100, 0),
 }
 
@@ -335,9 +337,10 @@ def cmd_run(args: argparse.Namespace) -> None:
             fh.write(json.dumps({"problem": name, "n_points": p.n_points, "build_cpu_s": p.build_s,
                                  "true_hv": p.true_hv, "ref": p.ref.tolist()}) + "\n")
             fh.flush()
-        late = ("gp", "tpe-2w")  # the expensive or secondary ones after all seeds of the rest
+        late = ("gp", "tpe-2w", "tpe-mv-2w")  # the expensive or secondary ones after all seeds of the rest
         order = [[s for s in args.samplers if s not in late], [s for s in args.samplers if s in late]]
-        jobs = [(p, s, seed) for group in order for seed in range(args.seeds) for s in group
+        seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+        jobs = [(p, s, seed) for group in order for seed in seeds for s in group
                 for p in args.problems if (p, s, seed) not in done]
         spent = 0.0
         with ProcessPoolExecutor(max_workers=1, max_tasks_per_child=1) as ex:
@@ -355,12 +358,18 @@ def cmd_run(args: argparse.Namespace) -> None:
                       flush=True)
 
 
-def load(path: str) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
-    """Problem records and runs by (problem, sampler) from a results file."""
+def load(paths: list[str]) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
+    """Problem records and runs by (problem, sampler) from results files."""
     probs: dict[str, dict[str, Any]] = {}
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for line in Path(path).read_text().splitlines():
+    lines = [ln for p in paths for ln in Path(p).read_text().splitlines()]
+    seen = set()
+    for line in lines:
         r = json.loads(line)
+        key = (r["problem"], r.get("sampler"), r.get("seed"))
+        if key in seen:  # the same run in two files: the first counts
+            continue
+        seen.add(key)
         if "sampler" in r:
             runs.setdefault((r["problem"], r["sampler"]), []).append(r)
         else:
@@ -390,8 +399,51 @@ def trials_to(rs: list[dict[str, Any]], target: float) -> float | None:
     return float(np.median(out))
 
 
+def bench_key(name: str, options: dict[str, Any]) -> str | None:
+    """The :data:`SAMPLERS` entry that is ``name`` with ``options`` (None: not benchmarked)."""
+    opts = {k: v for k, v in options.items() if k != "group"}  # no conditional parameters here
+    if name in ("random", "gp") and not opts:
+        return name
+    if name == "tpe" and opts in ({}, {"multivariate": False}):
+        return "tpe"
+    if name == "tpe" and opts == {"multivariate": True}:
+        return "tpe-mv"
+    if name == "nsga2" and set(opts) <= {"population_size"}:
+        return f"nsga2-p{opts.get('population_size', 50)}"
+    return None
+
+
+def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], list[dict[str, Any]]]
+                 ) -> list[str]:
+    """The default's row per problem (dse.samplers.default_sampler for each budget) and the
+    targets: random@1000 reached within 200 trials; within 5 points of the best at 200."""
+    from dse.samplers import default_sampler
+
+    out = []
+    for p in probs:
+        n_obj = 3 if p in ("dtlz2", "plena", "dataflow") else 2
+        cells, keys = [], []
+        for k in CHECKPOINTS[:4]:
+            key = bench_key(*default_sampler(n_obj, k))
+            keys.append(key or "?")
+            m = median_at(runs.get((p, key or ""), []), k)
+            cells.append("" if m is None else f"{m:.1f}")
+        key200 = bench_key(*default_sampler(n_obj, 200)) or ""
+        rand = runs.get((p, "random"), [])
+        target = median_at(rand, 1000) if rand else None
+        reach = trials_to(runs.get((p, key200), []), target) if target is not None and runs.get((p, key200)) else None
+        best = max(((m, s) for (q, s), rs in runs.items() if q == p and (m := median_at(rs, 200)) is not None),
+                   default=(None, ""))
+        d200 = median_at(runs.get((p, key200), []), 200)
+        gap = "" if best[0] is None or d200 is None else f"{best[0] - d200:.1f} behind {best[1]}"
+        out.append(f"| {p} | **default** ({' / '.join(dict.fromkeys(keys))}) | | " + " | ".join(cells)
+                   + f" | {'' if reach is None else ('> 500' if reach == math.inf else f'{reach:.0f}')}"
+                   + f" | at 200: {gap} | |")
+    return out
+
+
 def cmd_table(args: argparse.Namespace) -> None:
-    probs, runs = load(args.file)
+    probs, runs = load(args.files)
     samplers = [s for s in SAMPLERS if any((p, s) in runs for p in probs)]
     print("| problem | sampler | seeds | " + " | ".join(f"@{k}" for k in CHECKPOINTS[:4])
           + " | trials to random@1000 | ms/trial (CPU) | peak RSS MB |")
@@ -414,6 +466,11 @@ def cmd_table(args: argparse.Namespace) -> None:
                   + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         if target is not None:
             print(f"| {p} | random@1000 | {len(rand)} | {target:.1f} (the target) | | | | | | |")
+    print()
+    print("| problem | the default, by budget | | @50 | @100 | @200 | @500 | trials to random@1000 "
+          "(n_trials = 200 default) | gap to the best sampler | |")
+    print("|---|---|---|" + "---|" * 7)
+    print("\n".join(default_rows(probs, runs)))
 
 
 def main() -> None:
@@ -424,10 +481,12 @@ def main() -> None:
     r.add_argument("--cache", default="/tmp/dse_bench_samplers")
     r.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     r.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
-    r.add_argument("--seeds", type=int, default=5)
+    r.add_argument("--seeds", type=int, default=5, help="seeds 0 .. SEEDS-1")
+    r.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead (split a run "
+                   "over processes, each with its own --out; `table` takes several files)")
     r.add_argument("--max-cpu-s", type=float, default=2400.0, help="stop starting runs after this")
     t = sub.add_parser("table", help="print the Markdown table of a results file")
-    t.add_argument("file")
+    t.add_argument("files", nargs="+")
     args = ap.parse_args()
     {"run": cmd_run, "table": cmd_table}[args.cmd](args)
 

@@ -100,11 +100,12 @@ def load(name: str, root: str | Path | None = None) -> StudyResult:
     """
     import optuna
 
-    from dse.driver import DEFAULT_DIR, load_study_spec, study_dir
+    from dse.driver import DEFAULT_DIR, load_study_spec, study_dir, use_recorded_sampler
     from dse.storage import open_storage
 
     root = root if root is not None else DEFAULT_DIR
     spec = load_study_spec(name, root)
     sdir = study_dir(name, root)
     study = optuna.load_study(study_name=name, storage=open_storage(spec.storage, sdir))
+    use_recorded_sampler(study, spec, record=False)  # the sampler the study was started with
     return StudyResult(spec, study, sdir)

@@ -206,6 +206,8 @@ def status(name: str, root: str) -> dict[str, Any]:
         "hypervolume": study_hypervolume(trials, spec),
         "reference_point": None if ref is None else [float(x) for x in ref],
         "objectives": [f"{o.metric}:{o.direction}" for o in spec.objectives],
+        "sampler": {"name": spec.sampler, "options": dict(spec.sampler_options),
+                    "auto": spec.sampler_auto},
     }
 
 
@@ -229,6 +231,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"study {st['study']}: {states or 'no trials'} (target {st['n_trials']} COMPLETE)")
     print(f"pareto size {st['pareto_size']}, hypervolume {st['hypervolume']:.6g} "
           f"(reference point {st['reference_point']}, minimisation space)")
+    from dse.samplers import describe
+
+    sm = st["sampler"]
+    print(f"sampler {describe(sm['name'], sm['options'])}"
+          + (" (the default for this study, docs/driver.md)" if sm["auto"] else ""))
     return 0
 
 

@@ -52,7 +52,9 @@ from dse.pools import (
     Pool,
     PoolError,
 )
+from dse.samplers import SAMPLER_ATTR
 from dse.spec import (
+    SAMPLER_CLASSES,
     EvaluatorSpec,
     Spec,
     SpecError,
@@ -192,6 +194,7 @@ def open_study(
     storage = open_storage(spec.storage, sdir, buffered=buffered)
     if not create:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler())
+        use_recorded_sampler(study, spec, record=False)
         _reseed(study, spec)
         return study
     study = optuna.create_study(
@@ -214,8 +217,28 @@ def open_study(
         if isinstance(stored, str):  # e.g. spec.toml edited by hand, then `dse resume`
             _spec_change(spec, stored, f"the study's {SPEC_ATTR} in its storage", allow_spec_change)
         study.set_user_attr(SPEC_ATTR, spec.text)
+    use_recorded_sampler(study, spec, record=True)
     _reseed(study, spec)
     return study
+
+
+def use_recorded_sampler(study: optuna.Study, spec: Spec, *, record: bool) -> None:
+    """Use the sampler recorded in the study, or (``record``) record the spec's.
+
+    A spec without ``[study] sampler`` continues with the default chosen when its study
+    began (the choice depends on ``n_trials``, which a resume may change); a spec naming
+    its sampler uses that one (a changed sampler is refused by :func:`check_spec_change`
+    unless allowed) and the record is updated.
+    """
+    stored = study.user_attrs.get(SAMPLER_ATTR)
+    if spec.sampler_auto and isinstance(stored, dict) and stored.get("name") in SAMPLER_CLASSES:
+        if (stored["name"], stored.get("options", {})) != (spec.sampler, spec.sampler_options):
+            spec.sampler, spec.sampler_options = stored["name"], dict(stored.get("options", {}))
+            study.sampler = spec.make_sampler()
+        return
+    mine = {"name": spec.sampler, "options": dict(spec.sampler_options), "auto": spec.sampler_auto}
+    if record and stored != mine:
+        study.set_user_attr(SAMPLER_ATTR, mine)
 
 
 def _reseed(study: optuna.Study, spec: Spec) -> None:
@@ -445,6 +468,7 @@ class Driver:
         self.root = Path(root)
         self.sdir = study_dir(spec.name, root)
         self.n_trials = n_trials if n_trials is not None else spec.n_trials
+        spec.choose_sampler(self.n_trials)  # the default sampler, for this budget (dse.samplers)
         self.workers = workers if workers is not None else spec.workers
         self.address = address if address is not None else spec.address
         self.tracking = spec.tracking if tracking is None else tracking

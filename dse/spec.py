@@ -236,7 +236,11 @@ class Spec:
         text: the spec's TOML text (stored with the study, so resume needs no file).
         name, seed, sampler, n_trials, timeout_s, storage: the ``[study]`` fields.
         enqueue: baseline points, each a dict of parameter values.
-        sampler_options: extra keyword arguments of the Optuna sampler (extension).
+        sampler_options: extra keyword arguments of the Optuna sampler (extension); with
+            no ``sampler`` named, the default's options (:func:`choose_sampler`) updated
+            by the spec's ``sampler_options`` (``sampler_given``).
+        sampler_auto: the spec names no sampler: the default was chosen
+            (:func:`dse.samplers.default_sampler`); :meth:`choose_sampler` re-chooses it.
         max_failed: stop after this many FAIL trials (extension; default n_trials).
         trial_timeout_s: a trial running longer is failed, its actor killed (extension).
         trial_retries: times a timed-out trial's parameters are re-enqueued (default 1).
@@ -255,7 +259,9 @@ class Spec:
     path: Path | None = None
     text: str = ""
     seed: int = 0
-    sampler: str = "nsga2"
+    sampler: str = "tpe"
+    sampler_auto: bool = False
+    sampler_given: dict[str, Any] = field(default_factory=dict)
     n_trials: int = 100
     timeout_s: float | None = None
     storage: str | None = None
@@ -279,6 +285,14 @@ class Spec:
         """Optuna directions, one per objective."""
         return [o.direction for o in self.objectives]
 
+    def choose_sampler(self, n_trials: int) -> None:
+        """Re-choose the default sampler for a run of ``n_trials`` (no-op when the spec
+        names its sampler or gives ``sampler_options``: those were checked against the
+        sampler chosen when the spec was read)."""
+        if self.sampler_auto and not self.sampler_given:
+            self.sampler, self.sampler_options = choose_sampler(
+                len(self.objectives), n_trials, self.params, self.sampler_given)
+
     def make_sampler(self, n_trials_in_study: int = 0) -> optuna.samplers.BaseSampler:
         """The seeded Optuna sampler named by ``study.sampler``.
 
@@ -300,6 +314,20 @@ class Spec:
             kwargs.setdefault("independent_sampler", optuna.samplers.RandomSampler(seed=seed))
             return cls(seed=self.seed, **kwargs)
         return cls(seed=seed, **kwargs)
+
+
+def choose_sampler(n_objectives: int, n_trials: int, params: Sequence[Param],
+                   given: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The default sampler for a spec that names none, and its options: the measured
+    choice of :func:`dse.samplers.default_sampler`, updated by the spec's own
+    ``sampler_options`` (``given``)."""
+    from dse.samplers import default_sampler
+
+    searched = [p for p in params if p.kind != "fixed"]
+    name, opts = default_sampler(max(1, n_objectives), max(1, n_trials),
+                                 continuous=bool(searched) and all(p.kind in ("int", "float") for p in searched),
+                                 conditional=any(p.when for p in params))
+    return name, {**opts, **dict(given or {})}
 
 
 def _sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:
@@ -567,14 +595,17 @@ class _Validator:
         deterministic = self.get_bool(study, "deterministic", "study.deterministic", True)
 
         objectives = self.objectives(data)
-        default_sampler = "nsga2" if len(objectives) > 1 else "tpe"
-        sampler = self.get_str(study, "sampler", "study.sampler", default_sampler, SAMPLERS)
-        sampler_options = self.table(study, "sampler_options", "study.sampler_options")
+        constraints = self.constraints(data)
+        params = self.space(data)
+        sampler_auto = "sampler" not in study
+        sampler_given = self.table(study, "sampler_options", "study.sampler_options")
+        sampler, sampler_options = choose_sampler(len(objectives), n_trials or 100, params, sampler_given)
+        sampler = self.get_str(study, "sampler", "study.sampler", sampler, SAMPLERS)
+        if not sampler_auto:
+            sampler_options = sampler_given
         if sampler and sampler_options:
             self.check_sampler_options(sampler, sampler_options)
 
-        constraints = self.constraints(data)
-        params = self.space(data)
         enqueue = self.enqueue(study, params)
         evaluators, schemas = self.evaluators(data, check_options)
         if check_options and evaluators:
@@ -603,7 +634,9 @@ class _Validator:
             params=params,
             evaluators=evaluators,
             seed=seed or 0,
-            sampler=sampler or default_sampler,
+            sampler=sampler or "tpe",
+            sampler_auto=sampler_auto,
+            sampler_given=sampler_given,
             n_trials=n_trials or 100,
             timeout_s=timeout_s,
             storage=storage,

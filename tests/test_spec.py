@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from dse.samplers import default_sampler
 from dse.spec import SAMPLERS, SpecError, load_spec, parse_spec, sample_params
 
 STUDY = '[study]\nname = "s"\nn_trials = 4\n'
@@ -21,7 +22,8 @@ def spec(study: str = STUDY, obj: str = OBJ, space: str = SPACE, ev: str = EVAL,
 
 def test_valid_minimal() -> None:
     s = parse_spec(spec())
-    assert s.name == "s" and s.sampler == "nsga2" and s.n_trials == 4 and s.workers == 2
+    assert s.name == "s" and s.n_trials == 4 and s.workers == 2
+    assert s.sampler_auto and (s.sampler, s.sampler_options) == default_sampler(2, 4)  # dse/samplers.py
     assert [p.name for p in s.params] == ["x.0", "x.1"]
 
 
@@ -39,7 +41,7 @@ CASES: list[tuple[str, str]] = [
     (spec(study='[study]\nname = "s"\ntimeout_s = -5\n'), "study.timeout_s: expected a number > 0, got -5"),
     (spec(study='[study]\nname = "s"\nstorage = 5\n'), "study.storage: expected a string, got 5"),
     (spec(study='[study]\nname = "s"\nn_trail = 5\n'), "study.n_trail: unknown field"),
-    (spec(study='[study]\nname = "s"\n[study.sampler_options]\npopsize = 4\n'), "study.sampler_options.popsize: unknown option of the nsga2 sampler"),
+    (spec(study='[study]\nname = "s"\nsampler = "nsga2"\n[study.sampler_options]\npopsize = 4\n'), "study.sampler_options.popsize: unknown option of the nsga2 sampler"),
     (spec(extra='[[study.enqueue]]\n"x.9" = 0.5\n'), "study.enqueue[0].x.9: expected the name of a parameter in [space]"),
     (spec(extra='[[study.enqueue]]\n"x.0" = 2.0\n'), "study.enqueue[0].x.0: expected a value in the parameter's range/choices, got 2.0"),
     (spec(obj=""), "objectives: required; expected at least one [[objectives]] table"),

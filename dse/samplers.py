@@ -1,0 +1,71 @@
+"""The default sampler: which Optuna sampler (and settings) a study gets when its spec
+names none.
+
+Chosen by measurement (``bench/bench_samplers.py``, table and reasoning in
+docs/benchmarks.md and docs/driver.md "How the default sampler is chosen"). An explicit
+``[study] sampler`` always wins. The choice is recorded in the study (user attribute
+:data:`SAMPLER_ATTR`), so ``dse resume`` and ``dse status`` use and show the sampler the
+study was started with, even when the run's ``--n-trials`` changes what would be chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: study user attribute holding ``{"name": ..., "options": {...}, "auto": bool}``
+SAMPLER_ATTR = "dse:sampler"
+
+
+#: largest budget given the GP sampler: it costs ~0.4-0.9 s per trial by 100 trials on one
+#: core (more with each trial) and ~0.6-0.9 GB of memory (torch)
+GP_MAX_TRIALS = 100
+
+
+def default_sampler(n_objectives: int, n_trials: int, *, continuous: bool = False,
+                    conditional: bool = False) -> tuple[str, dict[str, Any]]:
+    """The sampler name (a ``SAMPLER_CLASSES`` key) and its options for a study.
+
+    The rule (measured: docs/benchmarks.md "Samplers", reasoning in docs/driver.md):
+
+    * one objective: multivariate TPE (Optuna's own single-objective default);
+    * two objectives, a continuous space (no ``choices``, no ``when``) and at most
+      :data:`GP_MAX_TRIALS` trials: the GP sampler (95-99% of the true front in 100
+      trials on ZDT1-3, where TPE reaches 4-58%);
+    * three or more objectives on a continuous space: independent TPE (DTLZ2: 84% at 200
+      trials against 68% for multivariate TPE);
+    * otherwise (spaces with choices: the simulator spaces): multivariate TPE.
+
+    TPE samples groups of parameters that appear together jointly in a conditional space
+    (``group = true``); with several workers its ``constant_liar`` (on by default in
+    Optuna 5) keeps running trials from being proposed twice.
+
+    Args:
+        n_objectives: objectives of the study (>= 1).
+        n_trials: the run's trial budget (COMPLETE trials).
+        continuous: every searched parameter is an int or float range (no ``choices``).
+        conditional: some parameter has a ``when`` condition.
+
+    Returns:
+        ``(name, options)``; options are keyword arguments of the Optuna sampler, all
+        numbers, strings or bools (they are recorded in the study as JSON).
+    """
+    if n_objectives < 1:
+        raise ValueError(f"n_objectives: expected an integer >= 1, got {n_objectives}")
+    if n_trials < 1:
+        raise ValueError(f"n_trials: expected an integer >= 1, got {n_trials}")
+    multivariate: dict[str, Any] = {"multivariate": True, **({"group": True} if conditional else {})}
+    if n_objectives == 1:
+        return "tpe", multivariate
+    if continuous and not conditional:
+        if n_objectives == 2 and n_trials <= GP_MAX_TRIALS:
+            return "gp", {}
+        if n_objectives >= 3:
+            return "tpe", {}
+    return "tpe", multivariate
+
+
+def describe(name: str, options: Mapping[str, Any]) -> str:
+    """``tpe (multivariate=True, group=True)``: a sampler and its options in one line."""
+    opts = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return f"{name} ({opts})" if opts else name

@@ -1,0 +1,101 @@
+"""The default sampler (dse/samplers.py): the choice, a spec without a sampler, a study
+that records it and a resume that keeps it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from dse import api
+from dse.driver import Driver
+from dse.plugins.benchmarks import study_spec
+from dse.samplers import GP_MAX_TRIALS, SAMPLER_ATTR, default_sampler, describe
+from dse.spec import SAMPLER_CLASSES, Spec, SpecError, parse_spec
+
+
+def test_default_sampler_choice() -> None:
+    mv, grouped = {"multivariate": True}, {"multivariate": True, "group": True}
+    for n_trials in (1, 50, 100, 101, 200, 500, 10_000):
+        small = n_trials <= GP_MAX_TRIALS
+        assert default_sampler(1, n_trials) == ("tpe", mv)
+        assert default_sampler(1, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
+        # spaces with choices (the simulator spaces): multivariate TPE, whatever the budget
+        for n_obj in (2, 3, 5):
+            assert default_sampler(n_obj, n_trials) == ("tpe", mv)
+            assert default_sampler(n_obj, n_trials, conditional=True) == ("tpe", grouped)
+        # continuous: GP for 2 objectives on small budgets, else TPE (3+: independent)
+        assert default_sampler(2, n_trials, continuous=True) == (("gp", {}) if small else ("tpe", mv))
+        assert default_sampler(3, n_trials, continuous=True) == ("tpe", {})
+        assert default_sampler(2, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
+        for n_obj in (1, 2, 3):
+            for cont in (False, True):
+                name, opts = default_sampler(n_obj, n_trials, continuous=cont)
+                SAMPLER_CLASSES[name](seed=0, **opts)  # Optuna takes the options
+    for bad, msg in [((0, 10), "n_objectives: expected an integer >= 1, got 0"),
+                     ((2, 0), "n_trials: expected an integer >= 1, got 0")]:
+        with pytest.raises(ValueError, match=msg):
+            default_sampler(*bad)
+    assert describe("tpe", grouped) == "tpe (group=True, multivariate=True)"
+    assert describe("random", {}) == "random"
+
+
+def test_spec_without_sampler_gets_the_default() -> None:
+    s = parse_spec(study_spec("s", n_trials=200, sampler=None))  # 2 objectives, 2 floats
+    assert s.sampler_auto and (s.sampler, s.sampler_options) == ("tpe", {"multivariate": True})
+    s.choose_sampler(60)  # the run's budget decides
+    assert (s.sampler, s.sampler_options) == ("gp", {})
+    cat = study_spec("c", n_trials=60, sampler=None).replace(
+        '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
+    assert parse_spec(cat).sampler == "tpe"  # a space with choices
+    named = parse_spec(study_spec("s", n_trials=200, sampler="nsga2",
+                                  sampler_options={"population_size": 8}))
+    assert not named.sampler_auto and named.sampler == "nsga2"
+    named.choose_sampler(60)  # an explicit sampler always wins
+    assert (named.sampler, named.sampler_options) == ("nsga2", {"population_size": 8})
+    # options without a sampler: on top of the default, checked against it, kept as chosen
+    given = parse_spec(study_spec("s", n_trials=200, sampler=None,
+                                  sampler_options={"n_startup_trials": 5}))
+    assert given.sampler == "tpe" and given.sampler_options == {"multivariate": True, "n_startup_trials": 5}
+    given.choose_sampler(60)
+    assert given.sampler == "tpe" and given.sampler_options["n_startup_trials"] == 5
+    with pytest.raises(SpecError, match="study.sampler_options.nope: unknown option of the tpe sampler"):
+        parse_spec(study_spec("s", n_trials=200, sampler=None, sampler_options={"nope": 1}))
+
+
+def test_study_without_sampler_records_and_keeps_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[optuna.samplers.BaseSampler] = []  # every sampler a spec builds, in order
+    make = Spec.make_sampler
+
+    def recording(self: Spec, n_trials_in_study: int = 0) -> optuna.samplers.BaseSampler:
+        made.append(make(self, n_trials_in_study))
+        return made[-1]
+
+    monkeypatch.setattr(Spec, "make_sampler", recording)
+    text = study_spec("auto", n_trials=12, sampler=None, n_vars=2, tracking={"enabled": False})
+    text = text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1).replace(
+        '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
+    root = tmp_path / "studies"
+    res = api.run(text, root=root, progress=False)
+    name, opts = "tpe", {"multivariate": True}  # a space with choices (GP is slow to start)
+    assert res.study.user_attrs[SAMPLER_ATTR] == {"name": name, "options": opts, "auto": True}
+    assert res.spec.sampler == name and res.spec.sampler_options == opts
+    # the record wins over a fresh choice: make it say "random", resume with more trials
+    res.study.set_user_attr(SAMPLER_ATTR, {"name": "random", "options": {}, "auto": True})
+    driver = Driver(parse_spec(text), root, n_trials=20, progress=False)
+    driver.run()
+    assert isinstance(made[-1], optuna.samplers.RandomSampler)  # the study's sampler
+    assert driver.spec.sampler == "random"
+    loaded = api.load("auto", root)
+    assert loaded.spec.sampler == "random"  # what `dse status` shows
+    done = [t for t in loaded.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 20
+    # a study that names its sampler uses and records it, whatever the record said
+    named = text.replace("n_trials = 12\n", 'n_trials = 12\nsampler = "nsga2"\n', 1)
+    driver = Driver(parse_spec(named), root, n_trials=24, progress=False, allow_spec_change=True)
+    driver.run()
+    assert isinstance(made[-1], optuna.samplers.NSGAIISampler)
+    stored = api.load("auto", root).study.user_attrs[SAMPLER_ATTR]
+    assert stored == {"name": "nsga2", "options": {}, "auto": False}
