@@ -3,12 +3,14 @@ that records it and a resume that keeps it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
 import pytest
 
 from dse import api
+from dse.cli import main
 from dse.driver import Driver
 from dse.plugins.benchmarks import study_spec
 from dse.samplers import GP_MAX_TRIALS, SAMPLER_ATTR, default_sampler, describe
@@ -65,7 +67,7 @@ def test_spec_without_sampler_gets_the_default() -> None:
 
 
 def test_study_without_sampler_records_and_keeps_the_default(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     made: list[optuna.samplers.BaseSampler] = []  # every sampler a spec builds, in order
     make = Spec.make_sampler
 
@@ -89,7 +91,12 @@ def test_study_without_sampler_records_and_keeps_the_default(
     assert isinstance(made[-1], optuna.samplers.RandomSampler)  # the study's sampler
     assert driver.spec.sampler == "random"
     loaded = api.load("auto", root)
-    assert loaded.spec.sampler == "random"  # what `dse status` shows
+    assert loaded.spec.sampler == "random"
+    capsys.readouterr()
+    assert main(["status", "auto", "--dir", str(root)]) == 0
+    assert "sampler random (the default for this study, docs/driver.md)" in capsys.readouterr().out
+    assert main(["status", "auto", "--dir", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sampler"] == {"name": "random", "options": {}, "auto": True}
     done = [t for t in loaded.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 20
     # a study that names its sampler uses and records it, whatever the record said
