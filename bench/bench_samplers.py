@@ -422,13 +422,14 @@ def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], l
     out = []
     for p in probs:
         n_obj = 3 if p in ("dtlz2", "plena", "dataflow") else 2
+        cont = p not in ("plena", "dataflow")  # only float ranges
         cells, keys = [], []
         for k in CHECKPOINTS[:4]:
-            key = bench_key(*default_sampler(n_obj, k))
+            key = bench_key(*default_sampler(n_obj, k, continuous=cont))
             keys.append(key or "?")
             m = median_at(runs.get((p, key or ""), []), k)
             cells.append("" if m is None else f"{m:.1f}")
-        key200 = bench_key(*default_sampler(n_obj, 200)) or ""
+        key200 = bench_key(*default_sampler(n_obj, 200, continuous=cont)) or ""
         rand = runs.get((p, "random"), [])
         target = median_at(rand, 1000) if rand else None
         reach = trials_to(runs.get((p, key200), []), target) if target is not None and runs.get((p, key200)) else None

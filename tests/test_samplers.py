@@ -19,18 +19,19 @@ from dse.spec import SAMPLER_CLASSES, Spec, SpecError, parse_spec
 
 def test_default_sampler_choice() -> None:
     mv, grouped = {"multivariate": True}, {"multivariate": True, "group": True}
-    for n_trials in (1, 50, 100, 101, 200, 500, 10_000):
+    for n_trials, pop in ((1, 10), (50, 10), (100, 10), (101, 10), (200, 10), (500, 10),
+                          (1000, 20), (2000, 40), (10_000, 50)):
         small = n_trials <= GP_MAX_TRIALS
         assert default_sampler(1, n_trials) == ("tpe", mv)
-        assert default_sampler(1, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
-        # spaces with choices (the simulator spaces): multivariate TPE, whatever the budget
-        for n_obj in (2, 3, 5):
-            assert default_sampler(n_obj, n_trials) == ("tpe", mv)
+        assert default_sampler(1, n_trials, continuous=True) == ("tpe", mv)
+        for n_obj in (1, 2, 3):  # conditional spaces: grouped multivariate TPE
             assert default_sampler(n_obj, n_trials, conditional=True) == ("tpe", grouped)
-        # continuous: GP for 2 objectives on small budgets, else TPE (3+: independent)
-        assert default_sampler(2, n_trials, continuous=True) == (("gp", {}) if small else ("tpe", mv))
+            assert default_sampler(n_obj, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
+        for n_obj in (2, 3, 5):  # spaces with choices: NSGA-II, population by budget
+            assert default_sampler(n_obj, n_trials) == ("nsga2", {"population_size": pop})
+        # continuous: GP for 2 objectives on small budgets, else independent TPE
+        assert default_sampler(2, n_trials, continuous=True) == (("gp", {}) if small else ("tpe", {}))
         assert default_sampler(3, n_trials, continuous=True) == ("tpe", {})
-        assert default_sampler(2, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
         for n_obj in (1, 2, 3):
             for cont in (False, True):
                 name, opts = default_sampler(n_obj, n_trials, continuous=cont)
@@ -45,12 +46,13 @@ def test_default_sampler_choice() -> None:
 
 def test_spec_without_sampler_gets_the_default() -> None:
     s = parse_spec(study_spec("s", n_trials=200, sampler=None))  # 2 objectives, 2 floats
-    assert s.sampler_auto and (s.sampler, s.sampler_options) == ("tpe", {"multivariate": True})
+    assert s.sampler_auto and (s.sampler, s.sampler_options) == ("tpe", {})
     s.choose_sampler(60)  # the run's budget decides
     assert (s.sampler, s.sampler_options) == ("gp", {})
     cat = study_spec("c", n_trials=60, sampler=None).replace(
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
-    assert parse_spec(cat).sampler == "tpe"  # a space with choices
+    assert (parse_spec(cat).sampler, parse_spec(cat).sampler_options) == (
+        "nsga2", {"population_size": 10})  # a space with choices
     named = parse_spec(study_spec("s", n_trials=200, sampler="nsga2",
                                   sampler_options={"population_size": 8}))
     assert not named.sampler_auto and named.sampler == "nsga2"
@@ -59,7 +61,7 @@ def test_spec_without_sampler_gets_the_default() -> None:
     # options without a sampler: on top of the default, checked against it, kept as chosen
     given = parse_spec(study_spec("s", n_trials=200, sampler=None,
                                   sampler_options={"n_startup_trials": 5}))
-    assert given.sampler == "tpe" and given.sampler_options == {"multivariate": True, "n_startup_trials": 5}
+    assert given.sampler == "tpe" and given.sampler_options == {"n_startup_trials": 5}
     given.choose_sampler(60)
     assert given.sampler == "tpe" and given.sampler_options["n_startup_trials"] == 5
     with pytest.raises(SpecError, match="study.sampler_options.nope: unknown option of the tpe sampler"):
@@ -81,7 +83,7 @@ def test_study_without_sampler_records_and_keeps_the_default(
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
     root = tmp_path / "studies"
     res = api.run(text, root=root, progress=False)
-    name, opts = "tpe", {"multivariate": True}  # a space with choices (GP is slow to start)
+    name, opts = "nsga2", {"population_size": 10}  # a space with choices (GP is slow to start)
     assert res.study.user_attrs[SAMPLER_ATTR] == {"name": name, "options": opts, "auto": True}
     assert res.spec.sampler == name and res.spec.sampler_options == opts
     # the record wins over a fresh choice: make it say "random", resume with more trials

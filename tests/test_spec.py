@@ -23,7 +23,7 @@ def spec(study: str = STUDY, obj: str = OBJ, space: str = SPACE, ev: str = EVAL,
 def test_valid_minimal() -> None:
     s = parse_spec(spec())
     assert s.name == "s" and s.n_trials == 4 and s.workers == 2
-    assert s.sampler_auto and (s.sampler, s.sampler_options) == default_sampler(2, 4)  # dse/samplers.py
+    assert s.sampler_auto and (s.sampler, s.sampler_options) == default_sampler(2, 4, continuous=True)  # dse/samplers.py: gp
     assert [p.name for p in s.params] == ["x.0", "x.1"]
 
 
