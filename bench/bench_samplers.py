@@ -413,8 +413,8 @@ def bench_key(name: str, options: dict[str, Any]) -> str | None:
     return None
 
 
-def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], list[dict[str, Any]]]
-                 ) -> list[str]:
+def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], list[dict[str, Any]]],
+                 seeds: int = 5) -> list[str]:
     """The default's row per problem (dse.samplers.default_sampler for each budget) and the
     targets: random@1000 reached within 200 trials; within 5 points of the best at 200."""
     from dse.samplers import default_sampler
@@ -433,7 +433,8 @@ def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], l
         rand = runs.get((p, "random"), [])
         target = median_at(rand, 1000) if rand else None
         reach = trials_to(runs.get((p, key200), []), target) if target is not None and runs.get((p, key200)) else None
-        best = max(((m, s) for (q, s), rs in runs.items() if q == p and (m := median_at(rs, 200)) is not None),
+        best = max(((m, s) for (q, s), rs in runs.items()  # samplers with every seed run
+                    if q == p and len(rs) >= seeds and (m := median_at(rs, 200)) is not None),
                    default=(None, ""))
         d200 = median_at(runs.get((p, key200), []), 200)
         gap = "" if best[0] is None or d200 is None else f"{best[0] - d200:.1f} behind {best[1]}"

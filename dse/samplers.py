@@ -34,7 +34,7 @@ def default_sampler(n_objectives: int, n_trials: int, *, continuous: bool = Fals
       parameters at random);
     * a continuous space (only int/float ranges): the GP sampler for two objectives and
       at most :data:`GP_MAX_TRIALS` trials (ZDT1-3: 96-99% of the true front by 100
-      trials, every other sampler 5-45%), else independent TPE (best at 200 trials on
+      trials, every other sampler at most 53%), else independent TPE (best at 200 trials on
       ZDT1-3 and DTLZ2);
     * a space with ``choices`` (formats, array shapes, foldings): NSGA-II with a
       population of ``n_trials // 50`` within [10, 50] (PLENA and dataflow spaces: within
