@@ -92,8 +92,11 @@ def run(spec: Spec | str | Path, *, root: str | Path | None = None, **overrides:
     return res
 
 
-def load(name: str, root: str | Path | None = None) -> StudyResult:
+def load(name: str, root: str | Path | None = None, storage: str | None = None) -> StudyResult:
     """Open an existing study by name (read-only use; ``dse resume`` continues it).
+
+    ``storage``: the study's storage URL (``--storage``); the spec is then read from it,
+    so no spec file is needed (:func:`dse.driver.load_study_spec`).
 
     Raises:
         FileNotFoundError / dse.spec.SpecError: no such study, or its spec is invalid.
@@ -104,7 +107,7 @@ def load(name: str, root: str | Path | None = None) -> StudyResult:
     from dse.storage import open_storage
 
     root = root if root is not None else DEFAULT_DIR
-    spec = load_study_spec(name, root)
+    spec = load_study_spec(name, root, storage)
     sdir = study_dir(name, root)
     study = optuna.load_study(study_name=name, storage=open_storage(spec.storage, sdir))
     use_recorded_sampler(study, spec, record=False)  # the sampler the study was started with

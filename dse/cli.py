@@ -34,8 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dse", description="Distributed design-space exploration.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def storage(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--storage", metavar="URL",
+                        help="the study's storage: postgresql://user@host/db, sqlite:///x.db or "
+                             "a .journal path (default: the spec's, else <dir>/<study>/optuna.journal); "
+                             "the spec is read from the storage, so no spec file is needed")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dir", default=str(DEFAULT_DIR), help="where studies live (default ./dse-studies)")
+        storage(sp)
         sp.add_argument("-v", "--verbose", action="store_true",
                         help="also show the libraries' INFO lines and warnings (Ray, MLflow, ...)")
 
@@ -93,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.add_argument("--markdown", action="store_true", help="the docs/params.md reference")
     sp = sub.add_parser("validate", help="check spec files (and evaluator options) without running")
-    sp.add_argument("specs", type=Path, nargs="+")
+    sp.add_argument("specs", type=Path, nargs="*")
+    storage(sp)
     return p
 
 
@@ -113,9 +121,10 @@ def _complete(spec: Any, args: argparse.Namespace) -> str | None:
     from optuna.trial import TrialState
 
     from dse.driver import open_storage, study_dir
+    from dse.storage import is_journal
 
     sdir = study_dir(spec.name, args.dir)
-    if not (sdir / "spec.toml").exists():
+    if is_journal(spec.storage) and not (sdir / "spec.toml").exists():
         return None
     import optuna
 
@@ -135,6 +144,8 @@ def _complete(spec: Any, args: argparse.Namespace) -> str | None:
 def _drive(spec: Any, args: argparse.Namespace) -> int:
     from dse.driver import Driver, check_spec_change, study_dir
 
+    if args.storage:
+        spec.storage = args.storage  # --storage > the spec's [study] storage
     allow = getattr(args, "allow_spec_change", False)
     check_spec_change(spec, study_dir(spec.name, args.dir), allow=allow)  # before anything else
     done = _complete(spec, args)
@@ -164,7 +175,7 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
     )
     if summary.complete >= driver.n_trials:
         return 0
-    again = f"`dse resume {summary.study} --dir {args.dir}`"
+    again = f"`dse resume {summary.study} --dir {args.dir}{_storage_flag(args)}`"
     if summary.signal is not None:
         print(f"interrupted: continue with {again}")
         return 128 + int(summary.signal)
@@ -178,20 +189,27 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
     return 1
 
 
-def _load_study(name: str, root: str) -> tuple[Any, Any]:
+def _storage_flag(args: argparse.Namespace) -> str:
+    """`` --storage URL`` (password hidden) when the command was given one, else ``""``."""
+    from dse.storage import redact
+
+    return f" --storage {redact(args.storage)}" if getattr(args, "storage", None) else ""
+
+
+def _load_study(name: str, root: str, storage: str | None = None) -> tuple[Any, Any]:
     from dse.api import load
 
-    res = load(name, root)
+    res = load(name, root, storage=storage)
     return res.spec, res.study
 
 
-def status(name: str, root: str) -> dict[str, Any]:
+def status(name: str, root: str, storage: str | None = None) -> dict[str, Any]:
     """The status of a study as a JSON-able dict (what ``dse status --json`` prints)."""
     from optuna.trial import TrialState
 
     from dse.pareto import feasible_values, nondominated_mask, reference_point, study_hypervolume
 
-    spec, study = _load_study(name, root)
+    spec, study = _load_study(name, root, storage)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: 0 for s in TrialState}
     for t in trials:
@@ -223,7 +241,7 @@ def _finite(v: Any) -> Any:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    st = status(args.study, args.dir)
+    st = status(args.study, args.dir, args.storage)
     if args.json:
         print(json.dumps(_finite(st), allow_nan=False))
         return 0
@@ -244,7 +262,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     from dse.spec import study_info
     from tracking.artifacts import pareto_table, write_table
 
-    spec, study = _load_study(args.study, args.dir)
+    spec, study = _load_study(args.study, args.dir, args.storage)
     table = pareto_table(study.get_trials(deepcopy=False), study_info(spec, study_dir(args.study, args.dir)))
     if args.out:
         write_table(table, args.out)
@@ -263,7 +281,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from dse.spec import study_info
     from tracking.artifacts import trials_table, write_table
 
-    spec, study = _load_study(args.study, args.dir)
+    spec, study = _load_study(args.study, args.dir, args.storage)
     table = trials_table(study.get_trials(deepcopy=False), study_info(spec, study_dir(args.study, args.dir)))
     write_table(table, args.out)
     print(f"{table.num_rows} trials -> {args.out}")
@@ -276,7 +294,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     from dse.spec import study_info
     from tracking.mlflow_tracker import TrackingError, sync
 
-    spec, study = _load_study(args.study, args.dir)
+    spec, study = _load_study(args.study, args.dir, args.storage)
     sdir = study_dir(args.study, args.dir)
     try:
         info = study_info(spec, sdir, uri=args.tracking_uri, study_uid=storage.study_uid(study))
@@ -303,7 +321,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         if len(found) != 1:
             raise SpecError([f"study: expected one of {found or 'the studies under ' + args.dir}; name it"])
         name = found[0]
-    spec = load_study_spec(name, args.dir)
+    spec = load_study_spec(name, args.dir, args.storage)
     uri = resolve_uri(args.tracking_uri or spec.tracking_uri, study_dir(name, args.dir))
     page = study_run_path(uri, name)
     if uri.startswith(("http://", "https://")):
@@ -337,16 +355,33 @@ def _cmd_evaluators(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """Check spec files, and the storage each will use (``--storage`` or the spec's):
+    its driver imports and its server answers. A spec problem exits 2, an unusable
+    storage 1, each one line."""
+    from dse.storage import StorageError, check_storage
+
+    if not args.specs and not args.storage:
+        raise SpecError(["dse validate: expected spec files and/or --storage URL, got neither"])
     errors: list[str] = []
+    urls: list[str] = [args.storage] if args.storage else []
     for path in args.specs:
         try:
             s = load_spec(path)
             print(f"{path}: ok (study {s.name}, {len(s.params)} parameters, "
                   f"{len(s.objectives)} objectives, {len(s.constraints)} constraints)")
+            if s.storage and not args.storage and s.storage not in urls:
+                urls.append(s.storage)
         except SpecError as e:
             errors.extend(e.errors)
     if errors:
         raise SpecError(errors)
+    problems = [why for u in urls if (why := check_storage(u))]
+    if problems:
+        raise StorageError("; ".join(problems))
+    for u in urls:
+        from dse.storage import redact
+
+        print(f"storage {redact(u)}: ok")
     return 0
 
 
@@ -409,7 +444,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "resume":
             from dse.driver import load_study_spec
 
-            return _drive(load_study_spec(args.study, args.dir), args)
+            return _drive(load_study_spec(args.study, args.dir, args.storage), args)
         return {
             "status": _cmd_status,
             "pareto": _cmd_pareto,

@@ -10,10 +10,13 @@ front, progress, heartbeat, MLflow) -> stop rules (target reached, ``max_failed`
 (``metrics``, ``info``); an evaluator that raises or returns a non-finite metric fails
 the trial with ``fail_reason``.
 
-Crash safety: the driver writes a heartbeat (study system attribute ``dse:driver``) every
-few seconds. A driver that starts on an existing study finds trials left RUNNING by a
-dead driver, fails them with a reason and re-enqueues their parameters, and goes on until
-the study has ``n_trials`` COMPLETE trials. Ctrl-C stops asking and lets in-flight trials
+Several drivers (processes, hosts) may run one study at once and cooperate
+(:class:`dse.storage.Cooperation`): each writes a heartbeat (``dse:driver:<id>``) every few
+seconds and asks only while the study's COMPLETE + RUNNING trials are fewer than
+``n_trials`` (counted under a storage-wide lock), so together they end with exactly
+``n_trials`` COMPLETE. Trials left RUNNING by a driver that is gone are run again as
+themselves by a driver that starts, or failed and re-enqueued once by one that is
+running. Ctrl-C stops asking and lets in-flight trials
 finish; a second Ctrl-C or SIGTERM fails and re-enqueues them at once. The guarantees per
 fault are listed in docs/driver.md.
 """
@@ -39,7 +42,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dse import reaper, registry, storage
-from dse.listeners import DRIVER_ATTR, HEARTBEAT_S, Listener, RunState, make_listeners
+from dse.listeners import Listener, RunState, make_listeners
 from dse.pareto import params_key
 from dse.pools import (
     ActorPool,
@@ -64,7 +67,7 @@ from dse.spec import (
     study_info,
     study_name_problem,
 )
-from dse.storage import open_storage
+from dse.storage import open_storage, redact
 
 __all__ = [
     "Driver", "DriverError", "EvaluatorHost", "RunSummary", "open_storage", "open_study", "study_dir",
@@ -74,6 +77,7 @@ log = logging.getLogger("dse")
 
 DEFAULT_DIR = Path("dse-studies")
 FLUSH_S = 0.2  # longest time told results stay unflushed in the journal buffer
+WAIT_S = 0.5  # poll period while other drivers' trials fill the study
 SPEC_ATTR = "dse:spec"
 ENQUEUED_ATTR = "dse:baselines_enqueued"
 TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
@@ -98,12 +102,43 @@ def study_dir(spec_name: str, root: str | Path = DEFAULT_DIR) -> Path:
     return Path(root) / spec_name
 
 
-def load_study_spec(name: str, root: str | Path = DEFAULT_DIR) -> Spec:
-    """The spec a study was created with (``<root>/<name>/spec.toml``), validated again."""
-    path = study_dir(name, root) / "spec.toml"
+STORAGE_FILE = "storage.url"  # in a study directory: the storage given by --storage
+
+
+def load_study_spec(name: str, root: str | Path = DEFAULT_DIR, storage: str | None = None) -> Spec:
+    """The spec a study runs with, validated again.
+
+    With ``storage`` (``--storage URL``): the copy inside the study (user attribute
+    ``dse:spec``), so any machine reaches the study with its URL alone; the spec's own
+    ``storage`` becomes ``storage``. Without: ``<root>/<name>/spec.toml``, with the storage
+    a run's ``--storage`` gave (``<root>/<name>/storage.url``) if any.
+
+    Raises:
+        FileNotFoundError: no such study (one line).
+        SpecError: the stored spec is no longer valid.
+    """
+    sdir = study_dir(name, root)
+    if storage is not None:
+        st = open_storage(storage, sdir)
+        try:
+            text = st.get_study_user_attrs(st.get_study_id_from_name(name)).get(SPEC_ATTR)
+        except KeyError:
+            raise FileNotFoundError(f"study {name!r}: not in storage {redact(storage)}") from None
+        if not isinstance(text, str):
+            raise FileNotFoundError(f"study {name!r}: storage {redact(storage)} holds no spec for it "
+                                    f"(made outside dse?); run its spec file with `dse run SPEC --storage ...`")
+        spec = parse_spec(text, source=f"{SPEC_ATTR} of study {name} in {redact(storage)}")
+        spec.storage = storage
+        return spec
+    path = sdir / "spec.toml"
     if not path.exists():
-        raise FileNotFoundError(f"study {name!r}: no {path}; expected a study created by `dse run`")
-    return parse_spec(path.read_text(encoding="utf-8"), source=str(path), path=path)
+        raise FileNotFoundError(f"study {name!r}: no {path}; expected a study created by `dse run` "
+                                "(or give --storage URL to load it from its storage)")
+    spec = parse_spec(path.read_text(encoding="utf-8"), source=str(path), path=path)
+    pointer = sdir / STORAGE_FILE
+    if pointer.exists():
+        spec.storage = pointer.read_text(encoding="utf-8").strip() or spec.storage
+    return spec
 
 
 #: spec fields that steer a run without changing what the study is (accepted on an existing study)
@@ -212,6 +247,7 @@ def open_study(
     spec_path = sdir / "spec.toml"
     if not spec_path.exists():
         spec_path.write_text(spec.text, encoding="utf-8")
+    _write_pointer(spec, sdir)
     stored = study.user_attrs.get(SPEC_ATTR)
     if spec.text and stored != spec.text:
         if isinstance(stored, str):  # e.g. spec.toml edited by hand, then `dse resume`
@@ -239,6 +275,24 @@ def use_recorded_sampler(study: optuna.Study, spec: Spec, *, record: bool) -> No
     mine = {"name": spec.sampler, "options": dict(spec.sampler_options), "auto": spec.sampler_auto}
     if record and stored != mine:
         study.set_user_attr(SAMPLER_ATTR, mine)
+
+
+def _write_pointer(spec: Spec, sdir: Path) -> None:
+    """Record a storage the spec text does not name (``--storage``) in ``sdir/storage.url``."""
+    pointer = sdir / STORAGE_FILE
+    named = None
+    if spec.text:
+        import tomllib
+
+        named = tomllib.loads(spec.text).get("study", {}).get("storage")
+    if spec.storage is None or spec.storage == named:
+        pointer.unlink(missing_ok=True)
+        return
+    if not pointer.exists() or pointer.read_text(encoding="utf-8").strip() != spec.storage:
+        tmp = pointer.with_name(STORAGE_FILE + ".tmp")
+        tmp.write_text(spec.storage + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o600)  # a URL may hold a password
+        os.replace(tmp, pointer)
 
 
 def _reseed(study: optuna.Study, spec: Spec) -> None:
@@ -486,6 +540,7 @@ class Driver:
         self._stop_reason = ""
         self._interrupts = 0
         self._old_handlers: dict[int, Any] = {}
+        self._capped = False  # the last ask found the study full (other drivers' trials)
 
     # -------------------------------------------------------------- the loop
 
@@ -519,7 +574,8 @@ class Driver:
         # a complete study's MLflow runs stay as they are
         tracker = self._tracker(study) if self.tracking and state.complete < self.n_trials else None
         trials = study.get_trials(deepcopy=False)
-        front, listeners = make_listeners(self.spec, study, trials, state, progress=self.progress, tracker=tracker)
+        front, listeners = make_listeners(self.spec, self._coop, trials, state, progress=self.progress,
+                                          tracker=tracker, recover=self._recover_later)
         pool: Pool | None = None
         order = _Order(self.workers if self.deterministic else None)
         t_loop = time.monotonic()
@@ -547,6 +603,8 @@ class Driver:
                 self._flush(study, force=not pool.in_flight())
                 if not order.pending() and not self._wants(state, 0):
                     break  # (wanting more with nothing in flight: actors are starting)
+                if self._capped and not order.pending():
+                    time.sleep(WAIT_S)  # the other drivers' trials fill the study: wait for them
                 order.arrived(pool.wait(FLUSH_S if storage.unflushed(study) else 1.0))
                 state.running = order.pending()
                 for li in listeners:
@@ -582,10 +640,17 @@ class Driver:
 
     def _fill(self, study: optuna.Study, pool: Pool, state: RunState, order: _Order) -> None:
         """Ask trials while the order allows and more are needed; submit what a worker can take."""
+        self._capped = False
         while order.may_ask(pool) and self._wants(state, order.pending()):
             if self.deterministic:  # the sampler's state follows from (seed, trials so far)
                 study.sampler = self.spec.make_sampler(len(study.get_trials(deepcopy=False)))
-            job = self._job(study, study.ask())
+            # asked only while COMPLETE + RUNNING over every driver < n_trials (Cooperation.ask)
+            trial, counts = self._coop.ask(self.n_trials)
+            state.complete = counts[TrialState.COMPLETE]  # every driver's
+            if trial is None:
+                self._capped = True
+                break
+            job = self._job(study, trial)
             key = params_key(job.trial)
             order.asked(job, key, self._answer(job, self._seen.get(key)))
         order.submit(pool)
@@ -703,14 +768,17 @@ class Driver:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sdir.mkdir(parents=True, exist_ok=True)
         study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
-        self._check_owner(study)
+        self._coop = storage.Cooperation(study, lambda t: self._requeue(study, t))
+        self._coop.beat()
+        others = self._coop.live_drivers()
+        if others:
+            log.info("study %s: joining %d running driver(s) (%s)", self.spec.name, len(others),
+                     ", ".join(f"pid {h.get('pid')} on {h.get('host')}" for h in others))
         recovered = self._recover(study)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self._remember(t)
-        if self.spec.enqueue and not storage.system_attrs(study).get(ENQUEUED_ATTR):
-            for point in self.spec.enqueue:
-                study.enqueue_trial(point, user_attrs={"dse:baseline": True})
-            storage.set_system_attr(study, ENQUEUED_ATTR, True)
+        if self.spec.enqueue:  # once per study, under the storage lock (several drivers)
+            self._coop.enqueue_once(ENQUEUED_ATTR, list(self.spec.enqueue), {"dse:baseline": True})
         storage.flush(study)
         done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
         return study, RunState(n_trials=self.n_trials, complete=done), recovered
@@ -772,32 +840,32 @@ class Driver:
             duplicates=self._duplicates,
         )
 
-    def _check_owner(self, study: optuna.Study) -> None:
-        """Refuse to run a study another live driver is running."""
-        hb = storage.system_attrs(study).get(DRIVER_ATTR)
-        if not isinstance(hb, dict) or hb.get("pid") == os.getpid():
-            return
-        fresh = time.time() - float(hb.get("time", 0)) < 3 * HEARTBEAT_S
-        if hb.get("host") == socket.gethostname():
-            try:
-                os.kill(int(hb["pid"]), 0)
-                alive = True
-            except (OSError, ValueError):
-                alive = False
-            if alive and fresh:
-                raise DriverError(f"study {self.spec.name!r} is being run by pid {hb['pid']}; stop it first")
-        elif fresh:
-            raise DriverError(f"study {self.spec.name!r} is being run on host {hb.get('host')}; stop it first")
-
     def _recover(self, study: optuna.Study) -> list[FrozenTrial]:
         """Trials left RUNNING by a dead driver: the run evaluates them again as themselves
         (same numbers, same parameters) before asking new ones, so the study goes on as
         the uninterrupted run would have."""
-        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        stale = self._coop.adopt()  # only those whose driver is gone (other drivers may run)
         if stale:
             log.warning("%d trial(s) left RUNNING by a driver that stopped: running them again: %s",
                         len(stale), [t.number for t in stale])
         return stale
+
+    def _recover_later(self) -> list[int]:
+        """Trials left RUNNING by a driver that died while this one runs (found after each
+        heartbeat): failed and their parameters re-enqueued, once, by whichever driver
+        sees them first."""
+        stale = self._coop.recover("left RUNNING by a driver that stopped (no heartbeat); re-enqueued")
+        if stale:
+            log.warning("recovered %d trial(s) left RUNNING by a driver that stopped: %s", len(stale), stale)
+        return stale
+
+    def _requeue(self, study: optuna.Study, t: FrozenTrial) -> None:
+        """Enqueue the parameters of recovered trial ``t`` (its timeout count kept); a trial
+        killed before its parameters were written has none: a new trial takes its place."""
+        if not t.params:
+            return
+        extra = {TIMEOUTS_ATTR: t.user_attrs[TIMEOUTS_ATTR]} if TIMEOUTS_ATTR in t.user_attrs else {}
+        study.enqueue_trial(dict(t.params), user_attrs={"dse:retry_of": t.number, **extra})
 
     # -------------------------------------------------------------- Ray and the pool
 

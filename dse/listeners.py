@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,19 +20,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dse import storage
 from dse.pareto import FrontTracker, is_feasible, params_key
+from dse.storage import HEARTBEAT_S
 
 if TYPE_CHECKING:
     from dse.spec import Spec
 
 __all__ = [
-    "DRIVER_ATTR", "Front", "Heartbeat", "Listener", "LogLine", "ProgressBar", "RunState",
+    "Front", "Heartbeat", "Listener", "LogLine", "ProgressBar", "RunState",
     "Tracking", "make_listeners",
 ]
 
 log = logging.getLogger("dse")
 
-DRIVER_ATTR = "dse:driver"
-HEARTBEAT_S = 5.0  # heartbeat period; a heartbeat older than 3 periods is stale
 HV_EVERY_S = 1.0  # hypervolume (progress + MLflow history) at most this often
 LOG_EVERY_S = 10.0  # progress log line period (no bar)
 
@@ -160,27 +157,24 @@ class LogLine(Listener):
 
 
 class Heartbeat(Listener):
-    """Writes ``{"pid", "host", "time"}`` into the study every ``HEARTBEAT_S`` seconds."""
+    """This driver's heartbeat in the study every ``HEARTBEAT_S`` seconds
+    (:class:`dse.storage.Cooperation`), and the recovery of trials whose driver is gone."""
 
-    def __init__(self, study: optuna.Study) -> None:
-        self.study = study
+    def __init__(self, coop: storage.Cooperation, recover: Any = None) -> None:
+        self.coop = coop
+        self.recover = recover
         self.every = _Every(HEARTBEAT_S)
-        self.beat()
-
-    def beat(self) -> None:
-        """Write the heartbeat now."""
-        storage.set_system_attr(
-            self.study, DRIVER_ATTR, {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-        )
 
     def tick(self, state: RunState, final: bool = False) -> None:
-        """Beat when due."""
+        """Beat when due; then recover the trials of drivers that are gone."""
         if self.every.due():
-            self.beat()
+            self.coop.beat()
+            if self.recover is not None and not final:
+                self.recover()
 
     def close(self, trials: Sequence[FrozenTrial]) -> None:
-        """Mark the study as not run by anyone."""
-        storage.set_system_attr(self.study, DRIVER_ATTR, {"pid": None, "time": 0.0})
+        """Mark this driver as ended (its trials, if any were left RUNNING, are orphans)."""
+        self.coop.beat(done=True)
 
 
 class Tracking(Listener):
@@ -231,15 +225,18 @@ class Tracking(Listener):
 
 
 def make_listeners(
-    spec: Spec, study: optuna.Study, trials: Sequence[FrozenTrial], state: RunState, *,
-    progress: bool, tracker: Any | None,
+    spec: Spec, coop: storage.Cooperation, trials: Sequence[FrozenTrial], state: RunState, *,
+    progress: bool, tracker: Any | None, recover: Any = None,
 ) -> tuple[Front, list[Listener]]:
     """The front and every listener of a run, in the order they are called.
 
-    ``tracker``: a started-or-not :class:`tracking.mlflow_tracker.Tracker`, or ``None``.
+    ``coop``: this driver's :class:`dse.storage.Cooperation` (heartbeat);
+    ``tracker``: a started-or-not :class:`tracking.mlflow_tracker.Tracker`, or ``None``;
+    ``recover``: called after each heartbeat (recovers orphaned trials).
     """
+    study = coop.study
     front = Front(spec, trials)
-    out: list[Listener] = [front, Heartbeat(study)]
+    out: list[Listener] = [front, Heartbeat(coop, recover)]
     if tracker is not None:
         finished = [t for t in trials if t.state.is_finished()]
         out.append(Tracking(tracker, study, front, len(spec.objectives), finished))

@@ -372,6 +372,12 @@ def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     return out
 
 
+def _redact(url: str | None) -> str:
+    from dse.storage import redact
+
+    return redact(url)
+
+
 def study_info(spec: Spec, sdir: str | Path, uri: str | None = None, storage_desc: str = "",
                study_uid: str = "") -> StudyInfo:
     """What tracking is told about ``spec`` (a :class:`tracking.StudyInfo`).
@@ -412,7 +418,7 @@ def study_info(spec: Spec, sdir: str | Path, uri: str | None = None, storage_des
         child_runs=spec.child_runs,
         artifact_every=spec.artifact_every,
         spec_text=spec.text,
-        storage_desc=storage_desc or spec.storage or "journal:optuna.journal",
+        storage_desc=storage_desc or _redact(spec.storage),
         study_uid=study_uid,
     )
 

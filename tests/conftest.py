@@ -67,3 +67,35 @@ def ray_session():  # type: ignore[no-untyped-def]
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # type: ignore[no-untyped-def]
+    """A PostgreSQL server for the session: ``$DSE_TEST_POSTGRES_URL`` (``.ci/run`` starts
+    one), else a private one started from the machine's ``initdb`` (tests/postgres.py);
+    skipped with the reason when neither exists or psycopg is not installed."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install 'dse[postgresql]')")
+    from tests import postgres
+
+    url = os.environ.get("DSE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if postgres.find_bin() is None:
+        pytest.skip("no PostgreSQL: set DSE_TEST_POSTGRES_URL or install the postgresql package (initdb)")
+    server = postgres.start(fsync=False)
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the session's PostgreSQL server (its ``postgresql://`` URL)."""
+    from tests import postgres
+
+    return postgres.new_database(postgres_server)

@@ -123,12 +123,13 @@ def test_failed_write_cuts_back_and_keeps_the_records(
 ) -> None:
     """ENOSPC after half a batch was written (simulated at the file-write layer)."""
     path = _make_study(tmp_path, "s", 3)
-    size = path.stat().st_size
     storage = open_storage(None, path.parent, buffered=True)
     study = optuna.load_study(study_name="s", storage=storage)
     for _ in range(2):
-        t = study.ask()
+        t = study.ask()  # written at once (a new trial takes the file's next id)
         study.tell(t, [t.suggest_float("x.0", 0, 1), t.suggest_float("x.1", 0, 1)])
+    size = path.stat().st_size  # the last trial's parameters and tell are buffered
+    assert _reader(path)[-1].state == TrialState.RUNNING
     real_write = os.write
 
     def half_then_full(fd: int, data: Any) -> int:
@@ -142,7 +143,7 @@ def test_failed_write_cuts_back_and_keeps_the_records(
     assert "\n" not in msg and "No space left on device" in msg and "free space, then" in msg
     assert f"dse resume s --dir {tmp_path}" in msg
     assert path.stat().st_size == size  # cut back: the journal holds whole records only
-    assert len(_reader(path)) == 3
+    assert len(_reader(path)) == 5 and _reader(path)[-1].state == TrialState.RUNNING
     monkeypatch.setattr(dse_storage.os, "write", real_write)
     flush_storage(storage)  # space is back: the kept records are written
     got = _reader(path)
