@@ -232,13 +232,17 @@ def open_study(
         use_recorded_sampler(study, spec, record=False)
         _reseed(study, spec)
         return study
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        sampler=spec.make_sampler(),
-        directions=spec.directions,
-        load_if_exists=True,
-    )
+    try:  # an existing study is loaded: creating it again would write a (no-op) record
+        storage.get_study_id_from_name(spec.name)
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler())
+    except KeyError:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=storage,
+            sampler=spec.make_sampler(),
+            directions=spec.directions,
+            load_if_exists=True,  # another driver may create it at the same moment
+        )
     if list(study.directions) != [
         optuna.study.StudyDirection.MINIMIZE if d == "minimize" else optuna.study.StudyDirection.MAXIMIZE
         for d in spec.directions
