@@ -898,20 +898,30 @@ class Cooperation:
         out: list[FrozenTrial] = []
         with exclusive(self.study):
             drivers, now = self._drivers(), time.time()
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            for t in self._running():
                 if self.orphan(t, drivers, now):
                     self.study._storage.set_trial_system_attr(t._trial_id, OWNER_ATTR, self.id)
                     out.append(t)
         return out
+
+    def _running(self) -> list[FrozenTrial]:
+        """The RUNNING trials as the storage holds them now (no cached read)."""
+        st = self.study._storage
+        if isinstance(st, DriverRDBStorage):
+            st.refresh()
+        return self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
     def recover(self, reason: str) -> list[int]:
         """Fail every orphaned RUNNING trial with ``reason`` and re-enqueue it, once."""
         out: list[int] = []
         with exclusive(self.study):
             drivers, now = self._drivers(), time.time()
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            for t in self._running():
                 if self.orphan(t, drivers, now):
-                    fail_trial(self.study, t, reason)
+                    try:
+                        fail_trial(self.study, t, reason)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        continue  # finished meanwhile (a cached view): not an orphan
                     self.requeue(t)
                     out.append(t.number)
         return out
