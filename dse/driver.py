@@ -584,7 +584,7 @@ class Driver:
         """Ask trials while the order allows and more are needed; submit what a worker can take."""
         while order.may_ask(pool) and self._wants(state, order.pending()):
             if self.deterministic:  # the sampler's state follows from (seed, trials so far)
-                study.sampler = self.spec.make_sampler(len(study.get_trials(deepcopy=False)))
+                study.sampler = self.spec.sampler_for(len(study.get_trials(deepcopy=False)), study.sampler)
             job = self._job(study, study.ask())
             key = params_key(job.trial)
             order.asked(job, key, self._answer(job, self._seen.get(key)))

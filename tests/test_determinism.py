@@ -228,3 +228,30 @@ def test_front_of_an_older_study_lists_each_set_once(tmp_path: Path) -> None:
         study.tell(t, [x, 1 - x])
     front = pareto_trials(study.trials, spec)
     assert [t.number for t in front] == [0, 1]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2", "nsga3"])
+def test_reseeded_sampler_draws_as_a_fresh_one(sampler: str) -> None:
+    """``Spec.sampler_for`` re-seeds the driver's sampler in place for speed: the draws are
+    those of a fresh ``make_sampler(n)`` at every ask (trials told two asks late, so the
+    samplers' search-space caches see RUNNING trials)."""
+    text = _spec("s", n_trials=40, sampler=sampler, workers=2)
+    if sampler == "nsga3":
+        text = text.replace('"population_size" = 4', "population_size = 4")
+    spec = parse_spec(text)
+    draws: list[list[Any]] = []
+    for reuse in (False, True):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=spec.make_sampler())
+        out, untold = [], []
+        for n in range(30):
+            study.sampler = spec.sampler_for(n, study.sampler if reuse else None)
+            t = study.ask()
+            x = (t.suggest_float("x.0", 0.0, 1.0), t.suggest_float("x.1", 0.0, 1.0))
+            out.append(x)
+            untold.append((t, x))
+            if len(untold) == 2:
+                t0, x0 = untold.pop(0)
+                study.tell(t0, [x0[0], 1 - x0[0] * x0[1]])
+        draws.append(out)
+    assert draws[0] == draws[1]
+    assert len(set(draws[0])) > 20  # (NSGA children may copy a parent by design)
