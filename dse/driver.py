@@ -78,6 +78,8 @@ SPEC_ATTR = "dse:spec"
 ENQUEUED_ATTR = "dse:baselines_enqueued"
 TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
 DUPLICATE_ATTR = "dse:duplicate_of"  # trial user attribute: the COMPLETE trial it was answered from
+RUN_ATTR = "dse:run"  # study user attribute: the overrides of its last run (stored_run_options)
+RUN_OPTIONS = ("n_trials", "workers", "seed", "deterministic")
 
 
 class DriverError(RuntimeError):
@@ -178,6 +180,22 @@ def _spec_change(spec: Spec, stored: str, where: str, allow: bool) -> list[str]:
             "with this spec"
         ])
     return changed
+
+
+def stored_run_options(spec: Spec, root: str | Path = DEFAULT_DIR) -> dict[str, Any]:
+    """The overrides (``n_trials``, ``workers``, ``seed``, ``deterministic``) the last
+    ``dse run``/``resume`` of ``spec``'s study was given, as stored in the study (empty for
+    none, or no study yet). ``dse resume`` and ``dse status`` use them unless overridden, so
+    a run continues as it was started. Reads only; creates nothing."""
+    sdir = study_dir(spec.name, root)
+    if not (sdir / "spec.toml").exists():
+        return {}
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage, sdir))
+    except KeyError:  # created, not yet in the storage
+        return {}
+    stored = study.user_attrs.get(RUN_ATTR)
+    return {k: stored[k] for k in RUN_OPTIONS if k in stored} if isinstance(stored, dict) else {}
 
 
 def open_study(
@@ -476,6 +494,8 @@ class Driver:
         self.num_cpus = num_cpus
         self.allow_spec_change = allow_spec_change
         self.deterministic = spec.deterministic if deterministic is None else deterministic
+        given = {"n_trials": n_trials, "workers": workers, "seed": seed, "deterministic": deterministic}
+        self._run_options = {k: v for k, v in given.items() if v is not None}
         self._seen: dict[str, FrozenTrial] = {}  # COMPLETE trials by parameter set (the first)
         self._duplicates = 0
         # 0 and 1 both stop at the first FAIL
@@ -558,6 +578,9 @@ class Driver:
                 log.error("stopped: %d failed trials (max_failed = %d)", state.failed, self.max_failed)
             for li in listeners:
                 li.tick(state, final=True)
+            if self._duplicates:
+                log.info("%d trial(s) proposed parameters already evaluated: answered from the study "
+                         "(user attribute %s)", self._duplicates, DUPLICATE_ATTR)
         except PoolError as e:
             if pool is not None:
                 self._fail_in_flight(study, pool, order, state, listeners, f"no evaluator left ({e}); re-enqueued")
@@ -704,6 +727,8 @@ class Driver:
         self.sdir.mkdir(parents=True, exist_ok=True)
         study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
         self._check_owner(study)
+        if study.user_attrs.get(RUN_ATTR, {}) != self._run_options:  # for resume and status
+            study.set_user_attr(RUN_ATTR, self._run_options)
         recovered = self._recover(study)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self._remember(t)

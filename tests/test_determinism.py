@@ -255,3 +255,57 @@ def test_reseeded_sampler_draws_as_a_fresh_one(sampler: str) -> None:
         draws.append(out)
     assert draws[0] == draws[1]
     assert len(set(draws[0])) > 20  # (NSGA children may copy a parent by design)
+
+
+# ----------------------------------------------------------------------------- run options
+
+
+@pytest.mark.slow
+def test_a_run_continues_as_it_was_started(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--n-trials/--workers/--seed given to `run` are stored; the printed command continues
+    with them (timeout_s stops each run early), `status` shows that target, and the study
+    ends as one uninterrupted `run` with the same flags."""
+    import shlex
+
+    from dse.cli import main
+    from dse.driver import RUN_ATTR
+
+    text = _spec("s", n_trials=20, sampler="tpe", workers=2, options={"delay_s": 0.1})
+    spec = tmp_path / "s.toml"
+    spec.write_text(text.replace("[study]\n", "[study]\ntimeout_s = 0.3\n", 1))
+    root = tmp_path / "dir with space"
+    flags = ["--n-trials", "7", "--workers", "1", "--seed", "11", "--address", "inline", "--no-tracking",
+             "--progress", "log"]
+    argv = ["run", str(spec), "--dir", str(root), *flags]
+    for _ in range(10):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        if "continue with" not in out:
+            break
+        cmd = shlex.split(out.split("continue with `")[1].split("`")[0])
+        assert cmd == ["dse", "resume", "s", "--dir", str(root), "--address", "inline", "--no-tracking"]
+        argv = [*cmd[1:], "--progress", "log"]
+        assert main(["status", "s", "--dir", str(root)]) == 0
+        assert "(target 7 COMPLETE)" in capsys.readouterr().out
+    else:
+        pytest.fail("never completed")
+    assert argv[0] == "resume"  # it took more than one run
+    got = _trials(root, "s")
+    assert optuna.load_study(study_name="s", storage=open_storage(None, root / "s")).user_attrs[RUN_ATTR] == {
+        "n_trials": 7, "workers": 1, "seed": 11}
+    clean = tmp_path / "clean"
+    spec.write_text(text)  # no timeout_s
+    assert main(["run", str(spec), "--dir", str(clean), *flags]) == 0
+    assert _sequence(got) == _sequence(_trials(clean, "s"))
+    capsys.readouterr()
+    # another seed on the existing study is refused; `run` without --seed keeps its seed
+    assert main(["run", str(spec), "--dir", str(clean), "--seed", "12", "--n-trials", "8",
+                 "--address", "inline", "--no-tracking"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["--seed: expected 11 (the seed study 's' runs with) or none, got 12; use another "
+                   "study name, or --allow-spec-change to continue it with this seed"]
+    assert main(["run", str(spec), "--dir", str(clean), "--n-trials", "8", "--address", "inline",
+                 "--no-tracking", "--progress", "log"]) == 0
+    study = optuna.load_study(study_name="s", storage=open_storage(None, clean / "s"))
+    assert study.user_attrs[RUN_ATTR] == {"n_trials": 8, "seed": 11}
+    assert len(study.trials) == 8
