@@ -349,6 +349,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}/{page}  ({uri})", flush=True)
+    if "/runs/" in page:
+        runs = page.split("/runs/")[0] + "/runs" + page[page.index("?"):]
+        print(f"the study's runs: http://127.0.0.1:{args.port}/{runs}", flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job consumer processes
     os.execve(sys.executable, cmd, env)
     return 0  # pragma: no cover

@@ -743,7 +743,8 @@ class Driver:
     def _tracker(self, study: optuna.Study) -> Any:
         from tracking.mlflow_tracker import Tracker
 
-        return Tracker(study_info(self.spec, self.sdir, study_uid=storage.study_uid(study)), self.sdir)
+        return Tracker(study_info(self.spec, self.sdir, study_uid=storage.study_uid(study)), self.sdir,
+                       stop=self._abort.is_set)  # a second Ctrl-C/SIGTERM stops the final drain
 
     def _flush(self, study: optuna.Study, force: bool = False) -> None:
         """Write buffered journal records when ``FLUSH_S`` has passed (or ``force``)."""

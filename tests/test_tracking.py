@@ -323,7 +323,9 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
 
     assert sorted(table("pareto_front.json")["number"]) == [t.number for t in front]  # replaced, not appended
     assert table("search_space.json")["name"] == ["p.x", "p.k", "p.y", "p.f"]
-    assert study_run_path(default_uri(tmp_path), "t") == f"#/experiments/{exp.experiment_id}/runs/{parent[0].info.run_id}"
+    assert study_run_path(default_uri(tmp_path), "t") == (
+        f"#/experiments/{exp.experiment_id}/runs/{parent[0].info.run_id}?workflowType=machine_learning"
+    )
     # artifacts are uploaded when their bytes change, not at every step
     link = MlflowLink(study_info(spec, tmp_path), tmp_path)
     link.connect()
