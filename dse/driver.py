@@ -246,9 +246,17 @@ def use_recorded_sampler(study: optuna.Study, spec: Spec, *, record: bool) -> No
     A spec without ``[study] sampler`` continues with the default chosen when its study
     began (the choice depends on ``n_trials``, which a resume may change); a spec naming
     its sampler uses that one (a changed sampler is refused by :func:`check_spec_change`
-    unless allowed) and the record is updated.
+    unless allowed) and the record is updated. A study with trials and no record (begun
+    before dse recorded the choice) continues with the default of that time: ``nsga2``
+    for several objectives, ``tpe`` for one.
     """
     stored = study.user_attrs.get(SAMPLER_ATTR)
+    if spec.sampler_auto and stored is None and study.get_trials(deepcopy=False):
+        # a study begun before the choice was recorded ran the old default
+        stored = {"name": "nsga2" if len(spec.objectives) > 1 else "tpe",
+                  "options": dict(spec.sampler_given), "auto": True}
+        if record:
+            study.set_user_attr(SAMPLER_ATTR, stored)
     if spec.sampler_auto and isinstance(stored, dict) and stored.get("name") in SAMPLER_CLASSES:
         if (stored["name"], stored.get("options", {})) != (spec.sampler, spec.sampler_options):
             spec.sampler, spec.sampler_options = stored["name"], dict(stored.get("options", {}))

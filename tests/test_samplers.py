@@ -111,3 +111,18 @@ def test_study_without_sampler_records_and_keeps_the_default(
     assert isinstance(made[-1], optuna.samplers.NSGAIISampler)
     stored = api.load("auto", root).study.user_attrs[SAMPLER_ATTR]
     assert stored == {"name": "nsga2", "options": {}, "auto": False}
+
+
+def test_study_without_record_keeps_the_old_default(tmp_path: Path) -> None:
+    """A study begun before the choice was recorded continues with NSGA-II (the old
+    default for several objectives), and gets the record."""
+    text = study_spec("old", n_trials=4, sampler=None, n_vars=2, tracking={"enabled": False})
+    text = text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1).replace(
+        '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
+    root = tmp_path / "studies"
+    res = api.run(text, root=root, progress=False)
+    assert res.study.user_attrs[SAMPLER_ATTR]["name"] == "tpe"
+    res.study.set_user_attr(SAMPLER_ATTR, None)  # as a study from before the record
+    assert api.load("old", root).spec.sampler == "nsga2"
+    res2 = api.run(text, root=root, n_trials=6, progress=False)
+    assert res2.study.user_attrs[SAMPLER_ATTR] == {"name": "nsga2", "options": {}, "auto": True}
