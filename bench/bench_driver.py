@@ -13,11 +13,17 @@ Measures, on one local Ray cluster shared by all dse runs:
 4. memory: peak RSS of the driver, and peak summed RSS of the driver and every process
    it started (Ray's GCS, raylet, workers; MLflow runs in the driver), sampled every
    0.2 s (summed RSS double-counts shared pages: an upper bound).
+5. ``--determinism``: the cost of the deterministic mode (the default; results told in
+   trial order, trial n asked once trial n - workers is told, a fresh sampler per ask)
+   against ``deterministic = false``: 2 workers, 32 trials of 0.5 s (ideal 8.0 s; target
+   <= 1.05x), 32 trials of 0.25-0.75 s (uniform, from the trial's parameters; ideal =
+   the summed durations / 2), and 2,000 instant inline trials (ms per trial).
 
 Usage::
 
     python bench/bench_driver.py            # everything (a few minutes on 2 shared cores)
     python bench/bench_driver.py --quick    # 200 instant trials instead of 2,000
+    python bench/bench_driver.py --determinism   # section 5 only
 """
 
 from __future__ import annotations
@@ -77,12 +83,13 @@ def spec_text(name: str, n_trials: int, delay_s: float, *, storage: str | None =
     return text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1) if inline else text
 
 
-def run_dse(tmp: Path, name: str, n_trials: int, delay_s: float, **kw: Any) -> dict[str, Any]:
+def run_dse(tmp: Path, name: str, n_trials: int, delay_s: float, *, deterministic: bool | None = None,
+            **kw: Any) -> dict[str, Any]:
     from dse.driver import Driver
     from dse.spec import parse_spec
 
     spec = parse_spec(spec_text(name, n_trials, delay_s, **kw))
-    s = Driver(spec, tmp, progress=False).run()
+    s = Driver(spec, tmp, progress=False, deterministic=deterministic).run()
     assert s.complete == n_trials, s
     return {
         "loop_s": round(s.loop_s, 3),
@@ -140,13 +147,77 @@ def run_tune(tmp: Path, n_trials: int, delay_s: float) -> dict[str, Any]:
     return {"wall_s": round(wall, 3), "ratio_to_ideal": round(wall / (n_trials * delay_s / 2), 3)}
 
 
+class VariedSleep:
+    """ZDT1 after a sleep of 0.25-0.75 s, a function of the trial's parameters (so a study's
+    durations are the same in every run; the finishing order is not the asking order)."""
+
+    def __init__(self, options: dict[str, Any], ctx: Any) -> None:
+        from dse.plugins.benchmarks import BenchmarkProblem
+
+        self.inner = BenchmarkProblem("zdt1", {"n_vars": 2})
+
+    @staticmethod
+    def duration_s(params: Any) -> float:
+        return 0.25 + 0.5 * ((params["x.0"] * 7919.0 + params["x.1"] * 104729.0) % 1.0)
+
+    def evaluate(self, params: Any, upstream: Any) -> dict[str, Any]:
+        time.sleep(self.duration_s(params))
+        return self.inner.evaluate(params, upstream)
+
+
+def determinism(tmp: Path, n_fast: int) -> dict[str, Any]:
+    """Section 5: deterministic mode against ``deterministic = false`` (see module doc)."""
+    import optuna
+
+    from dse import registry
+    from dse.driver import open_storage
+
+    registry.register("bench_varied", VariedSleep)
+    out: dict[str, Any] = {}
+    for det in (True, False):
+        mode = "deterministic" if det else "throughput"
+        ov = run_dse(tmp, f"ov_{mode}", 32, 0.5, deterministic=det)
+        ov["ratio_to_ideal"] = round(ov["loop_s"] / 8.0, 3)
+        out[f"32x0.5s_{mode}"] = ov
+        name = f"var_{mode}"
+        text = spec_text(name, 32, 0.0).replace('name = "zdt1"', 'name = "bench_varied"', 1)
+        text = text.replace(", delay_s = 0.0", "")
+        from dse.driver import Driver
+        from dse.spec import parse_spec
+
+        s = Driver(parse_spec(text), tmp, progress=False, deterministic=det).run()
+        trials = optuna.load_study(study_name=name, storage=open_storage(None, tmp / name)).trials
+        ideal = sum(VariedSleep.duration_s(t.params) for t in trials) / 2
+        out[f"32x0.25-0.75s_{mode}"] = {"loop_s": round(s.loop_s, 3), "ideal_s": round(ideal, 3),
+                                        "ratio_to_ideal": round(s.loop_s / ideal, 3)}
+        out[f"instant_inline_{mode}"] = run_dse(tmp, f"fast_{mode}", n_fast, 0.0, inline=True,
+                                                deterministic=det)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="200 instant trials instead of 2,000")
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--determinism", action="store_true", help="only section 5 (deterministic mode)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import ray
+
+    if args.determinism:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_driver_"))
+        try:
+            with PeakRSS() as mem:
+                ray.init(address="local", num_cpus=2, include_dashboard=False,
+                         object_store_memory=100 * 1024 * 1024, logging_level=logging.WARNING)
+                out = determinism(tmp, 200 if args.quick else 2000)
+                out["peak_rss_dse_mb"] = round(mem.peak_bytes / 2**20, 1)
+            out["driver_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            ray.shutdown()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps(out, indent=2))
+        return
 
     n_fast = 200 if args.quick else 2000
     out: dict[str, Any] = {"n_instant_trials": n_fast}

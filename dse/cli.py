@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -141,6 +142,42 @@ def _complete(spec: Any, args: argparse.Namespace) -> str | None:
             f"Extend it with `{again} --n-trials {n + target} --dir {args.dir}`")
 
 
+def _continue_command(study: str, args: argparse.Namespace) -> str:
+    """The command that continues ``study`` as this one ran it (``dse resume`` takes the
+    stored --n-trials/--workers/--seed/--[no-]deterministic; the rest is repeated)."""
+    cmd = ["dse", "resume", study, "--dir", str(args.dir)]
+    if getattr(args, "storage", None):
+        from dse.storage import redact
+
+        cmd += ["--storage", redact(args.storage)]
+    if args.address:
+        cmd += ["--address", args.address]
+    if args.no_tracking:
+        cmd.append("--no-tracking")
+    if args.tracking_uri:
+        cmd += ["--tracking-uri", args.tracking_uri]
+    return shlex.join(cmd)
+
+
+def _with_stored_options(spec: Any, args: argparse.Namespace) -> None:
+    """Fill ``args`` from the options stored in the study by its last run (resume: all of
+    them unless given; run: the seed, which is the study's own) and refuse a ``--seed``
+    other than the one the study runs with (unless ``--allow-spec-change``)."""
+    from dse.driver import RUN_OPTIONS, stored_run_options
+
+    stored = stored_run_options(spec, args.dir)
+    if not stored and not (Path(args.dir) / spec.name / "spec.toml").exists():
+        return  # a new study
+    seed = stored.get("seed", spec.seed)
+    if args.seed is not None and args.seed != seed and not args.allow_spec_change:
+        raise SpecError([f"--seed: expected {seed} (the seed study {spec.name!r} runs with) or none, got "
+                         f"{args.seed}; use another study name, or --allow-spec-change to continue it "
+                         "with this seed"])
+    for k in RUN_OPTIONS if args.command == "resume" else ("seed",):
+        if getattr(args, k) is None and k in stored:
+            setattr(args, k, stored[k])
+
+
 def _drive(spec: Any, args: argparse.Namespace) -> int:
     from dse.driver import Driver, check_spec_change, study_dir
 
@@ -148,6 +185,7 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         spec.storage = args.storage  # --storage > the spec's [study] storage
     allow = getattr(args, "allow_spec_change", False)
     check_spec_change(spec, study_dir(spec.name, args.dir), allow=allow)  # before anything else
+    _with_stored_options(spec, args)
     done = _complete(spec, args)
     if done is not None:
         print(done)
@@ -175,7 +213,7 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
     )
     if summary.complete >= driver.n_trials:
         return 0
-    again = f"`dse resume {summary.study} --dir {args.dir}{_storage_flag(args)}`"
+    again = f"`{_continue_command(summary.study, args)}`"
     if summary.signal is not None:
         print(f"interrupted: continue with {again}")
         return 128 + int(summary.signal)
@@ -189,13 +227,6 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
     return 1
 
 
-def _storage_flag(args: argparse.Namespace) -> str:
-    """`` --storage URL`` (password hidden) when the command was given one, else ``""``."""
-    from dse.storage import redact
-
-    return f" --storage {redact(args.storage)}" if getattr(args, "storage", None) else ""
-
-
 def _load_study(name: str, root: str, storage: str | None = None) -> tuple[Any, Any]:
     from dse.api import load
 
@@ -207,10 +238,13 @@ def status(name: str, root: str, storage: str | None = None) -> dict[str, Any]:
     """The status of a study as a JSON-able dict (what ``dse status --json`` prints)."""
     from optuna.trial import TrialState
 
+    from dse.driver import RUN_ATTR
     from dse.pareto import feasible_values, nondominated_mask, reference_point, study_hypervolume
 
     spec, study = _load_study(name, root, storage)
     trials = study.get_trials(deepcopy=False)
+    stored = study.user_attrs.get(RUN_ATTR)
+    n_trials = stored.get("n_trials", spec.n_trials) if isinstance(stored, dict) else spec.n_trials
     counts = {s.name: 0 for s in TrialState}
     for t in trials:
         counts[t.state.name] += 1
@@ -218,7 +252,7 @@ def status(name: str, root: str, storage: str | None = None) -> dict[str, Any]:
     ref = reference_point(spec, vals)
     return {
         "study": name,
-        "n_trials": spec.n_trials,
+        "n_trials": n_trials,  # the target of its last run (--n-trials), else the spec's
         "states": counts,
         "pareto_size": int(nondominated_mask(vals).sum()) if len(vals) else 0,
         "hypervolume": study_hypervolume(trials, spec),
@@ -330,6 +364,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI for {name}: http://127.0.0.1:{args.port}/{page}  ({uri})", flush=True)
+    if "/runs/" in page:
+        runs = page.split("/runs/")[0] + "/runs" + page[page.index("?"):]
+        print(f"the study's runs: http://127.0.0.1:{args.port}/{runs}", flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job consumer processes
     os.execve(sys.executable, cmd, env)
     return 0  # pragma: no cover

@@ -82,6 +82,8 @@ SPEC_ATTR = "dse:spec"
 ENQUEUED_ATTR = "dse:baselines_enqueued"
 TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
 DUPLICATE_ATTR = "dse:duplicate_of"  # trial user attribute: the COMPLETE trial it was answered from
+RUN_ATTR = "dse:run"  # study user attribute: the overrides of its last run (stored_run_options)
+RUN_OPTIONS = ("n_trials", "workers", "seed", "deterministic")
 
 
 class DriverError(RuntimeError):
@@ -215,6 +217,22 @@ def _spec_change(spec: Spec, stored: str, where: str, allow: bool) -> list[str]:
     return changed
 
 
+def stored_run_options(spec: Spec, root: str | Path = DEFAULT_DIR) -> dict[str, Any]:
+    """The overrides (``n_trials``, ``workers``, ``seed``, ``deterministic``) the last
+    ``dse run``/``resume`` of ``spec``'s study was given, as stored in the study (empty for
+    none, or no study yet). ``dse resume`` and ``dse status`` use them unless overridden, so
+    a run continues as it was started. Reads only; creates nothing."""
+    sdir = study_dir(spec.name, root)
+    if not (sdir / "spec.toml").exists():
+        return {}
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage, sdir))
+    except KeyError:  # created, not yet in the storage
+        return {}
+    stored = study.user_attrs.get(RUN_ATTR)
+    return {k: stored[k] for k in RUN_OPTIONS if k in stored} if isinstance(stored, dict) else {}
+
+
 def open_study(
     spec: Spec, sdir: Path, *, create: bool = True, buffered: bool = False,
     allow_spec_change: bool = False,
@@ -268,9 +286,17 @@ def use_recorded_sampler(study: optuna.Study, spec: Spec, *, record: bool) -> No
     A spec without ``[study] sampler`` continues with the default chosen when its study
     began (the choice depends on ``n_trials``, which a resume may change); a spec naming
     its sampler uses that one (a changed sampler is refused by :func:`check_spec_change`
-    unless allowed) and the record is updated.
+    unless allowed) and the record is updated. A study with trials and no record (begun
+    before dse recorded the choice) continues with the default of that time: ``nsga2``
+    for several objectives, ``tpe`` for one.
     """
     stored = study.user_attrs.get(SAMPLER_ATTR)
+    if spec.sampler_auto and stored is None and study.get_trials(deepcopy=False):
+        # a study begun before the choice was recorded ran the old default
+        stored = {"name": "nsga2" if len(spec.objectives) > 1 else "tpe",
+                  "options": dict(spec.sampler_given), "auto": True}
+        if record:
+            study.set_user_attr(SAMPLER_ATTR, stored)
     if spec.sampler_auto and isinstance(stored, dict) and stored.get("name") in SAMPLER_CLASSES:
         if (stored["name"], stored.get("options", {})) != (spec.sampler, spec.sampler_options):
             spec.sampler, spec.sampler_options = stored["name"], dict(stored.get("options", {}))
@@ -534,6 +560,8 @@ class Driver:
         self.num_cpus = num_cpus
         self.allow_spec_change = allow_spec_change
         self.deterministic = spec.deterministic if deterministic is None else deterministic
+        given = {"n_trials": n_trials, "workers": workers, "seed": seed, "deterministic": deterministic}
+        self._run_options = {k: v for k, v in given.items() if v is not None}
         self._seen: dict[str, FrozenTrial] = {}  # COMPLETE trials by parameter set (the first)
         self._duplicates = 0
         # 0 and 1 both stop at the first FAIL
@@ -620,6 +648,9 @@ class Driver:
                 log.error("stopped: %d failed trials (max_failed = %d)", state.failed, self.max_failed)
             for li in listeners:
                 li.tick(state, final=True)
+            if self._duplicates:
+                log.info("%d trial(s) proposed parameters already evaluated: answered from the study "
+                         "(user attribute %s)", self._duplicates, DUPLICATE_ATTR)
         except PoolError as e:
             if pool is not None:
                 self._fail_in_flight(study, pool, order, state, listeners, f"no evaluator left ({e}); re-enqueued")
@@ -647,7 +678,7 @@ class Driver:
         self._capped = False
         while order.may_ask(pool) and self._wants(state, order.pending()):
             if self.deterministic:  # the sampler's state follows from (seed, trials so far)
-                study.sampler = self.spec.make_sampler(len(study.get_trials(deepcopy=False)))
+                study.sampler = self.spec.sampler_for(len(study.get_trials(deepcopy=False)), study.sampler)
             # asked only while COMPLETE + RUNNING over every driver < n_trials (Cooperation.ask)
             trial, counts = self._coop.ask(self.n_trials)
             state.complete = counts[TrialState.COMPLETE]  # every driver's
@@ -768,7 +799,7 @@ class Driver:
     # -------------------------------------------------------------- start and end
 
     def _open(self) -> tuple[optuna.Study, RunState, list[FrozenTrial]]:
-        """Open the study, check nobody else runs it, find stale trials, enqueue baselines."""
+        """Open the study, join the drivers running it, adopt orphans, enqueue baselines."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sdir.mkdir(parents=True, exist_ok=True)
         study = open_study(self.spec, self.sdir, buffered=True, allow_spec_change=self.allow_spec_change)
@@ -778,6 +809,8 @@ class Driver:
         if others:
             log.info("study %s: joining %d running driver(s) (%s)", self.spec.name, len(others),
                      ", ".join(f"pid {h.get('pid')} on {h.get('host')}" for h in others))
+        if study.user_attrs.get(RUN_ATTR, {}) != self._run_options:  # for resume and status
+            study.set_user_attr(RUN_ATTR, self._run_options)
         recovered = self._recover(study)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self._remember(t)
@@ -790,7 +823,8 @@ class Driver:
     def _tracker(self, study: optuna.Study) -> Any:
         from tracking.mlflow_tracker import Tracker
 
-        return Tracker(study_info(self.spec, self.sdir, study_uid=storage.study_uid(study)), self.sdir)
+        return Tracker(study_info(self.spec, self.sdir, study_uid=storage.study_uid(study)), self.sdir,
+                       stop=self._abort.is_set)  # a second Ctrl-C/SIGTERM stops the final drain
 
     def _flush(self, study: optuna.Study, force: bool = False) -> None:
         """Write buffered journal records when ``FLUSH_S`` has passed (or ``force``)."""

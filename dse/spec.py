@@ -304,16 +304,58 @@ class Spec:
         """
         cls = _sampler_class(self.sampler)
         kwargs = dict(self.sampler_options)
-        seed = self.seed
-        if n_trials_in_study:
-            import numpy as np
-
-            seed = int(np.random.SeedSequence([self.seed, n_trials_in_study]).generate_state(1)[0])
+        seed = self._seed_for(n_trials_in_study)
         if self.sampler == "qmc":
             kwargs.setdefault("scramble", True)
             kwargs.setdefault("independent_sampler", optuna.samplers.RandomSampler(seed=seed))
             return cls(seed=self.seed, **kwargs)
         return cls(seed=seed, **kwargs)
+
+    def _seed_for(self, n_trials_in_study: int) -> int:
+        """The sampler seed of a study holding ``n_trials_in_study`` trials (see make_sampler)."""
+        if not n_trials_in_study:
+            return self.seed
+        import numpy as np
+
+        return int(np.random.SeedSequence([self.seed, n_trials_in_study]).generate_state(1)[0])
+
+    def sampler_for(
+        self, n_trials_in_study: int, current: optuna.samplers.BaseSampler | None = None
+    ) -> optuna.samplers.BaseSampler:
+        """A sampler in the state of ``make_sampler(n_trials_in_study)``, reusing ``current``.
+
+        For the samplers whose every random state is seeded with the one seed (random,
+        TPE, NSGA-II/III), ``current`` (a sampler of this spec) has those states re-seeded
+        in place: the same draws as a fresh sampler, without rebuilding what it caches
+        (search spaces: functions of the study, so equal to a fresh sampler's). Other
+        samplers (QMC: two seeds; GP: caches of its own) are made afresh. Measured: a fresh
+        NSGA-II per ask cost 10.6 ms/trial at 2,000 inline trials against 2.3 ms.
+        """
+        if current is None or self.sampler not in _RESEEDABLE or type(current) is not _sampler_class(self.sampler):
+            return self.make_sampler(n_trials_in_study)
+        _seed_rngs(current, self._seed_for(n_trials_in_study), set())
+        return current
+
+
+#: samplers whose random states all take the one ``seed`` (reseeded in place by ``sampler_for``)
+_RESEEDABLE = ("random", "tpe", "nsga2", "nsga3")
+
+
+def _seed_rngs(obj: Any, seed: int, seen: set[int]) -> None:
+    """Seed every Optuna ``LazyRandomState`` reachable from sampler ``obj`` (its own, its
+    inner samplers' and strategies') as a new sampler with ``seed`` would have it."""
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for v in vars(obj).values():
+        if isinstance(v, LazyRandomState):
+            if id(v) not in seen:
+                seen.add(id(v))
+                v.rng.seed(seed)
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith("optuna.samplers"):
+            _seed_rngs(v, seed, seen)
 
 
 def choose_sampler(n_objectives: int, n_trials: int, params: Sequence[Param],

@@ -228,3 +228,84 @@ def test_front_of_an_older_study_lists_each_set_once(tmp_path: Path) -> None:
         study.tell(t, [x, 1 - x])
     front = pareto_trials(study.trials, spec)
     assert [t.number for t in front] == [0, 1]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "nsga2", "nsga3"])
+def test_reseeded_sampler_draws_as_a_fresh_one(sampler: str) -> None:
+    """``Spec.sampler_for`` re-seeds the driver's sampler in place for speed: the draws are
+    those of a fresh ``make_sampler(n)`` at every ask (trials told two asks late, so the
+    samplers' search-space caches see RUNNING trials)."""
+    text = _spec("s", n_trials=40, sampler=sampler, workers=2)
+    if sampler == "nsga3":
+        text = text.replace('"population_size" = 4', "population_size = 4")
+    spec = parse_spec(text)
+    draws: list[list[Any]] = []
+    for reuse in (False, True):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=spec.make_sampler())
+        out, untold = [], []
+        for n in range(30):
+            study.sampler = spec.sampler_for(n, study.sampler if reuse else None)
+            t = study.ask()
+            x = (t.suggest_float("x.0", 0.0, 1.0), t.suggest_float("x.1", 0.0, 1.0))
+            out.append(x)
+            untold.append((t, x))
+            if len(untold) == 2:
+                t0, x0 = untold.pop(0)
+                study.tell(t0, [x0[0], 1 - x0[0] * x0[1]])
+        draws.append(out)
+    assert draws[0] == draws[1]
+    assert len(set(draws[0])) > 20  # (NSGA children may copy a parent by design)
+
+
+# ----------------------------------------------------------------------------- run options
+
+
+@pytest.mark.slow
+def test_a_run_continues_as_it_was_started(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--n-trials/--workers/--seed given to `run` are stored; the printed command continues
+    with them (timeout_s stops each run early), `status` shows that target, and the study
+    ends as one uninterrupted `run` with the same flags."""
+    import shlex
+
+    from dse.cli import main
+    from dse.driver import RUN_ATTR
+
+    text = _spec("s", n_trials=20, sampler="tpe", workers=2, options={"delay_s": 0.1})
+    spec = tmp_path / "s.toml"
+    spec.write_text(text.replace("[study]\n", "[study]\ntimeout_s = 0.3\n", 1))
+    root = tmp_path / "dir with space"
+    flags = ["--n-trials", "7", "--workers", "1", "--seed", "11", "--address", "inline", "--no-tracking",
+             "--progress", "log"]
+    argv = ["run", str(spec), "--dir", str(root), *flags]
+    for _ in range(10):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        if "continue with" not in out:
+            break
+        cmd = shlex.split(out.split("continue with `")[1].split("`")[0])
+        assert cmd == ["dse", "resume", "s", "--dir", str(root), "--address", "inline", "--no-tracking"]
+        argv = [*cmd[1:], "--progress", "log"]
+        assert main(["status", "s", "--dir", str(root)]) == 0
+        assert "(target 7 COMPLETE)" in capsys.readouterr().out
+    else:
+        pytest.fail("never completed")
+    assert argv[0] == "resume"  # it took more than one run
+    got = _trials(root, "s")
+    assert optuna.load_study(study_name="s", storage=open_storage(None, root / "s")).user_attrs[RUN_ATTR] == {
+        "n_trials": 7, "workers": 1, "seed": 11}
+    clean = tmp_path / "clean"
+    spec.write_text(text)  # no timeout_s
+    assert main(["run", str(spec), "--dir", str(clean), *flags]) == 0
+    assert _sequence(got) == _sequence(_trials(clean, "s"))
+    capsys.readouterr()
+    # another seed on the existing study is refused; `run` without --seed keeps its seed
+    assert main(["run", str(spec), "--dir", str(clean), "--seed", "12", "--n-trials", "8",
+                 "--address", "inline", "--no-tracking"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["--seed: expected 11 (the seed study 's' runs with) or none, got 12; use another "
+                   "study name, or --allow-spec-change to continue it with this seed"]
+    assert main(["run", str(spec), "--dir", str(clean), "--n-trials", "8", "--address", "inline",
+                 "--no-tracking", "--progress", "log"]) == 0
+    study = optuna.load_study(study_name="s", storage=open_storage(None, clean / "s"))
+    assert study.user_attrs[RUN_ATTR] == {"n_trials": 8, "seed": 11}
+    assert len(study.trials) == 8

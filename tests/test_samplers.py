@@ -13,7 +13,7 @@ from dse import api
 from dse.cli import main
 from dse.driver import Driver
 from dse.plugins.benchmarks import study_spec
-from dse.samplers import GP_MAX_TRIALS, SAMPLER_ATTR, default_sampler, describe
+from dse.samplers import GP_MAX_TRIALS, SAMPLER_ATTR, TPE_MAX_TRIALS, default_sampler, describe
 from dse.spec import SAMPLER_CLASSES, Spec, SpecError, parse_spec
 
 
@@ -27,8 +27,9 @@ def test_default_sampler_choice() -> None:
         for n_obj in (1, 2, 3):  # conditional spaces: grouped multivariate TPE
             assert default_sampler(n_obj, n_trials, conditional=True) == ("tpe", grouped)
             assert default_sampler(n_obj, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
-        for n_obj in (2, 3, 5):  # spaces with choices: NSGA-II, population by budget
-            assert default_sampler(n_obj, n_trials) == ("nsga2", {"population_size": pop})
+        for n_obj in (2, 3, 5):  # spaces with choices: TPE, NSGA-II for large budgets
+            assert default_sampler(n_obj, n_trials) == (
+                ("tpe", mv) if n_trials <= TPE_MAX_TRIALS else ("nsga2", {"population_size": pop}))
         # continuous: GP for 2 objectives on small budgets, else independent TPE
         assert default_sampler(2, n_trials, continuous=True) == (("gp", {}) if small else ("tpe", {}))
         assert default_sampler(3, n_trials, continuous=True) == ("tpe", {})
@@ -52,7 +53,9 @@ def test_spec_without_sampler_gets_the_default() -> None:
     cat = study_spec("c", n_trials=60, sampler=None).replace(
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
     assert (parse_spec(cat).sampler, parse_spec(cat).sampler_options) == (
-        "nsga2", {"population_size": 10})  # a space with choices
+        "tpe", {"multivariate": True})  # a space with choices
+    cat_big = parse_spec(cat.replace("n_trials = 60", "n_trials = 1000"))
+    assert (cat_big.sampler, cat_big.sampler_options) == ("nsga2", {"population_size": 20})
     named = parse_spec(study_spec("s", n_trials=200, sampler="nsga2",
                                   sampler_options={"population_size": 8}))
     assert not named.sampler_auto and named.sampler == "nsga2"
@@ -83,7 +86,7 @@ def test_study_without_sampler_records_and_keeps_the_default(
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
     root = tmp_path / "studies"
     res = api.run(text, root=root, progress=False)
-    name, opts = "nsga2", {"population_size": 10}  # a space with choices (GP is slow to start)
+    name, opts = "tpe", {"multivariate": True}  # a space with choices (GP is slow to start)
     assert res.study.user_attrs[SAMPLER_ATTR] == {"name": name, "options": opts, "auto": True}
     assert res.spec.sampler == name and res.spec.sampler_options == opts
     # the record wins over a fresh choice: make it say "random", resume with more trials
@@ -108,3 +111,18 @@ def test_study_without_sampler_records_and_keeps_the_default(
     assert isinstance(made[-1], optuna.samplers.NSGAIISampler)
     stored = api.load("auto", root).study.user_attrs[SAMPLER_ATTR]
     assert stored == {"name": "nsga2", "options": {}, "auto": False}
+
+
+def test_study_without_record_keeps_the_old_default(tmp_path: Path) -> None:
+    """A study begun before the choice was recorded continues with NSGA-II (the old
+    default for several objectives), and gets the record."""
+    text = study_spec("old", n_trials=4, sampler=None, n_vars=2, tracking={"enabled": False})
+    text = text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1).replace(
+        '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
+    root = tmp_path / "studies"
+    res = api.run(text, root=root, progress=False)
+    assert res.study.user_attrs[SAMPLER_ATTR]["name"] == "tpe"
+    res.study.set_user_attr(SAMPLER_ATTR, None)  # as a study from before the record
+    assert api.load("old", root).spec.sampler == "nsga2"
+    res2 = api.run(text, root=root, n_trials=6, progress=False)
+    assert res2.study.user_attrs[SAMPLER_ATTR] == {"name": "nsga2", "options": {}, "auto": True}

@@ -323,7 +323,9 @@ def test_tracker_logs_each_complete_trial_once(tmp_path: Path) -> None:
 
     assert sorted(table("pareto_front.json")["number"]) == [t.number for t in front]  # replaced, not appended
     assert table("search_space.json")["name"] == ["p.x", "p.k", "p.y", "p.f"]
-    assert study_run_path(default_uri(tmp_path), "t") == f"#/experiments/{exp.experiment_id}/runs/{parent[0].info.run_id}"
+    assert study_run_path(default_uri(tmp_path), "t") == (
+        f"#/experiments/{exp.experiment_id}/runs/{parent[0].info.run_id}?workflowType=machine_learning"
+    )
     # artifacts are uploaded when their bytes change, not at every step
     link = MlflowLink(study_info(spec, tmp_path), tmp_path)
     link.connect()
@@ -544,3 +546,62 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(tmp_path: Path) -> No
         assert sorted((m.step, m.value) for m in hist) == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
     finally:
         _kill(server)
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_during_the_final_drain_then_sync_completes(tmp_path: Path) -> None:
+    """Ctrl-C twice while the driver waits for the MLflow logging (the search is done):
+    the driver exits (no hang in the queue join), one line per event and no traceback;
+    the journal has every trial, and `dse sync` then logs each COMPLETE trial exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    n = 300  # inline zdt1 trials take microseconds; logging 300 child runs takes seconds
+    root = tmp_path / "studies"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dse = [sys.executable, "-c", "import sys; from dse.cli import main; sys.exit(main(sys.argv[1:]))"]
+    proc = subprocess.Popen(
+        [*dse, "run", str(ROOT / "examples" / "zdt1.toml"), "--n-trials", str(n), "--address", "inline",
+         "--dir", str(root), "--progress", "log"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    hang = threading.Timer(300, proc.kill)  # only to stop a hang
+    hang.start()
+    seen: list[str] = []
+
+    def wait_for(text: str) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if text in line:
+                return
+        pytest.fail(f"no line with {text!r} in {seen}")
+
+    try:
+        wait_for("waiting for the MLflow logging to finish")
+        proc.send_signal(signal.SIGINT)
+        wait_for("stopping:")  # the driver took the first Ctrl-C (two at once are coalesced)
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate()
+    finally:
+        hang.cancel()
+    err = "".join(seen) + rest
+    assert proc.returncode == 0, err  # the search itself was complete
+    assert "Traceback" not in err
+    assert err.count("MLflow logging stopped before it was complete") == 1
+    assert f"zdt1: {n} COMPLETE, 0 FAIL" in out
+    sync = subprocess.run([*dse, "sync", "zdt1", "--dir", str(root)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert sync.returncode == 0 and "Traceback" not in sync.stderr, sync.stderr
+    c = MlflowClient(tracking_uri=default_uri(root / "zdt1"))
+    exp = c.get_experiment_by_name("zdt1")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    children = sorted(int(r.data.tags[TRIAL_TAG]) for r in runs if TRIAL_TAG in r.data.tags)
+    assert children == list(range(n))  # each COMPLETE trial exactly once
+    assert all(r.info.status == "FINISHED" for r in runs)

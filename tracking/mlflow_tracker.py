@@ -31,7 +31,7 @@ import os
 import queue
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ NAMES_TAG = "dse.names"
 KIND_TAG = "mlflow.experimentKind"
 NOTE_TAG = "mlflow.note.content"  # the description on the experiment and run pages
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
+DRAIN_NOTICE_S = 2.0  # a final drain longer than this is announced (and how to stop it)
 MAX_KEY_CHARS = 250  # MLflow's limit on param/metric/tag keys
 _LEGAL_KEY = re.compile(r"^[A-Za-z0-9_./ -]*$")  # MLflow's rule, minus ':' (not legal on Windows)
 
@@ -344,7 +345,8 @@ class MlflowLink:
         """Write the tables (and, with ``plots``, the plots) to ``<sdir>/artifacts`` and log
         those whose bytes changed since this link last logged them on the parent run, with
         the summary metrics (:func:`summary_metrics`) and the front as an MLflow table
-        (``pareto_front.json``: trial number, objective values, constraints, parameters)."""
+        (``pareto_front.json``: trial number, objective values, constraints, parameters; column
+        names with ``/`` for ``.``: ``values/f1``, ``params/x.0`` -> ``params/x/0``)."""
         import pyarrow.parquet as pq
         from mlflow.entities import Metric
 
@@ -353,7 +355,9 @@ class MlflowLink:
             self._log_file(p)
         front = pq.read_table(self.sdir / "artifacts" / "pareto.parquet")
         cols = ["number"] + [c for c in front.column_names if c.startswith(("values.", "constraints.", "params."))]
-        self._log_table(front.select(cols).to_pydict(), "pareto_front.json")
+        # MLflow's table view reads a column name with a dot as a nested path (blank cells)
+        data = {c.replace(".", "/"): v for c, v in front.select(cols).to_pydict().items()}
+        self._log_table(data, "pareto_front.json")
         summary = summary_metrics(trials, self.info)
         step = int(summary["n_complete"])
         ts = int(time.time() * 1000)
@@ -402,11 +406,14 @@ class Tracker:
     finished trial onto the queue.
     """
 
-    def __init__(self, info: StudyInfo, sdir: Path) -> None:
+    def __init__(self, info: StudyInfo, sdir: Path, stop: Callable[[], bool] | None = None) -> None:
+        """``stop``: when it returns true (the driver aborts: a second Ctrl-C, SIGTERM),
+        :meth:`finish` stops waiting for the logging at once; ``dse sync`` completes it."""
         import multiprocessing as mp
 
         self.info = info
         self.sdir = sdir
+        self.stop = stop
         self.error: str | None = None
         self._ctx = mp.get_context("spawn")
         self._q: Any = self._ctx.Queue()
@@ -436,15 +443,28 @@ class Tracker:
         """Write final artifacts, close the parent run and wait for the process (bounded)."""
         self._q.put(("finish", list(trials)))
         self._q.put(None)
-        if self._proc is not None:
-            self._proc.join(timeout_s)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(5)
-                self.error = f"MLflow logging did not finish in {timeout_s:.0f} s"
+        proc = self._proc
+        if proc is not None:
+            deadline = time.monotonic() + timeout_s
+            aborted = told = False
+            while proc.is_alive() and time.monotonic() < deadline:
+                if not told and time.monotonic() > deadline - timeout_s + DRAIN_NOTICE_S:
+                    told = True
+                    log.warning("waiting for the MLflow logging to finish (Ctrl-C twice stops it; "
+                                "`dse sync %s` completes it later)", self.info.name)
+                if self.stop is not None and self.stop():
+                    aborted = True
+                    break
+                proc.join(0.1)
+            if proc.is_alive():
+                proc.kill()  # it ignores SIGINT/SIGTERM; a half-logged child run is redone later
+                proc.join(5)
+                self._q.cancel_join_thread()  # queued items die with it: no hang at exit
+                self.error = ("MLflow logging stopped before it was complete (interrupted)" if aborted
+                              else f"MLflow logging did not finish in {timeout_s:.0f} s")
         try:
             while True:
-                self.error = self._status.get(timeout=0.5) or self.error
+                self.error = self._status.get(timeout=0.1 if self.error else 0.5) or self.error
         except queue.Empty:
             pass
         if self._proc is not None and self._proc.exitcode not in (0, None) and self.error is None:
@@ -643,9 +663,16 @@ class _TrackerWorker:
             self._guard("closing the parent run", link.close)
 
 
+#: MLflow 3.17's UI opens every experiment in its GenAI view (a per-browser setting that
+#: ignores the experiment's ``mlflow.experimentKind`` tag); this query selects the
+#: model-training view, where the study's runs are listed.
+UI_VIEW = "?workflowType=machine_learning"
+
+
 def study_run_path(uri: str, study: str) -> str:
     """The UI path of a study's parent run (``#/experiments/<id>/runs/<run id>``), or of
-    its experiment, or ``""`` when the store does not have the study (yet) or cannot be read."""
+    its experiment's runs, in the model-training view (:data:`UI_VIEW`); ``""`` when the
+    store does not have the study (yet) or cannot be read."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     from mlflow.tracking import MlflowClient
@@ -660,7 +687,7 @@ def study_run_path(uri: str, study: str) -> str:
         log.warning("MLflow at %s: cannot find study %s (%s)", uri, study, _why(e))
         return ""
     path = f"#/experiments/{exp.experiment_id}"
-    return f"{path}/runs/{runs[0].info.run_id}" if runs else path
+    return (f"{path}/runs/{runs[0].info.run_id}" if runs else f"{path}/runs") + UI_VIEW
 
 
 @dataclass
