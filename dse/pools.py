@@ -393,12 +393,12 @@ class ActorPool:
             have = "unknown"
         return f"each actor{self.label} asks for {', '.join(want) or 'nothing'}; the cluster has {have or 'nothing'} {what}"
 
-    def _fits(self, free: bool = False) -> int:
-        """How many actors the cluster's total (or ``free``) resources hold (an autoscaler may add more)."""
+    def _fits(self) -> int:
+        """How many actors the cluster's total resources hold (an autoscaler may add more)."""
         import ray
 
         try:
-            have = ray.available_resources() if free else ray.cluster_resources()
+            have = ray.cluster_resources()
         except Exception:  # noqa: BLE001 - the cluster may be unreachable
             return self.size
         return min([self.size] + [int(have.get(k, 0.0) // v) for k, v in self._need().items()])
@@ -441,7 +441,7 @@ class ActorPool:
             if (
                 idle
                 and all(s.state in ("idle", "dead", "placing") for s in self.slots)
-                and (idle >= self._fits() or self._fits(free=True) == 0)
+                and idle >= self._fits()
             ):  # the rest wait for room on the cluster: run with what fits, say so once
                 for s in waiting:
                     s.announced = True

@@ -191,3 +191,23 @@ def test_a_cheap_study_starts_no_ray(tmp_path: Path) -> None:
     trials = optuna.load_study(study_name="plena_vs_baselines",
                                storage=open_storage(None, tmp_path / "plena_vs_baselines")).trials
     assert Counter(t.state for t in trials)[TrialState.COMPLETE] == 30
+
+
+@pytest.mark.slow
+def test_a_local_cluster_stops_at_once_on_what_it_cannot_hold(tmp_path: Path) -> None:
+    """The local cluster dse starts has no custom resources and cannot grow: an evaluator
+    asking for one stops the run with one line at once (place_timeout_s = 600 is not waited
+    for: the command would outlive the subprocess timeout), exit 1."""
+    text = two_stage(first="resources = { custom = { dse_test_absent = 1 } }\n")
+    spec = tmp_path / "absent.toml"
+    spec.write_text(text.replace("[ray]\n", "[ray]\nplace_timeout_s = 600\n"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(tmp_path / "s"), "--progress", "log"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("dse run:")]
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "no evaluator actor can be placed: each actor asks for num_cpus=1, dse_test_absent=1" in err[0]
+    assert "dse_test_absent=0 in total, and a local cluster does not grow" in err[0]
