@@ -421,7 +421,8 @@ class RunSummary:
 class _Order:
     """The trials asked and not yet told, and when to ask, submit and tell.
 
-    Deterministic (``lag`` = the worker count): outcomes are told in the order their trials
+    Deterministic (``lag`` = the worker count, or 1 when every evaluator runs in the
+    driver process, one trial at a time): outcomes are told in the order their trials
     were asked (trial-number order), and a trial is asked only while fewer than ``lag``
     are untold, right after the tell that freed it. Trial n is thus asked when exactly
     trials 0 .. n - lag are told and n - lag + 1 .. n - 1 are running, whatever the
@@ -609,7 +610,7 @@ class Driver:
         front, listeners = make_listeners(self.spec, self._coop, trials, state, progress=self.progress,
                                           tracker=tracker, recover=self._recover_later)
         pool: Pool | None = None
-        order = _Order(self.workers if self.deterministic else None)
+        order = _Order(None)
         t_loop = time.monotonic()
         try:
             if state.complete < self.n_trials:
@@ -617,6 +618,8 @@ class Driver:
                 self._signals_on()  # again: ray.init replaces the SIGTERM handler
                 pool = self._pool(owns_ray)
                 pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
+                if self.deterministic:  # trials evaluated at once: the workers, 1 in the driver process
+                    order.lag = self.workers if pool.overlaps else 1
                 for t in stale:  # left RUNNING by a dead driver: evaluated again as themselves
                     if self.deterministic:  # (only a torn journal leaves parameters to sample)
                         study.sampler = self.spec.make_sampler(t.number)
