@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dse.cli import main
 from dse.plugins.benchmarks import study_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +48,12 @@ def test_unreachable_cluster_one_line_and_nothing_created(
     spec = tmp_path / "far.toml"
     spec.write_text(study_spec("far", n_trials=3, tracking={"enabled": False}))
     address = f"{scheme}127.0.0.1:{_closed_port()}"
-    rc = main(["run", str(spec), "--dir", str(tmp_path / "studies"), "--address", address])
-    err = capsys.readouterr().err
-    assert rc == 1
+    # a process of its own: in this one, a Ray another test started would be reused
+    done = subprocess.run([sys.executable, "-m", "dse.cli", "run", str(spec), "--dir",
+                           str(tmp_path / "studies"), "--address", address],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    rc, err = done.returncode, done.stderr
+    assert rc == 1, err
     assert err.splitlines() == [
         f"dse run: cannot join Ray at address {address!r}: nothing answers at "
         f"{address.removeprefix('ray://')} (Connection refused); is the head node up "

@@ -450,7 +450,7 @@ class Tracker:
             while proc.is_alive() and time.monotonic() < deadline:
                 if not told and time.monotonic() > deadline - timeout_s + DRAIN_NOTICE_S:
                     told = True
-                    log.warning("waiting for the MLflow logging to finish (Ctrl-C twice stops it; "
+                    log.info("waiting for the MLflow logging to finish (Ctrl-C twice stops it; "
                                 "`dse sync %s` completes it later)", self.info.name)
                 if self.stop is not None and self.stop():
                     aborted = True
