@@ -24,7 +24,7 @@ from dse.driver import open_storage
 from dse.plugins.benchmarks import study_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRIALS = 40
+N_TRIALS = 24
 NAME = "kills"
 
 
@@ -68,12 +68,12 @@ def test_four_kills_then_sync_make_mlflow_equal_the_journal(tmp_path: Path) -> N
 
     spec = tmp_path / "kills.toml"
     spec.write_text(study_spec(NAME, n_trials=N_TRIALS, seed=3, sampler="random",
-                               options={"delay_s": 0.15}, tracking={"artifact_every": 10}))
+                               options={"delay_s": 0.1}, tracking={"artifact_every": 10}))
     root = tmp_path / "studies"
     run = ["run", str(spec), "--dir", str(root), "--progress", "log"]
     resume = ["resume", NAME, "--dir", str(root), "--progress", "log"]
     _run_until(run, root, 0, tmp_path)  # start-up: first trials just asked
-    for at in (8, 18, 30):
+    for at in (5, 11, 17):
         _run_until(resume, root, at, tmp_path)
     assert main(resume) == 0
     assert main(["sync", NAME, "--dir", str(root)]) == 0
@@ -145,12 +145,12 @@ def test_a_new_study_with_an_old_name_never_adopts_the_old_runs(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", [False, True], ids=["driver", "group"])
-def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path: Path, group: bool) -> None:
+def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path: Path) -> None:
     """Ray's agents used to live on 60-70 s after their driver was SIGKILLed (they report the
     raylet's death to a GCS that is gone); the driver's watcher (dse/reaper.py) ends every
     Ray process it started within a few seconds, whether the driver alone or its whole
-    process group is killed."""
+    process group is killed (the group case: a group SIGKILL reaches the agents directly, so
+    only the driver is killed here; the kill loop above kills groups)."""
     import psutil
 
     spec = tmp_path / "r.toml"
@@ -169,10 +169,7 @@ def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path: Path, group: bool)
                      if "ray" in " ".join(p.cmdline()[:2]) or p.name().startswith("ray::")]
         assert len(ray_procs) >= 4  # gcs, raylet, agents, workers
     finally:
-        if group:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
+        proc.kill()
         proc.wait()
     _, alive = psutil.wait_procs(ray_procs, timeout=15)  # a bound against a hang, not a speed target
     assert [p.pid for p in alive] == []
