@@ -4,11 +4,7 @@ continues as it was started (issue 11 items 2, 3, 5; docs/driver.md "What is rep
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +19,7 @@ from dse.driver import DUPLICATE_ATTR, Driver, open_storage
 from dse.pareto import params_key, pareto_trials
 from dse.plugins.benchmarks import BenchmarkProblem, study_spec
 from dse.spec import parse_spec
+from tests.kills import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,35 +113,6 @@ def test_throughput_mode_still_completes(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- kill + resume
 
 
-def _states(root: Path, name: str) -> Counter[TrialState]:
-    try:
-        return Counter(t.state for t in _trials(root, name))
-    except KeyError:  # the study is being created
-        return Counter()
-
-
-def _run_until(argv: list[str], root: Path, name: str, at_complete: int) -> None:
-    """Run ``dse argv`` in its own process group; SIGKILL it once the journal holds
-    ``at_complete`` COMPLETE trials and one RUNNING."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv, "--dir", str(root), "--progress", "log"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            c = _states(root, name) if (root / name / "optuna.journal").exists() else Counter()
-            if c[TrialState.COMPLETE] >= at_complete and c[TrialState.RUNNING] >= 1:
-                return
-            time.sleep(0.02)
-        pytest.fail("driver made no progress")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
 def test_sigkill_and_resume_give_the_uninterrupted_study(tmp_path: Path, sampler: str) -> None:
@@ -156,8 +124,8 @@ def test_sigkill_and_resume_give_the_uninterrupted_study(tmp_path: Path, sampler
     spec_path = tmp_path / "k.toml"
     spec_path.write_text(text)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    _run_until(["run", str(spec_path)], killed, "k", 6)
-    _run_until(["resume", "k"], killed, "k", 14)
+    sigkill_when(["run", str(spec_path)], killed, "k", 6)
+    sigkill_when(["resume", "k"], killed, "k", 14)
     from dse.cli import main
 
     assert main(["resume", "k", "--dir", str(killed), "--progress", "log"]) == 0

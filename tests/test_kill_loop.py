@@ -7,7 +7,6 @@ state does not repeat earlier parameter sets (item 3)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from optuna.trial import TrialState
 from dse.cli import main
 from dse.driver import open_storage
 from dse.plugins.benchmarks import study_spec
+from tests.kills import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 24
@@ -36,32 +36,6 @@ def _trials(root: Path) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
-def _run_until(cmd: list[str], root: Path, complete_at_least: int, cwd: Path) -> None:
-    """Start `dse` in its own process group; SIGKILL the whole group once the study holds at
-    least `complete_at_least` COMPLETE trials and one RUNNING (0: as soon as one is RUNNING,
-    i.e. during start-up of the first evaluations)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *cmd], cwd=cwd, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"dse {cmd[0]} ended before the kill (rc {proc.returncode}): "
-                            f"{proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            if (root / NAME / "optuna.journal").exists():
-                c = Counter(t.state for t in _trials(root))
-                if c[TrialState.COMPLETE] >= complete_at_least and c[TrialState.RUNNING] >= 1:
-                    break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"dse {cmd[0]} made no progress")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.slow
 def test_four_kills_then_sync_make_mlflow_equal_the_journal(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
@@ -70,12 +44,10 @@ def test_four_kills_then_sync_make_mlflow_equal_the_journal(tmp_path: Path) -> N
     spec.write_text(study_spec(NAME, n_trials=N_TRIALS, seed=3, sampler="random",
                                options={"delay_s": 0.1}, tracking={"artifact_every": 10}))
     root = tmp_path / "studies"
-    run = ["run", str(spec), "--dir", str(root), "--progress", "log"]
-    resume = ["resume", NAME, "--dir", str(root), "--progress", "log"]
-    _run_until(run, root, 0, tmp_path)  # start-up: first trials just asked
+    sigkill_when(["run", str(spec)], root, NAME, 0, cwd=tmp_path)  # start-up: first trials asked
     for at in (5, 11, 17):
-        _run_until(resume, root, at, tmp_path)
-    assert main(resume) == 0
+        sigkill_when(["resume", NAME], root, NAME, at, cwd=tmp_path)
+    assert main(["resume", NAME, "--dir", str(root), "--progress", "log"]) == 0
     assert main(["sync", NAME, "--dir", str(root)]) == 0
 
     trials = _trials(root)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +15,7 @@ from dse.driver import open_study
 from dse.plugins.benchmarks import study_spec
 from dse.spec import parse_spec
 from dse.storage import flush_storage, open_storage
+from tests.kills import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,36 +45,6 @@ def test_reopened_study_does_not_replay_its_draws(tmp_path: Path, sampler: str) 
     flush_storage(study_b._storage)
 
 
-def _states(root: Path, name: str) -> Counter[TrialState]:
-    try:
-        study = optuna.load_study(study_name=name, storage=open_storage(None, root / name))
-    except KeyError:  # the study is being created
-        return Counter()
-    return Counter(t.state for t in study.trials)
-
-
-def _start_then_kill(argv: list[str], root: Path, name: str, at_complete: int) -> None:
-    """Run ``dse argv`` in its own process group and SIGKILL it once the study has
-    ``at_complete`` COMPLETE trials and one RUNNING."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv, "--dir", str(root),
-                             "--progress", "log"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            c = _states(root, name) if (root / name / "optuna.journal").exists() else Counter()
-            if c[TrialState.COMPLETE] >= at_complete and c[TrialState.RUNNING] >= 1:
-                return
-            time.sleep(0.1)
-        pytest.fail("driver made no progress")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.slow
 def test_three_sigkills_then_resume_repeat_no_parameters(ray_session: Any, tmp_path: Path) -> None:
     n = 40
@@ -86,9 +52,9 @@ def test_three_sigkills_then_resume_repeat_no_parameters(ray_session: Any, tmp_p
     spec.write_text(study_spec("rk", n_trials=n, sampler="random", seed=3,
                                options={"delay_s": 0.1}, tracking={"enabled": False}))
     root = tmp_path / "studies"
-    _start_then_kill(["run", str(spec)], root, "rk", 5)
-    _start_then_kill(["resume", "rk"], root, "rk", 14)
-    _start_then_kill(["resume", "rk"], root, "rk", 24)
+    sigkill_when(["run", str(spec)], root, "rk", 5)
+    sigkill_when(["resume", "rk"], root, "rk", 14)
+    sigkill_when(["resume", "rk"], root, "rk", 24)
     assert main(["resume", "rk", "--dir", str(root), "--progress", "log"]) == 0
     study = optuna.load_study(study_name="rk", storage=open_storage(None, root / "rk"))
     states = Counter(t.state for t in study.trials)
