@@ -833,7 +833,7 @@ class Driver:
         """Write buffered journal records when ``FLUSH_S`` has passed (or ``force``)."""
         now = time.monotonic()
         if storage.unflushed(study) and (force or now - getattr(self, "_last_flush", 0.0) >= FLUSH_S):
-            storage.flush(study)  # one lock + fsync for many records
+            storage.flush(study, reread=False)  # journal: one lock + fsync for many records
             self._last_flush = now
 
     def _close(
@@ -853,6 +853,7 @@ class Driver:
             for li in listeners:
                 li.close(all_trials)
         storage.flush(study)
+        storage.release(study)
         return all_trials
 
     def _summary(

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Container, Generator, Iterator
@@ -626,6 +627,413 @@ class DriverRDBStorage(_CachedStorage):
         self._dirty = True
 
 
+class PostgresDriverStorage(DriverRDBStorage):
+    """The driver's PostgreSQL storage: about two round trips per trial.
+
+    Optuna's RDB storage writes every parameter, attribute and value in its own
+    transaction (a ``SELECT ... FOR UPDATE`` of the trial, the write, a commit: ~10
+    transactions and ~32 statements per trial, each a round trip to the server). Here:
+
+    * **ask** (:meth:`ask`): one round trip, one transaction: the cooperation lock (the
+      study's advisory lock, transaction-scoped), the study row locked as Optuna's own trial
+      creation does, then one statement that counts the trials by state, claims the first
+      WAITING trial or creates a new one, unless COMPLETE + RUNNING has reached the cap,
+      and records this driver as its owner;
+    * **writes to this driver's RUNNING trials** (parameters, user and system attributes)
+      are kept in memory (and in the trial the sampler sees) and written by
+      :meth:`flush` (the driver's ``FLUSH_S`` cadence: one statement per trial);
+    * **tell** (:meth:`set_trial_state_values` to a finished state): one statement, one
+      transaction writes everything buffered for the trial, its values and its state, only
+      if the trial is still RUNNING in the database (another driver may have failed it as
+      an orphan: then ``UpdateFinishedTrialError``, as Optuna raises). When the tell
+      returns, the trial is committed: a SIGKILL of the driver loses no told trial.
+    * reads of the other drivers' trials: every ``REFRESH_S`` (:class:`DriverRDBStorage`),
+      skipping this driver's RUNNING trials, whose state is the one held here.
+
+    Every other operation (study attributes, heartbeats, enqueued trials, trials adopted
+    from a dead driver) goes through Optuna's storage unchanged. A crash of this process
+    loses the buffered writes of its RUNNING trials (at most the last ``FLUSH_S``): those
+    trials are RUNNING in the database and are re-run (as themselves, or failed and
+    re-enqueued) like any orphan; a trial killed before its parameters were written has
+    none and a new trial takes its place. The server's ``synchronous_commit=off``
+    (:func:`open_rdb`) means a *server* crash may lose its last ~0.6 s of commits.
+    """
+
+    def __init__(self, backend: optuna.storages.RDBStorage) -> None:
+        super().__init__(backend)
+        self._conn: Any = None  # a psycopg connection: this storage's own session
+        self._conn_lock = threading.RLock()
+        self._writes: dict[int, _TrialWrites] = {}  # buffered writes of own RUNNING trials
+        self._types: tuple[str, str] | None = None  # the enum types of trials.state, value_type
+        self._study_attrs: dict[int, tuple[float, dict[str, Any]]] = {}  # (read at, attrs)
+
+    # ---------------------------------------------------------------- the connection
+    def _connection(self) -> Any:
+        """This storage's psycopg connection (autocommit; opened on first use)."""
+        if self._conn is not None and (self._conn.closed or self._conn.broken):
+            self.close()
+        if self._conn is None:
+            raw = self._backend.engine.raw_connection()  # with the engine's connect_args
+            conn = raw.driver_connection
+            raw.detach()  # never back to the pool: it holds this driver's session locks
+            conn.rollback()
+            conn.autocommit = True
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        """Close this storage's own connection (a later call opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _execute(self, sql: str, params: Any, *, client: bool = False) -> list[tuple[Any, ...]]:
+        """Run ``sql`` on the own connection; the rows of its last statement.
+
+        ``client``: bind the parameters in the client, so that ``sql`` may hold several
+        statements (one round trip; PostgreSQL runs them as one transaction, each statement
+        with a new snapshot). A broken connection (e.g. the server restarted) is replaced
+        and the call made once more.
+        """
+        import psycopg
+
+        with self._conn_lock:
+            for attempt in (0, 1):
+                conn = self._connection()
+                try:
+                    cur = psycopg.ClientCursor(conn) if client else conn.cursor()
+                    with cur:
+                        cur.execute(sql, params)
+                        while cur.nextset():
+                            pass
+                        return cur.fetchall() if cur.description else []
+                except psycopg.OperationalError:
+                    if attempt or not conn.broken:
+                        raise
+                    self.close()
+        raise AssertionError("unreachable")
+
+    def _enum_types(self) -> tuple[str, str]:
+        """The SQL types of ``trials.state`` and ``trial_values.value_type`` (Optuna's enums)."""
+        if self._types is None:
+            rows = self._execute(
+                "SELECT c.relname, format_type(a.atttypid, NULL) FROM pg_attribute a "
+                "JOIN pg_class c ON c.oid = a.attrelid WHERE a.attrelid IN "
+                "(to_regclass('trials'), to_regclass('trial_values')) "
+                "AND a.attname IN ('state', 'value_type')", None)
+            found = dict(rows)
+            self._types = (found["trials"], found["trial_values"])
+        return self._types
+
+    @contextlib.contextmanager
+    def locked(self, key: int) -> Iterator[None]:
+        """Hold the session advisory lock ``key`` on this storage's connection (the
+        cooperation lock: :meth:`ask` takes the same key again, which a session holding it
+        gets at once)."""
+        self._conn_lock.acquire()
+        try:
+            self._execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                if self._conn is not None:
+                    self._execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            self._conn_lock.release()
+
+    # ---------------------------------------------------------------- ask
+    def ask(self, study_id: int, cap: int | None, owner: str | None) -> tuple[int | None, dict[TrialState, int]]:
+        """Claim the first WAITING trial or create one, owned by ``owner``, unless the
+        study's COMPLETE + RUNNING trials reach ``cap``. One round trip. ``owner`` ``None``:
+        create a trial (no claim, no owner, no cap), as Optuna's ``create_new_trial``.
+
+        Returns the trial id (``None``: capped) and the counts by state before the ask.
+        """
+        state_t, _ = self._enum_types()
+        now = datetime.datetime.now()
+        now_utc = now.astimezone(datetime.UTC).replace(tzinfo=None)
+        sql = _ASK_SQL.format(state=state_t)
+        rows = self._execute(sql, {
+            "lock": _PG_LOCK_BASE + study_id, "study": study_id, "cap": cap if cap is not None else 2**31 - 1,
+            "now": now_utc, "key": OWNER_ATTR, "owner": None if owner is None else json.dumps(owner),
+            "claim": owner is not None,
+        }, client=True)
+        counts_json, trial_id, number, claimed = rows[0]
+        counts = {s: 0 for s in TrialState}
+        for name, n in (counts_json or {}).items():
+            counts[TrialState[name]] = int(n)
+        if trial_id is None:
+            return None, counts
+        if claimed:  # an enqueued trial: its template (parameters, attributes) as stored
+            ft = self._backend.get_trial(trial_id)
+        else:
+            ft = FrozenTrial(number=number, state=TrialState.RUNNING, value=None, values=None,
+                             datetime_start=now, datetime_complete=None, params={},
+                             distributions={}, user_attrs={},
+                             system_attrs={} if owner is None else {OWNER_ATTR: owner},
+                             intermediate_values={}, trial_id=trial_id)
+        with self._lock:
+            if study_id not in self._studies:
+                from optuna.storages._cached_storage import _StudyInfo
+
+                self._studies[study_id] = _StudyInfo()
+            self._add_trials_to_cache(study_id, [ft])
+            self._mine[trial_id] = ft
+        return trial_id, counts
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        """A new RUNNING trial as :meth:`ask` makes it (no cap); an enqueued one as Optuna's."""
+        if template_trial is not None:
+            return super().create_new_trial(study_id, template_trial)
+        trial_id, _ = self.ask(study_id, None, None)
+        assert trial_id is not None
+        return trial_id
+
+    # ---------------------------------------------------------------- writes
+    def _own(self, trial_id: int) -> FrozenTrial | None:
+        t = self._mine.get(trial_id)
+        return t if t is not None and t.state == TrialState.RUNNING else None
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: Any) -> None:
+        """Own RUNNING trial: buffered (checked against the study's distribution as Optuna
+        does); any other trial: as Optuna's."""
+        t = self._own(trial_id)
+        if t is None:
+            return super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        from optuna import distributions as dists
+
+        with self._lock:
+            study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+            seen = self._studies[study_id].param_distribution
+            if param_name in seen:
+                dists.check_distribution_compatibility(seen[param_name], distribution)
+            else:
+                seen[param_name] = distribution
+        t._params[param_name] = distribution.to_external_repr(param_value_internal)
+        t._distributions[param_name] = distribution
+        self._writes.setdefault(trial_id, _TrialWrites()).params[param_name] = (
+            float(param_value_internal), dists.distribution_to_json(distribution))
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """Own RUNNING trial: buffered; any other trial: as Optuna's."""
+        t = self._own(trial_id)
+        if t is None:
+            return super().set_trial_user_attr(trial_id, key, value)
+        text = json.dumps(value)
+        t._user_attrs[key] = json.loads(text)  # as a read from the database would give it
+        self._writes.setdefault(trial_id, _TrialWrites()).user[key] = text
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """Own RUNNING trial: buffered; any other trial: as Optuna's."""
+        t = self._own(trial_id)
+        if t is None:
+            return super().set_trial_system_attr(trial_id, key, value)
+        text = json.dumps(value)
+        t._system_attrs[key] = json.loads(text)
+        self._writes.setdefault(trial_id, _TrialWrites()).system[key] = text
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Own RUNNING trial finished: everything buffered for it, its values and its state
+        in one statement (one transaction); any other trial: as Optuna's."""
+        t = self._own(trial_id)
+        if t is None:
+            return super().set_trial_state_values(trial_id, state=state, values=values)
+        if not state.is_finished():
+            return False  # RUNNING already (Optuna: only a WAITING trial becomes RUNNING)
+        vals = None if values is None else [float(v) for v in values]
+        now = datetime.datetime.now()
+        if not self._write_trial(trial_id, state, vals, now):
+            self._lost(trial_id)
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"Trial#{t.number} has already finished and can not be updated.")
+        t.state = state
+        t._values = vals
+        t.datetime_complete = now
+        del self._mine[trial_id]
+        return True
+
+    def _write_trial(self, trial_id: int, state: TrialState | None, values: list[float] | None,
+                     now: datetime.datetime) -> bool:
+        """Write trial ``trial_id``'s buffered writes (and ``state``, ``values``) if it is
+        RUNNING in the database; whether it was."""
+        w = self._writes.get(trial_id) or _TrialWrites()
+        state_t, value_t = self._enum_types()
+        vals = values or []
+        types = ["INF_POS" if v == math.inf else "INF_NEG" if v == -math.inf else "FINITE" for v in vals]
+        rows = self._execute(_TELL_SQL.format(state=state_t, value_type=value_t), {
+            "id": trial_id, "state": state.name if state is not None else None,
+            "done": now.astimezone(datetime.UTC).replace(tzinfo=None) if state is not None else None,
+            "pn": list(w.params), "pv": [v for v, _ in w.params.values()],
+            "pd": [d for _, d in w.params.values()],
+            "uk": list(w.user), "uj": list(w.user.values()),
+            "sk": list(w.system), "sj": list(w.system.values()),
+            "vo": list(range(len(vals))), "vv": [v if math.isfinite(v) else None for v in vals],
+            "vt": types,
+        })
+        self._writes.pop(trial_id, None)
+        return bool(rows[0][0])
+
+    def _lost(self, trial_id: int) -> None:
+        """Own trial ``trial_id`` is no longer RUNNING in the database (another driver
+        failed it as an orphan): forget its buffered writes, read it again."""
+        self._writes.pop(trial_id, None)
+        self._mine.pop(trial_id, None)
+        self._dirty = True
+
+    def flush(self) -> int:
+        """Write the buffered writes of this driver's RUNNING trials; returns how many."""
+        n = 0
+        for trial_id in list(self._writes):
+            w = self._writes[trial_id]
+            k = len(w.params) + len(w.user) + len(w.system)
+            if self._write_trial(trial_id, None, None, datetime.datetime.now()):
+                n += k
+            else:
+                log.warning("trial %d: finished by another driver meanwhile (its driver was "
+                            "thought gone); this driver's result for it is dropped",
+                            self._mine[trial_id].number if trial_id in self._mine else trial_id)
+                self._lost(trial_id)
+        return n
+
+    def unflushed(self) -> int:
+        """Buffered writes of this driver's RUNNING trials (told trials are written at once)."""
+        return sum(len(w.params) + len(w.user) + len(w.system) for w in self._writes.values())
+
+    # ---------------------------------------------------------------- reads
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        """The study's system attributes as read at most ``REFRESH_S`` ago, with this
+        process's writes (NSGA-II reads them on every ask for its parent population);
+        :meth:`study_system_attrs_now` reads them now."""
+        got = self._study_attrs.get(study_id)
+        if got is None or time.monotonic() - got[0] >= self.REFRESH_S:
+            got = (time.monotonic(), self._backend.get_study_system_attrs(study_id))
+            self._study_attrs[study_id] = got
+        return dict(got[1])
+
+    def study_system_attrs_now(self, study_id: int) -> dict[str, Any]:
+        """The study's system attributes read now (heartbeats, once-only markers)."""
+        self._study_attrs.pop(study_id, None)
+        return self.get_study_system_attrs(study_id)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        """As Optuna's (written at once); the attributes read here see it."""
+        self._backend.set_study_system_attr(study_id, key, value)
+        if (got := self._study_attrs.get(study_id)) is not None:
+            got[1][key] = json.loads(json.dumps(value))
+
+    def refresh(self) -> None:
+        """Read trials and study system attributes again at their next use."""
+        super().refresh()
+        self._study_attrs.clear()
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        """Own RUNNING trial: a copy of the state held here; else as :class:`DriverRDBStorage`."""
+        t = self._own(trial_id)
+        return copy.deepcopy(t) if t is not None else super().get_trial(trial_id)
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        """Read the study's new and unfinished trials (every ``REFRESH_S``, or when asked),
+        except this driver's RUNNING trials, whose state is the one held here."""
+        now = time.monotonic()
+        if not self._dirty and now - self._read_at.get(study_id, -math.inf) < self.REFRESH_S:
+            return
+        self._dirty = False
+        self._read_at[study_id] = now
+        with self._lock:
+            if study_id not in self._studies:
+                from optuna.storages._cached_storage import _StudyInfo
+
+                self._studies[study_id] = _StudyInfo()
+            study = self._studies[study_id]
+            trials = self._backend._get_trials(
+                study_id, states=None,
+                included_trial_ids={i for i in study.unfinished_trial_ids if self._own(i) is None},
+                trial_id_greater_than=study.last_finished_trial_id)
+            for trial in trials:
+                tid = trial._trial_id
+                if self._own(tid) is not None:
+                    if not trial.state.is_finished():
+                        continue  # the copy here holds writes the database has not seen yet
+                    self._writes.pop(tid, None)  # failed by another driver (an orphan to it)
+                    self._mine.pop(tid, None)
+                self._add_trials_to_cache(study_id, [trial])
+                if not trial.state.is_finished():
+                    study.unfinished_trial_ids.add(tid)
+                    continue
+                study.last_finished_trial_id = max(study.last_finished_trial_id, tid)
+                study.unfinished_trial_ids.discard(tid)
+
+
+class _TrialWrites:
+    """Writes to one RUNNING trial not yet in the database: parameters (internal value,
+    distribution JSON), user and system attributes (JSON text)."""
+
+    __slots__ = ("params", "system", "user")
+
+    def __init__(self) -> None:
+        self.params: dict[str, tuple[float, str]] = {}
+        self.user: dict[str, str] = {}
+        self.system: dict[str, str] = {}
+
+
+# Ask: the cooperation lock, the study row (Optuna's own trial creation locks it too, so
+# trial numbers stay unique), then counts and claim-or-create in one statement; the
+# statements after a lock see the commits made before it (READ COMMITTED: a new snapshot
+# per statement). The counts are those before the ask.
+_ASK_SQL = """
+SELECT pg_advisory_xact_lock(%(lock)s);
+SELECT 1 FROM studies WHERE study_id = %(study)s FOR UPDATE;
+WITH c AS (SELECT state::text AS st, count(*) AS n FROM trials WHERE study_id = %(study)s GROUP BY state),
+ok AS (SELECT coalesce(sum(n), 0) AS total FROM c
+       HAVING coalesce(sum(n) FILTER (WHERE st IN ('COMPLETE', 'RUNNING')), 0) < %(cap)s),
+w AS (SELECT trial_id FROM trials WHERE study_id = %(study)s AND state = 'WAITING' AND %(claim)s
+      ORDER BY number, trial_id LIMIT 1),
+claimed AS (UPDATE trials SET state = 'RUNNING', datetime_start = %(now)s
+            WHERE trial_id = (SELECT trial_id FROM w) AND EXISTS (SELECT 1 FROM ok)
+            RETURNING trial_id, number),
+created AS (INSERT INTO trials (number, study_id, state, datetime_start)
+            SELECT total, %(study)s, 'RUNNING'::{state}, %(now)s FROM ok
+            WHERE NOT EXISTS (SELECT 1 FROM w) RETURNING trial_id, number),
+t AS (SELECT trial_id, number, true AS claimed FROM claimed
+      UNION ALL SELECT trial_id, number, false FROM created),
+o AS (INSERT INTO trial_system_attributes (trial_id, key, value_json)
+      SELECT trial_id, %(key)s, %(owner)s FROM t WHERE %(owner)s IS NOT NULL
+      ON CONFLICT (trial_id, key) DO UPDATE SET value_json = EXCLUDED.value_json)
+SELECT (SELECT json_object_agg(st, n) FROM c), t.trial_id, t.number, t.claimed
+FROM (SELECT 1) AS one LEFT JOIN t ON true
+"""
+
+# A trial's buffered writes, values and state, only while it is RUNNING in the database
+# (or already finished by this very write: a retry after a lost reply changes nothing).
+# ``state`` NULL: the writes only (the trial stays RUNNING).
+_TELL_SQL = """
+WITH t AS (UPDATE trials SET state = coalesce(%(state)s::text::{state}, state),
+                             datetime_complete = coalesce(%(done)s, datetime_complete)
+           WHERE trial_id = %(id)s
+             AND (state = 'RUNNING' OR (state::text = %(state)s AND datetime_complete = %(done)s))
+           RETURNING trial_id),
+p AS (INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
+      SELECT t.trial_id, x.n, x.v, x.d
+      FROM t, unnest(%(pn)s::text[], %(pv)s::float8[], %(pd)s::text[]) AS x(n, v, d)
+      ON CONFLICT (trial_id, param_name) DO UPDATE
+      SET param_value = EXCLUDED.param_value, distribution_json = EXCLUDED.distribution_json),
+u AS (INSERT INTO trial_user_attributes (trial_id, key, value_json)
+      SELECT t.trial_id, x.k, x.j FROM t, unnest(%(uk)s::text[], %(uj)s::text[]) AS x(k, j)
+      ON CONFLICT (trial_id, key) DO UPDATE SET value_json = EXCLUDED.value_json),
+s AS (INSERT INTO trial_system_attributes (trial_id, key, value_json)
+      SELECT t.trial_id, x.k, x.j FROM t, unnest(%(sk)s::text[], %(sj)s::text[]) AS x(k, j)
+      ON CONFLICT (trial_id, key) DO UPDATE SET value_json = EXCLUDED.value_json),
+v AS (INSERT INTO trial_values (trial_id, objective, value, value_type)
+      SELECT t.trial_id, x.o, x.v, x.ty::{value_type}
+      FROM t, unnest(%(vo)s::int[], %(vv)s::float8[], %(vt)s::text[]) AS x(o, v, ty)
+      ON CONFLICT (trial_id, objective) DO UPDATE
+      SET value = EXCLUDED.value, value_type = EXCLUDED.value_type)
+SELECT count(*) FROM t
+"""
+
+
 def open_storage(url: str | None, sdir: Path, *, buffered: bool = False) -> BaseStorage:
     """Open a study's Optuna storage.
 
@@ -653,23 +1061,32 @@ def open_storage(url: str | None, sdir: Path, *, buffered: bool = False) -> Base
                 raise
             raise StorageError(msg) from e
     assert url is not None
-    return DriverRDBStorage(open_rdb(url)) if buffered else open_rdb(url)
+    rdb = open_rdb(url)
+    if not buffered:
+        return rdb
+    return PostgresDriverStorage(rdb) if rdb.engine.dialect.name == "postgresql" else DriverRDBStorage(rdb)
 
 
 def buffered_records(storage: BaseStorage) -> int:
     """Journal records of ``storage`` written but not yet flushed (0 for other storages)."""
+    if isinstance(storage, PostgresDriverStorage):
+        return storage.unflushed()
     backend = getattr(storage, "_backend", None)
     return len(backend._buffer) if isinstance(backend, BufferedJournalFileBackend) else 0
 
 
-def flush_storage(storage: BaseStorage) -> None:
-    """Write any buffered journal records of ``storage`` (no-op for other storages)."""
+def flush_storage(storage: BaseStorage, reread: bool = True) -> None:
+    """Write any buffered records of ``storage`` (journal, PostgreSQL driver storage);
+    RDB driver storages: with ``reread``, the next read sees every driver's trials."""
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, BufferedJournalFileBackend):
         with storage._thread_lock:  # type: ignore[attr-defined]
             backend.flush()
     elif isinstance(storage, DriverRDBStorage):
-        storage.refresh()  # written already: the next read sees the other drivers' too
+        if isinstance(storage, PostgresDriverStorage):
+            storage.flush()  # the writes to its RUNNING trials (told trials are written)
+        if reread:
+            storage.refresh()  # the next read sees the other drivers' trials too
 
 
 # ----------------------------------------------------------------------------- study helpers
@@ -677,7 +1094,9 @@ def flush_storage(storage: BaseStorage) -> None:
 
 
 def system_attrs(study: optuna.Study) -> dict[str, Any]:
-    """The study's system attributes (``dse:driver``, ``dse:baselines_enqueued``, ...)."""
+    """The study's system attributes (``dse:driver``, ``dse:baselines_enqueued``, ...), read now."""
+    if isinstance(study._storage, PostgresDriverStorage):
+        return study._storage.study_system_attrs_now(study._study_id)
     return study._storage.get_study_system_attrs(study._study_id)
 
 
@@ -714,14 +1133,21 @@ def running_trial(study: optuna.Study, trial: FrozenTrial) -> optuna.Trial:
     return optuna.Trial(study, trial._trial_id)
 
 
+def release(study: optuna.Study) -> None:
+    """Close the connection the study's driver storage holds for itself (PostgreSQL; a
+    later use opens another). The driver calls it at its end."""
+    if isinstance(study._storage, PostgresDriverStorage):
+        study._storage.close()
+
+
 def unflushed(study: optuna.Study) -> int:
     """Records of the study written but not yet flushed (see :func:`buffered_records`)."""
     return buffered_records(study._storage)
 
 
-def flush(study: optuna.Study) -> None:
+def flush(study: optuna.Study, reread: bool = True) -> None:
     """Write the study's buffered records (see :func:`flush_storage`)."""
-    flush_storage(study._storage)
+    flush_storage(study._storage, reread)
 
 
 # ----------------------------------------------------------------------------- several drivers
@@ -767,6 +1193,10 @@ def exclusive(study: optuna.Study) -> Iterator[None]:
     backend = getattr(study._storage, "_backend", None)
     if isinstance(backend, BufferedJournalFileBackend):
         with backend.exclusive():
+            yield
+        return
+    if isinstance(study._storage, PostgresDriverStorage):  # on its own connection (see ask)
+        with study._storage.locked(_PG_LOCK_BASE + study._study_id):
             yield
         return
     rdb = _rdb(study)
@@ -848,7 +1278,15 @@ class Cooperation:
         """A new trial, or ``None`` when COMPLETE + RUNNING (all drivers) reach ``n_trials``.
 
         Returns the trial and the study's counts by state before it was asked.
+        PostgreSQL: one round trip (:meth:`PostgresDriverStorage.ask`).
         """
+        st = self.study._storage
+        if isinstance(st, PostgresDriverStorage):
+            trial_id, counts = st.ask(self.study._study_id, n_trials, self.id)
+            if trial_id is None:
+                return None, counts
+            self.study._thread_local.cached_all_trials = None  # as Study.ask does
+            return optuna.Trial(self.study, trial_id), counts
         with exclusive(self.study):
             counts = state_counts(self.study)
             if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= n_trials:
