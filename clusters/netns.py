@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SUBNET = "10.77.0"  # addresses inside the namespaces only; nothing outside sees them
 PORT = 6379
+CLIENT_PORT = 10001  # the head's Ray Client server (``ray://10.77.0.1:10001``)
 #: Ray system settings for the nodes: a lost node is declared dead after ~3 s (default ~30 s)
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                    "RAY_health_check_failure_threshold": "3"}
@@ -169,7 +170,7 @@ class TwoNodes:
         reap_stale()
         try:
             self._network()
-            self._start(self.head, ["--head", f"--port={PORT}",
+            self._start(self.head, ["--head", f"--port={PORT}", f"--ray-client-server-port={CLIENT_PORT}",
                                     f"--include-dashboard={str(self.dashboard).lower()}",
                                     f"--dashboard-host={self.head.ip}"])
             if self.with_worker:  # at once: it waits for the head's GCS to answer

@@ -362,6 +362,65 @@ def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
             os.environ[env_var] = old_env
 
 
+def _connected_ray() -> str:
+    """The Ray this process is connected to: ``ray://host:port`` (Ray Client) or the GCS
+    address ``host:port``; ``""`` when Ray does not say."""
+    import ray
+
+    try:
+        if ray.util.client.ray.is_connected():
+            worker = getattr(ray.util.client.ray.get_context(), "client_worker", None)
+            conn = getattr(worker, "_conn_str", "")
+            return f"ray://{conn}" if conn else "ray://"
+        return str(ray.get_runtime_context().gcs_address or "")
+    except Exception:  # noqa: BLE001 - only for a message
+        return ""
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether Ray addresses ``a`` and ``b`` name the same server (host names resolved)."""
+    def norm(x: str) -> str:
+        scheme, _, rest = x.rpartition("://")
+        host, _, port = rest.rpartition(":")
+        try:
+            host = socket.gethostbyname(host)
+        except OSError:
+            pass
+        return f"{scheme}://{host}:{port}"
+
+    return a == b or norm(a) == norm(b)
+
+
+def _say_reused(asked: str) -> None:
+    """One line: Ray is initialised in this process already (e.g. a notebook called
+    ``ray.init()``) and the run uses it. Ray's own libraries (Tune, Train, Data) do the
+    same: a second ``ray.init`` would fail, and shutting the user's Ray down would destroy
+    their actors and objects. A warning when ``asked`` (``--address``/``address=``/``[ray]
+    address``) names another cluster, with the way to get that one instead."""
+    current = _connected_ray() or "an unknown address"
+    if asked in ("local", "auto") or _same_address(asked, current):
+        log.info("Ray is already initialised in this process (%s): the run uses it", current)
+        return
+    log.warning("Ray is already initialised in this process (%s): the run uses it, not address %r "
+                "(call ray.shutdown() first to run there)", current, asked)
+
+
+class _DropClientServerNoise(logging.Filter):
+    """Ray Client forwards the log lines of its per-client server on the head; one of them,
+    "SIGTERM handler is not set because current thread is not the main thread", is about
+    that server's own thread, on every connection, and means nothing to the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _quiet_ray_client() -> None:
+    """Install :class:`_DropClientServerNoise` on Ray Client's log-stream logger (once)."""
+    logger = logging.getLogger("ray.util.client.logsclient")
+    if not any(isinstance(f, _DropClientServerNoise) for f in logger.filters):
+        logger.addFilter(_DropClientServerNoise())
+
+
 def _check_answers(address: str, timeout_s: float = 10.0) -> None:
     """Raise :class:`DriverError` when nothing accepts a connection at ``address``.
 
@@ -574,6 +633,7 @@ class Driver:
         self._interrupts = 0
         self._old_handlers: dict[int, Any] = {}
         self._capped = False  # the last ask found the study full (other drivers' trials)
+        self._ray_known = False  # Ray was found initialised or initialised here (said once)
 
     # -------------------------------------------------------------- the loop
 
@@ -940,9 +1000,14 @@ class Driver:
             os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
 
-        if ray.is_initialized():
+        if ray.is_initialized():  # a notebook's ray.init(): used, as Ray's own libraries do
+            if not self._ray_known:
+                _say_reused(self.address)
+                self._ray_known = True
             return False
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+        if self.address.startswith("ray://"):
+            _quiet_ray_client()
         if self.address == "local":
             # CPUs: every actor at once; GPUs and accelerator types: what Ray detects (a
             # request the machine cannot meet is reported, not faked); no custom resources
@@ -965,6 +1030,7 @@ class Driver:
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints "
                 "it; clusters/README.md)")
             raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}{hint}") from None
+        self._ray_known = True
         return True
 
     def _evaluator_entries(self) -> list[EvaluatorEntry]:

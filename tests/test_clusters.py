@@ -4,6 +4,8 @@
   need (``ray[default,client]``).
 * ``dse run --address`` on a cluster that does not answer: one line, exit 1, nothing
   created on disk.
+* Ray initialised in the process already (a notebook): the run uses it, and says so in
+  one line (a warning when another address was asked).
 * ``clusters/ray-cluster.yaml`` validates against the cluster-launcher schema shipped
   inside the installed ray package; the KubeRay manifests use only RayCluster/RayJob v1
   fields (field sets below, from the KubeRay v1 CRDs).
@@ -11,11 +13,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +64,25 @@ def test_unreachable_cluster_one_line_and_nothing_created(
         "(`ray start --head`) and the port reachable?"
     ]
     assert not (tmp_path / "studies").exists()
+
+
+def test_ray_initialised_in_the_process_is_used_and_said_once(
+    ray_session: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As Ray's own libraries do: no second ``ray.init``, no shutdown of the user's Ray;
+    the address asked for (nothing listens there) is named in one warning."""
+    from dse.driver import Driver
+    from dse.spec import parse_spec
+
+    spec = parse_spec(study_spec("nb", n_trials=2, workers=1, tracking={"enabled": False}))
+    address = f"ray://127.0.0.1:{_closed_port()}"
+    with caplog.at_level(logging.INFO, logger="dse"):
+        summary = Driver(spec, tmp_path, address=address, progress=False).run()
+    assert summary.complete == 2 and ray_session.is_initialized()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "already initialised" in r.getMessage()]
+    gcs = ray_session.get_runtime_context().gcs_address
+    assert said == [("WARNING", f"Ray is already initialised in this process ({gcs}): the run uses it, "
+                                f"not address {address!r} (call ray.shutdown() first to run there)")]
 
 
 # ------------------------------------------------------------------------ the recipes
