@@ -666,6 +666,7 @@ class PostgresDriverStorage(DriverRDBStorage):
         self._writes: dict[int, _TrialWrites] = {}  # buffered writes of own RUNNING trials
         self._types: tuple[str, str] | None = None  # the enum types of trials.state, value_type
         self._study_attrs: dict[int, tuple[float, dict[str, Any]]] = {}  # (read at, attrs)
+        self._told: set[int] = set()  # own trials told since the last read
 
     # ---------------------------------------------------------------- the connection
     def _connection(self) -> Any:
@@ -852,6 +853,7 @@ class PostgresDriverStorage(DriverRDBStorage):
         t._values = vals
         t.datetime_complete = now
         del self._mine[trial_id]
+        self._told.add(trial_id)
         return True
 
     def _write_trial(self, trial_id: int, state: TrialState | None, values: list[float] | None,
@@ -880,6 +882,9 @@ class PostgresDriverStorage(DriverRDBStorage):
         failed it as an orphan): forget its buffered writes, read it again."""
         self._writes.pop(trial_id, None)
         self._mine.pop(trial_id, None)
+        with self._lock:
+            study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+            self._studies[study_id].unfinished_trial_ids.add(trial_id)
         self._dirty = True
 
     def flush(self) -> int:
@@ -935,7 +940,8 @@ class PostgresDriverStorage(DriverRDBStorage):
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         """Read the study's new and unfinished trials (every ``REFRESH_S``, or when asked),
-        except this driver's RUNNING trials, whose state is the one held here."""
+        except this driver's trials: its RUNNING ones (the state held here is newer) and
+        those it told (final, and held here as written)."""
         now = time.monotonic()
         if not self._dirty and now - self._read_at.get(study_id, -math.inf) < self.REFRESH_S:
             return
@@ -947,23 +953,42 @@ class PostgresDriverStorage(DriverRDBStorage):
 
                 self._studies[study_id] = _StudyInfo()
             study = self._studies[study_id]
-            trials = self._backend._get_trials(
-                study_id, states=None,
-                included_trial_ids={i for i in study.unfinished_trial_ids if self._own(i) is None},
-                trial_id_greater_than=study.last_finished_trial_id)
+            after = study.last_finished_trial_id
+            skip = set(self._mine) | {i for i in self._told if i > after}
+            trials = self._query_trials(study_id, study.unfinished_trial_ids - skip, after, skip)
             for trial in trials:
                 tid = trial._trial_id
-                if self._own(tid) is not None:
-                    if not trial.state.is_finished():
-                        continue  # the copy here holds writes the database has not seen yet
-                    self._writes.pop(tid, None)  # failed by another driver (an orphan to it)
-                    self._mine.pop(tid, None)
                 self._add_trials_to_cache(study_id, [trial])
                 if not trial.state.is_finished():
                     study.unfinished_trial_ids.add(tid)
                     continue
                 study.last_finished_trial_id = max(study.last_finished_trial_id, tid)
                 study.unfinished_trial_ids.discard(tid)
+            # every trial after ``after`` was read now or is this driver's: its told ones
+            # count as read (a read of them would return what is held here)
+            study.last_finished_trial_id = max(study.last_finished_trial_id, *self._told, -1)
+            self._told.clear()
+
+    def _query_trials(self, study_id: int, ids: set[int], after: int, skip: set[int]) -> list[FrozenTrial]:
+        """Trials of the study whose id is in ``ids`` or above ``after``, except ``skip``
+        (Optuna's ``RDBStorage._get_trials`` with the exclusion)."""
+        import sqlalchemy
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import orm
+
+        m = models.TrialModel
+        with _create_scoped_session(self._backend.scoped_session) as session:
+            q = (session.query(m)
+                 .options(orm.selectinload(m.params), orm.selectinload(m.values),
+                          orm.selectinload(m.user_attributes), orm.selectinload(m.system_attributes),
+                          orm.selectinload(m.intermediate_values))
+                 .filter(m.study_id == study_id)
+                 .filter(sqlalchemy.or_(m.trial_id.in_(ids), m.trial_id > after)))
+            if skip:
+                q = q.filter(m.trial_id.not_in(skip))
+            return [self._backend._build_frozen_trial_from_trial_model(t)
+                    for t in q.order_by(m.trial_id).all()]
 
 
 class _TrialWrites:
