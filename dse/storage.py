@@ -659,6 +659,8 @@ class PostgresDriverStorage(DriverRDBStorage):
     (:func:`open_rdb`) means a *server* crash may lose its last ~0.6 s of commits.
     """
 
+    IDLE_PING_S = 5.0  # an ask on a connection idle this long checks it first
+
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
         self._conn: Any = None  # a psycopg connection: this storage's own session
@@ -667,6 +669,8 @@ class PostgresDriverStorage(DriverRDBStorage):
         self._types: tuple[str, str] | None = None  # the enum types of trials.state, value_type
         self._study_attrs: dict[int, tuple[float, dict[str, Any]]] = {}  # (read at, attrs)
         self._told: set[int] = set()  # own trials told since the last read
+        self._held = 0  # depth of locked()
+        self._used_at = -math.inf  # last statement on the own connection (monotonic s)
 
     # ---------------------------------------------------------------- the connection
     def _connection(self) -> Any:
@@ -689,13 +693,18 @@ class PostgresDriverStorage(DriverRDBStorage):
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def _execute(self, sql: str, params: Any, *, client: bool = False) -> list[tuple[Any, ...]]:
+    def _execute(self, sql: str, params: Any, *, client: bool = False,
+                 retry: bool = True) -> list[tuple[Any, ...]]:
         """Run ``sql`` on the own connection; the rows of its last statement.
 
         ``client``: bind the parameters in the client, so that ``sql`` may hold several
         statements (one round trip; PostgreSQL runs them as one transaction, each statement
-        with a new snapshot). A broken connection (e.g. the server restarted) is replaced
-        and the call made once more.
+        with a new snapshot). ``retry``: ``sql`` may run twice (its second run changes
+        nothing), so a broken connection (the server restarted, an idle connection
+        dropped) is replaced and the call made once more; never inside :meth:`locked`.
+
+        Raises:
+            StorageError: the server cannot be reached (one line; told trials are committed).
         """
         import psycopg
 
@@ -708,11 +717,17 @@ class PostgresDriverStorage(DriverRDBStorage):
                         cur.execute(sql, params)
                         while cur.nextset():
                             pass
+                        self._used_at = time.monotonic()
                         return cur.fetchall() if cur.description else []
-                except psycopg.OperationalError:
-                    if attempt or not conn.broken:
+                except psycopg.OperationalError as e:
+                    if not conn.broken:
                         raise
                     self.close()
+                    if attempt or not retry or self._held:
+                        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        raise StorageError(
+                            f"storage {redact(self._backend.url)}: connection lost ({why}); told "
+                            "trials are committed; continue with `dse resume`") from None
         raise AssertionError("unreachable")
 
     def _enum_types(self) -> tuple[str, str]:
@@ -732,16 +747,14 @@ class PostgresDriverStorage(DriverRDBStorage):
         """Hold the session advisory lock ``key`` on this storage's connection (the
         cooperation lock: :meth:`ask` takes the same key again, which a session holding it
         gets at once)."""
-        self._conn_lock.acquire()
-        try:
-            self._execute("SELECT pg_advisory_lock(%s)", (key,))
+        with self._conn_lock:
+            self._execute("SELECT pg_advisory_lock(%s)", (key,), retry=not self._held)
+            self._held += 1
             try:
                 yield
             finally:
-                if self._conn is not None:
-                    self._execute("SELECT pg_advisory_unlock(%s)", (key,))
-        finally:
-            self._conn_lock.release()
+                self._held -= 1
+                self._execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     # ---------------------------------------------------------------- ask
     def ask(self, study_id: int, cap: int | None, owner: str | None) -> tuple[int | None, dict[TrialState, int]]:
@@ -752,6 +765,8 @@ class PostgresDriverStorage(DriverRDBStorage):
         Returns the trial id (``None``: capped) and the counts by state before the ask.
         """
         state_t, _ = self._enum_types()
+        if time.monotonic() - self._used_at > self.IDLE_PING_S:  # the ask is not retried:
+            self._execute("SELECT 1", None)  # replace a connection dropped while idle first
         now = datetime.datetime.now()
         now_utc = now.astimezone(datetime.UTC).replace(tzinfo=None)
         sql = _ASK_SQL.format(state=state_t)
@@ -759,7 +774,7 @@ class PostgresDriverStorage(DriverRDBStorage):
             "lock": _PG_LOCK_BASE + study_id, "study": study_id, "cap": cap if cap is not None else 2**31 - 1,
             "now": now_utc, "key": OWNER_ATTR, "owner": None if owner is None else json.dumps(owner),
             "claim": owner is not None,
-        }, client=True)
+        }, client=True, retry=False)  # a lost reply to a committed ask must not make a second trial
         counts_json, trial_id, number, claimed = rows[0]
         counts = {s: 0 for s in TrialState}
         for name, n in (counts_json or {}).items():

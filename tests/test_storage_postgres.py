@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from dse.storage import (
     Cooperation,
     PostgresDriverStorage,
+    StorageError,
     buffered_records,
     flush_storage,
     open_storage,
@@ -137,6 +138,38 @@ def test_trial_failed_by_another_driver_is_not_overwritten(postgres_url: str, tm
     assert t.state == TrialState.FAIL and t.values is None and t.params == {}
     assert t.user_attrs == {"fail_reason": "left RUNNING"}
     assert buffered_records(study._storage) == 0
+
+
+def _drop_connection(url: str, tmp: Path, st: PostgresDriverStorage) -> None:
+    """The server ends the driver storage's own session (as a restart or an idle timeout)."""
+    import sqlalchemy
+
+    pid = st._connection().info.backend_pid
+    with open_storage(url, tmp).engine.connect() as c:
+        assert c.execute(sqlalchemy.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+
+
+def test_dropped_connection(postgres_url: str, tmp_path: Path) -> None:
+    """A tell on a dropped connection is made again on a new one (it is idempotent); an ask
+    is not (a lost reply would leave a second trial): it checks a connection idle for
+    ``IDLE_PING_S`` first, else stops with one line."""
+    study = _driver_study(postgres_url, tmp_path, "drop")
+    st = study._storage
+    assert isinstance(st, PostgresDriverStorage)
+    coop = Cooperation(study, requeue=lambda t: None)
+    trial, _ = coop.ask(10)
+    assert trial is not None
+    trial.suggest_float("x", 0.0, 1.0)
+    _drop_connection(postgres_url, tmp_path, st)
+    study.tell(trial, [0.5, 0.5])
+    st.IDLE_PING_S = 0.0
+    _drop_connection(postgres_url, tmp_path, st)
+    assert coop.ask(10)[0] is not None
+    st.IDLE_PING_S = math.inf
+    _drop_connection(postgres_url, tmp_path, st)
+    with pytest.raises(StorageError, match=r"connection lost .*dse resume"):
+        coop.ask(10)
+    assert [t.state for t in _read(postgres_url, tmp_path, "drop")] == [TrialState.COMPLETE, TrialState.RUNNING]
 
 
 _WRITER = """
