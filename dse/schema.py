@@ -52,10 +52,10 @@ def format_error(value: Any) -> str | None:
     """Why ``value`` is not a number format ``quant.get_format`` parses (``None``: it is)."""
     if not isinstance(value, str):
         return f"expected a format name (a string), got {value!r}"
-    from quant.formats import get_format  # torch-backed: imported only when a format is checked
+    from quant.desc import describe  # the parser of quant.get_format, without torch
 
     try:
-        get_format(value)
+        describe(value)
     except ValueError as e:
         why = str(e).split("; valid families")[0]
         return f"expected a format quant.get_format parses (docs/quant.md), got {value!r} ({why})"
@@ -393,13 +393,14 @@ def schema_of(factory: Any) -> EvaluatorSchema | None:
 
 # ----------------------------------------------------------------------------- shared groups
 # Parameter families several evaluators read. Defined once here; the libraries parse them
-# (quant.QuantConfig / quant.SparsityConfig.from_params) and tests keep the two in step.
+# (quant.QuantConfig / quant.SparsityConfig.from_params) and tests keep the two in step; the
+# choices come from quant.desc (no torch).
 
 
 def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str, Any]], bool]
                  | None = None, when_doc: str = "") -> tuple[Param, ...]:
     """The ``quant.*`` parameters (all, or those named), read by ``quant.QuantConfig``."""
-    from quant.config import KV_LAYOUTS, RATIO_RULES
+    from quant.desc import KV_LAYOUTS, RATIO_RULES
 
     allp = (
         Param("quant.weights", "format", "default format of every Linear/Conv weight"),
@@ -434,7 +435,7 @@ def quant_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str
 def sparsity_params(names: Sequence[str] | None = None, when: Callable[[Mapping[str, Any]],
                     bool] | None = None, when_doc: str = "") -> tuple[Param, ...]:
     """The ``sparsity.*`` parameters (all, or those named), read by ``quant.SparsityConfig``."""
-    from quant.config import SALIENCES
+    from quant.desc import SALIENCES
 
     allp = (
         Param("sparsity.density", "float", "weight density kept by the static mask, every "
@@ -454,7 +455,7 @@ def sparsity_params(names: Sequence[str] | None = None, when: Callable[[Mapping[
 
 def finetune_params() -> tuple[Param, ...]:
     """The ``finetune.*`` parameters, read by ``quant.FinetuneConfig`` (quant/finetune.py)."""
-    from quant.config import FINETUNE_PARAMS, SALIENCES
+    from quant.desc import FINETUNE_PARAMS, SALIENCES
 
     return (
         Param("finetune.steps", "int", "Adam steps of a masked fine-tune on the calibration "

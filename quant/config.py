@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+from quant.desc import FINETUNE_PARAMS, KV_LAYOUTS, RATIO_RULES, SALIENCES
 from quant.formats import Format, get_format
 
 __all__ = ["QuantConfig", "SparsityConfig", "FinetuneConfig", "SALIENCES", "RATIO_RULES",
            "KV_LAYOUTS", "FINETUNE_PARAMS", "match_pattern"]
 
-SALIENCES = ("magnitude", "gradient", "snip", "fisher", "random")
-RATIO_RULES = ("depth", "sensitivity", "random")
-KV_LAYOUTS = ("token", "channel")
-FINETUNE_PARAMS = ("masked", "all", "salience")
 FP32 = get_format("fp32")
 BF16 = get_format("bf16")
 

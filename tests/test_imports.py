@@ -63,3 +63,46 @@ def test_import_direction(package: str) -> None:
         if top in FORBIDDEN[package]
     ]
     assert not bad, "\n".join(bad)
+
+
+CHEAP_PATH = """
+import json, sys
+from pathlib import Path
+from dse.cli import main
+from dse.spec import load_spec
+import dse.plugins.plena, dse.plugins.benchmarks, simulators.baselines, quant.desc
+spec = load_spec(Path(sys.argv[1]))        # validates every format name (quant.desc)
+rc = main(["run", sys.argv[1], "--dir", sys.argv[2], "--n-trials", "2", "--no-tracking",
+           "--progress", "log"])
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules, "ray": "ray" in sys.modules}))
+"""
+
+
+def test_a_simulator_only_study_never_imports_torch(tmp_path: Path) -> None:
+    """The cheap path (the CLI, spec validation with format names, the PLENA simulator and
+    its baselines, a 2-trial run) in a fresh interpreter: torch (2.5 s to import) and Ray
+    are never imported; format descriptions come from quant.desc."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "p.toml"
+    spec.write_text("""
+[study]
+name = "p"
+[[objectives]]
+metric = "tokens_per_s"
+direction = "maximize"
+[space.quant]
+weights = { choices = ["mxint4", "int4(asym,group=128)", "bf16"] }
+kv = { choices = ["mxint8", "fp8_e4m3"] }
+[[evaluators]]
+name = "plena"
+""")
+    proc = subprocess.run([sys.executable, "-c", CHEAP_PATH, str(spec), str(tmp_path / "s")],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": False,
+                                                                 "ray": False}

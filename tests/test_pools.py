@@ -171,14 +171,15 @@ CHEAP_RUN = """
 import json, sys
 from dse.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "ray_imported": "ray" in sys.modules}))
+print(json.dumps({"rc": rc, "ray_imported": "ray" in sys.modules, "torch_imported": "torch" in sys.modules}))
 """
 
 
 @pytest.mark.slow
 def test_a_cheap_study_starts_no_ray(tmp_path: Path) -> None:
     """plena + gpu + tpu baselines (all cheap): the whole run in one process that never
-    even imports Ray (so no raylet, no GCS); with --address it would join a cluster."""
+    even imports Ray (so no raylet, no GCS) nor torch; with --address it would join a
+    cluster."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", CHEAP_RUN, "run", str(ROOT / "examples" / "plena_vs_baselines.toml"),
@@ -187,7 +188,7 @@ def test_a_cheap_study_starts_no_ray(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == {"rc": 0, "ray_imported": False}
+    assert out == {"rc": 0, "ray_imported": False, "torch_imported": False}
     trials = optuna.load_study(study_name="plena_vs_baselines",
                                storage=open_storage(None, tmp_path / "plena_vs_baselines")).trials
     assert Counter(t.state for t in trials)[TrialState.COMPLETE] == 30

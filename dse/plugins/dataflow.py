@@ -180,9 +180,9 @@ def _traced_network(kind: str, input_shape: tuple[int, int, int] | None) -> tupl
 
 def _operand_bits(fmt_name: str) -> int:
     """Multiplier operand width of a number format: element bits (block scales amortised)."""
-    from quant import get_format
+    from quant.desc import describe
 
-    return max(1, int(math.floor(get_format(fmt_name).bits_per_element(None) + 1e-9)))
+    return max(1, int(math.floor(describe(fmt_name).bits_per_element(None) + 1e-9)))
 
 
 class DataflowEvaluator:

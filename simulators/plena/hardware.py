@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from quant.desc import KV_LAYOUTS
+
 #: the integer-valued fields of PlenaHardware
 INT_FIELDS = ("mlen", "blen", "vlen", "hlen")
 
@@ -97,18 +99,17 @@ def _numeric(x: Any) -> bool:
 @lru_cache(maxsize=4096)
 def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None,
                 axis: int = -1) -> float:
-    """Bits per element of format ``name`` (scales included) via ``quant.get_format``,
+    """Bits per element of format ``name`` (scales included) via ``quant.desc.describe``,
     for a tensor of ``shape`` with blocks/groups along ``axis`` (``None``: asymptotic).
 
     Raises:
         ValueError: naming ``field`` when the format string does not parse.
     """
-    # quant.formats (not the package root): works even where an old editable install
-    # registered quant as a namespace package; torch-backed, imported on first use only
-    from quant.formats import get_format
+    # quant.desc: the format's description only (no torch)
+    from quant.desc import describe
 
     try:
-        fmt = get_format(name)
+        fmt = describe(name)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{field}: expected a quant format name, got {name!r} ({e})") from None
     return float(fmt.bits_per_element(shape, axis))
@@ -117,13 +118,11 @@ def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None,
 @lru_cache(maxsize=512)
 def mult_cost(a: str, b: str) -> float:
     """``quant.multiplier_cost(a, b)``: multiplier gates relative to int8 x int8."""
-    from quant.formats import multiplier_cost
+    from quant.desc import multiplier_cost
 
     return float(multiplier_cost(a, b))
 
 
-#: the KV-cache layouts (``quant.kv_k_layout`` / ``quant.kv_v_layout``; as quant.KV_LAYOUTS)
-KV_LAYOUTS = ("token", "channel")
 #: bits per element of the full-precision window of recent tokens (``quant.kv_window``):
 #: bf16, as KIVI keeps its residual tokens in 16-bit floats
 KV_WINDOW_BITS = 16.0
@@ -182,9 +181,9 @@ class Numerics:
 
     @cached_property
     def _window_active(self) -> bool:
-        from quant.formats import get_format
+        from quant.desc import describe
 
-        return self.kv_window > 0 and not get_format(self.kv).is_identity
+        return self.kv_window > 0 and not describe(self.kv).is_identity
 
     def kv_cache_bytes(self, part: str, tokens: int, head_dim: int) -> float:
         """Bytes of one KV head's K (``part = "k"``) or V (``"v"``) cache of ``tokens``
