@@ -105,3 +105,15 @@ def test_evaluator_finetunes_a_copy_on_the_calibration_split() -> None:
     test_x = {x.numpy().tobytes() for x in ev.images}
     assert not any(im.numpy().tobytes() in test_x
                    for b in ev.finetune_batches(20) for im in b[0])
+
+
+def test_the_finetune_submodule_does_not_shadow_the_function() -> None:
+    """``quant`` loads its names lazily; importing the submodule ``quant.finetune`` keeps
+    ``quant.finetune`` the function (as the eager package did)."""
+    import importlib
+
+    import quant
+
+    importlib.import_module("quant.finetune")
+    assert quant.finetune is importlib.import_module("quant.finetune").finetune
+    assert callable(quant.finetune)
