@@ -62,6 +62,7 @@ from dse.spec import (
     Spec,
     SpecError,
     complete_params,
+    missing_params,
     parse_spec,
     sample_params,
     study_info,
@@ -332,6 +333,48 @@ def _reseed(study: optuna.Study, spec: Spec) -> None:
         study.sampler = spec.make_sampler(n)
 
 
+class _NoParamWrites:
+    """A study storage whose ``set_trial_param`` does nothing (everything else passes)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def set_trial_param(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the replayed draws are kept in the trial object only."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _replay_params(trial: optuna.Trial, spec: Spec) -> None:
+    """Give ``trial``, left RUNNING with only some of its parameters by a driver that died
+    while writing them (an RDB storage writes them one by one), the parameters it was
+    asked with, all of them.
+
+    Sampling only the missing ones would draw them from a sampler that has not drawn the
+    others first, so they would differ from the uninterrupted run's. Instead the whole
+    space is drawn again, in order, on a copy of the trial that has no parameters and
+    writes none: the sampler, seeded for the trial's number (deterministic mode), draws
+    what it drew when the trial was asked. Those draws become the trial's fixed parameters:
+    the stored ones keep their values (the same), the missing ones are written.
+    """
+    import copy
+
+    shadow = copy.copy(trial)
+    frozen = copy.deepcopy(trial._cached_frozen_trial)
+    frozen._params, frozen._distributions = {}, {}
+    shadow._cached_frozen_trial = frozen
+    shadow.storage = _NoParamWrites(trial.storage)  # type: ignore[assignment]
+    shadow._relative_params, shadow.relative_search_space = None, None
+    sample_params(shadow, spec)
+    drawn = dict(frozen.params)
+    if any(k in drawn and drawn[k] != v for k, v in trial.params.items()):
+        log.warning("trial %d: its stored parameters are not what the sampler draws again (a "
+                    "sampler that does not reproduce its draws); it differs from the "
+                    "uninterrupted run", trial.number)
+    trial._fixed_params = {**drawn, **trial._fixed_params}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -419,6 +462,31 @@ def _quiet_ray_client() -> None:
     logger = logging.getLogger("ray.util.client.logsclient")
     if not any(isinstance(f, _DropClientServerNoise) for f in logger.filters):
         logger.addFilter(_DropClientServerNoise())
+
+
+def _client_server_failed(e: BaseException) -> bool:
+    """Whether ``e`` says the head's Ray Client server could not start the server it runs
+    for each client (not a refusal: the connection and the token were fine)."""
+    return any(m in str(e) for m in ("Starting Ray client server failed", "Proxy failed to Connect"))
+
+
+def _init_ray_client(kwargs: dict[str, Any]) -> None:
+    """``ray.init(**kwargs)`` through Ray Client (``ray://``), once more when the head's
+    client server failed to start this client's own server. Seen on a loaded 2-core
+    machine (2 of 13 connections at load 8): the new server process died with a gRPC
+    ``epoll_wait error: Bad file descriptor`` (it is forked while the proxy's gRPC threads
+    run); a second connection gets a new one."""
+    import ray
+
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:
+        if not _client_server_failed(e):
+            raise
+        log.warning("Ray Client: the head could not start a server for this client (%s); "
+                    "connecting again", str(e).strip().splitlines()[-1][:200])
+        ray.shutdown()
+        ray.init(**kwargs)
 
 
 def _check_answers(address: str, timeout_s: float = 10.0) -> None:
@@ -681,9 +749,12 @@ class Driver:
                 if self.deterministic:  # trials evaluated at once: the workers, 1 in the driver process
                     order.lag = self.workers if pool.overlaps else 1
                 for t in stale:  # left RUNNING by a dead driver: evaluated again as themselves
-                    if self.deterministic:  # (only a torn journal leaves parameters to sample)
+                    if self.deterministic:  # the sampler that asked it (it may have no parameters yet)
                         study.sampler = self.spec.make_sampler(t.number)
-                    job = self._job(study, storage.running_trial(study, t))
+                    trial = storage.running_trial(study, t)
+                    if self.deterministic and t.params and missing_params(t.params, self.spec):
+                        _replay_params(trial, self.spec)
+                    job = self._job(study, trial)
                     order.asked(job, params_key(job.trial))
             else:
                 for t in stale:  # the target is reached without them
@@ -1021,14 +1092,24 @@ class Driver:
         try:
             if self.address == "local":
                 _init_loopback_ray(kwargs)
+            elif self.address.startswith("ray://"):
+                _init_ray_client(kwargs)
             else:
                 ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            hint = "" if self.address == "local" else (
-                "; a cluster with token authentication refuses a client without its token: set "
-                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints "
-                "it; clusters/README.md)")
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+            first = lines[0]
+            if first.endswith(":") and len(lines) > 1:  # Ray Client: "... from server:" + a traceback
+                first = f"{first} {lines[-1]}"
+            if _client_server_failed(e):
+                hint = ("; the head's logs say why: ray_client_server*.err under its "
+                        "session_latest/logs (default /tmp/ray)")
+            elif self.address == "local":
+                hint = ""
+            else:
+                hint = ("; a cluster with token authentication refuses a client without its token: "
+                        "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head "
+                        "prints it; clusters/README.md)")
             raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}{hint}") from None
         self._ray_known = True
         return True

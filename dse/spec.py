@@ -414,6 +414,23 @@ def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
     return out
 
 
+def missing_params(params: Mapping[str, Any], spec: Spec) -> list[str]:
+    """The active sampled parameters that ``params`` (a trial's) lacks, in space order: a
+    trial whose driver died while writing its parameters one by one (an RDB storage)."""
+    seen: dict[str, Any] = {}
+    missing: list[str] = []
+    for p in spec.params:
+        if p.when and not p.active(seen):
+            continue
+        if p.kind == "fixed":
+            seen[p.name] = p.value
+        elif p.name in params:
+            seen[p.name] = params[p.name]
+        else:
+            missing.append(p.name)
+    return missing
+
+
 def _redact(url: str | None) -> str:
     from dse.storage import redact
 

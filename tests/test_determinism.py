@@ -280,3 +280,62 @@ def test_a_run_continues_as_it_was_started(tmp_path: Path, capsys: pytest.Captur
     study = optuna.load_study(study_name="s", storage=open_storage(None, clean / "s"))
     assert study.user_attrs[RUN_ATTR] == {"n_trials": 8, "seed": 11}
     assert len(study.trials) == 8
+
+
+def _cut_sqlite(db: Path, number: int, params_kept: int) -> None:
+    """Make SQLite study ``db`` what a driver SIGKILLed while writing trial ``number``'s
+    parameters leaves (an RDB storage writes them one by one): later trials gone, trial
+    ``number`` RUNNING with its first ``params_kept`` parameters and nothing else, and the
+    driver's heartbeat naming a dead process."""
+    import json
+    import sqlite3
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    c = sqlite3.connect(db)
+    later = "(SELECT trial_id FROM trials WHERE number > ?)"
+    for table in ("trial_params", "trial_values", "trial_user_attributes", "trial_system_attributes",
+                  "trial_intermediate_values"):
+        c.execute(f"DELETE FROM {table} WHERE trial_id IN {later}", (number,))
+    c.execute("DELETE FROM trials WHERE number > ?", (number,))
+    (tid,) = c.execute("SELECT trial_id FROM trials WHERE number = ?", (number,)).fetchone()
+    c.execute("UPDATE trials SET state = 'RUNNING', datetime_complete = NULL WHERE trial_id = ?", (tid,))
+    for table in ("trial_values", "trial_user_attributes"):
+        c.execute(f"DELETE FROM {table} WHERE trial_id = ?", (tid,))
+    c.execute("DELETE FROM trial_system_attributes WHERE trial_id = ? AND key != 'dse:owner'", (tid,))
+    ids = [r[0] for r in c.execute("SELECT param_id FROM trial_params WHERE trial_id = ? ORDER BY param_id", (tid,))]
+    assert len(ids) > params_kept
+    c.executemany("DELETE FROM trial_params WHERE param_id = ?", [(i,) for i in ids[params_kept:]])
+    for key, value in list(c.execute("SELECT key, value_json FROM study_system_attributes")):
+        if key.startswith("dse:driver:"):
+            c.execute("UPDATE study_system_attributes SET value_json = ? WHERE key = ?",
+                      (json.dumps({**json.loads(value), "pid": dead.pid, "done": False}), key))
+    c.commit()
+    c.close()
+
+
+def test_trial_killed_while_its_parameters_were_written_resumes_as_uninterrupted(tmp_path: Path) -> None:
+    """SQLite writes a trial's parameters one commit each: a driver SIGKILLed after the
+    trial was created leaves it RUNNING with none or some of them (the state is made in
+    the database: the moment is too short to hit with a kill). Resumed, the trial gets
+    the parameters it was asked with, all of them (the missing ones are not drawn from a
+    sampler that skipped the stored ones), and the study equals the uninterrupted run."""
+    import shutil
+
+    db = tmp_path / "s.db"
+    spec = parse_spec(study_spec("s", n_trials=8, sampler="tpe", seed=3, n_vars=3, workers=1,
+                                 sampler_options={"n_startup_trials": 3}, storage=f"sqlite:///{db}",
+                                 tracking={"enabled": False}))
+    Driver(spec, tmp_path, address="inline", progress=False).run()
+    want = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials
+    shutil.copy(db, tmp_path / "clean.db")
+    for kept in (0, 2):  # of its 3 parameters
+        shutil.copy(tmp_path / "clean.db", db)
+        _cut_sqlite(db, 5, kept)
+        assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials[5].params) == kept
+        summary = Driver(spec, tmp_path, address="inline", progress=False).run()
+        got = optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials
+        assert summary.recovered == [5]
+        assert _sequence(got) == _sequence(want), kept
+        assert [t.values for t in got] == [t.values for t in want]

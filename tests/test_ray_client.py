@@ -38,7 +38,10 @@ def test_ray_client_runs_a_study_from_outside_the_cluster(tmp_path: Path) -> Non
             nodes.worker.argv([sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root),
                                "--address", address, "--progress", "log"]),
             env=nodes.env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+        server_logs = "" if done.returncode == 0 else " | ".join(  # the head's Ray Client server
+            f"{p.name}: {p.read_text(errors='replace')[-1500:]}"
+            for p in sorted(nodes.tmp.glob("*/session_latest/logs/ray_client_server*.err")))
+    assert done.returncode == 0, done.stderr[-3000:] + server_logs
     assert done.stdout.splitlines()[-1].startswith(f"study rc: {N_TRIALS} COMPLETE, 0 FAIL"), done.stdout
     assert "SIGTERM handler" not in done.stderr + done.stdout  # the client server's own warning
 
