@@ -96,10 +96,12 @@ def load(name: str, root: str | Path | None = None, storage: str | None = None) 
     """Open an existing study by name (read-only use; ``dse resume`` continues it).
 
     ``storage``: the study's storage URL (``--storage``); the spec is then read from it,
-    so no spec file is needed (:func:`dse.driver.load_study_spec`).
+    so no spec file is needed (:func:`dse.driver.load_study_spec`). A study whose stored
+    spec today's evaluators reject (an option removed since) opens with one warning.
 
     Raises:
-        FileNotFoundError / dse.spec.SpecError: no such study, or its spec is invalid.
+        FileNotFoundError / dse.spec.SpecError: no such study, or its spec is invalid
+            even without the evaluator checks.
     """
     import optuna
 
@@ -107,7 +109,7 @@ def load(name: str, root: str | Path | None = None, storage: str | None = None) 
     from dse.storage import open_storage
 
     root = root if root is not None else DEFAULT_DIR
-    spec = load_study_spec(name, root, storage)
+    spec = load_study_spec(name, root, storage, read_only=True)
     sdir = study_dir(name, root)
     study = optuna.load_study(study_name=name, storage=open_storage(spec.storage, sdir))
     use_recorded_sampler(study, spec, record=False)  # the sampler the study was started with

@@ -355,7 +355,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         if len(found) != 1:
             raise SpecError([f"study: expected one of {found or 'the studies under ' + args.dir}; name it"])
         name = found[0]
-    spec = load_study_spec(name, args.dir, args.storage)
+    spec = load_study_spec(name, args.dir, args.storage, read_only=True)
     uri = resolve_uri(args.tracking_uri or spec.tracking_uri, study_dir(name, args.dir))
     page = study_run_path(uri, name)
     if uri.startswith(("http://", "https://")):

@@ -108,7 +108,26 @@ def study_dir(spec_name: str, root: str | Path = DEFAULT_DIR) -> Path:
 STORAGE_FILE = "storage.url"  # in a study directory: the storage given by --storage
 
 
-def load_study_spec(name: str, root: str | Path = DEFAULT_DIR, storage: str | None = None) -> Spec:
+def _parse_stored(text: str, source: str, path: Path | None, name: str, read_only: bool) -> Spec:
+    """A study's stored spec, validated again; ``read_only``: one that no longer validates
+    against today's evaluators (an option removed, a plugin gone) still opens without
+    those checks, with one warning."""
+    try:
+        return parse_spec(text, source=source, path=path)
+    except SpecError as e:
+        if not read_only:
+            raise
+        try:
+            spec = parse_spec(text, source=source, path=path, check_options=False, check_names=False)
+        except SpecError:
+            raise e from None
+        log.warning("study %s: its spec no longer validates (%s); opened read-only: status, pareto, "
+                    "export and sync work, run and resume refuse", name, e.errors[0])
+        return spec
+
+
+def load_study_spec(name: str, root: str | Path = DEFAULT_DIR, storage: str | None = None, *,
+                    read_only: bool = False) -> Spec:
     """The spec a study runs with, validated again.
 
     With ``storage`` (``--storage URL``): the copy inside the study (user attribute
@@ -116,9 +135,15 @@ def load_study_spec(name: str, root: str | Path = DEFAULT_DIR, storage: str | No
     ``storage`` becomes ``storage``. Without: ``<root>/<name>/spec.toml``, with the storage
     a run's ``--storage`` gave (``<root>/<name>/storage.url``) if any.
 
+    ``read_only`` (status, pareto, export, sync, ui, :func:`dse.load`): a stored spec
+    that today's evaluators reject (an option since removed, an evaluator no longer
+    installed) is loaded without the evaluator checks, with one warning; a run or resume
+    (``read_only=False``) refuses it with the one-line error.
+
     Raises:
         FileNotFoundError: no such study (one line).
-        SpecError: the stored spec is no longer valid.
+        SpecError: the stored spec is no longer valid (``read_only``: not even as TOML
+            with a valid space and objectives).
     """
     sdir = study_dir(name, root)
     if storage is not None:
@@ -130,14 +155,14 @@ def load_study_spec(name: str, root: str | Path = DEFAULT_DIR, storage: str | No
         if not isinstance(text, str):
             raise FileNotFoundError(f"study {name!r}: storage {redact(storage)} holds no spec for it "
                                     f"(made outside dse?); run its spec file with `dse run SPEC --storage ...`")
-        spec = parse_spec(text, source=f"{SPEC_ATTR} of study {name} in {redact(storage)}")
+        spec = _parse_stored(text, f"{SPEC_ATTR} of study {name} in {redact(storage)}", None, name, read_only)
         spec.storage = storage
         return spec
     path = sdir / "spec.toml"
     if not path.exists():
         raise FileNotFoundError(f"study {name!r}: no {path}; expected a study created by `dse run` "
                                 "(or give --storage URL to load it from its storage)")
-    spec = parse_spec(path.read_text(encoding="utf-8"), source=str(path), path=path)
+    spec = _parse_stored(path.read_text(encoding="utf-8"), str(path), path, name, read_only)
     pointer = sdir / STORAGE_FILE
     if pointer.exists():
         spec.storage = pointer.read_text(encoding="utf-8").strip() or spec.storage

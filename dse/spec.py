@@ -508,16 +508,22 @@ def load_spec(path: str | Path, *, check_options: bool = True) -> Spec:
 
 
 def parse_spec(
-    text: str, *, source: str = "<spec>", check_options: bool = True, path: Path | None = None
+    text: str, *, source: str = "<spec>", check_options: bool = True, path: Path | None = None,
+    check_names: bool = True,
 ) -> Spec:
-    """Parse and validate spec TOML ``text``; ``source`` names it in error messages."""
+    """Parse and validate spec TOML ``text``; ``source`` names it in error messages.
+
+    ``check_options``: also check each evaluator's options, space and metrics against its
+    schema. ``check_names``: each evaluator must be registered or an import path
+    (``False``: a stored study's spec read for its results, the evaluator not needed).
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError([f"{source}: invalid TOML: {e}"]) from None
     except RecursionError:
         raise SpecError([f"{source}: invalid TOML: arrays or inline tables nested too deep"]) from None
-    v = _Validator(source)
+    v = _Validator(source, check_names=check_names)
     spec = v.spec(data, check_options=check_options)
     if v.errors:
         raise SpecError(v.errors)
@@ -545,8 +551,9 @@ def _show(x: Any) -> str:
 class _Validator:
     """Collects one-line errors while building a :class:`Spec`."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, check_names: bool = True) -> None:
         self.source = source
+        self.check_names = check_names
         self.errors: list[str] = []
 
     def err(self, fld: str, msg: str) -> None:
@@ -1017,7 +1024,7 @@ class _Validator:
                          "process runs it, no Ray actor), got both")
             if name is None:
                 continue
-            if name not in known and not registry.is_import_path(name):
+            if self.check_names and name not in known and not registry.is_import_path(name):
                 self.err(pre + "name", f"expected a registered evaluator ({', '.join(known)}) "
                          f"or 'package.module:factory', got {name!r}")
                 continue

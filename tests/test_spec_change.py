@@ -103,3 +103,39 @@ def test_hand_edited_spec_toml_is_refused_by_resume(
     assert len(err) == 1 and "exists with another spec (the study's dse:spec in its storage)" in err[0]
     assert "study.seed differ" in err[0] and "n_trials" not in err[0], err
     assert (sdir / "optuna.journal").read_bytes() == journal
+
+
+@pytest.mark.parametrize("edit", [
+    ('n_vars = 2 }', 'n_vars = 2, gain = 1.0 }'),  # an option zdt1 has since dropped
+    ('name = "zdt1"', 'name = "retired_kind"'),  # an evaluator no longer installed
+])
+def test_study_whose_spec_no_longer_validates_opens_read_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    edit: tuple[str, str],
+) -> None:
+    """load, status, pareto and export work on it with one warning; resume refuses it with
+    the one-line error."""
+    import logging
+
+    import dse
+
+    sdir = _complete_study(tmp_path / "studies")
+    stored = (sdir / "spec.toml").read_text()
+    assert edit[0] in stored
+    (sdir / "spec.toml").write_text(stored.replace(edit[0], edit[1]))
+    root = str(tmp_path / "studies")
+    with caplog.at_level(logging.WARNING, logger="dse"):
+        res = dse.load("ch", root=root)
+        assert len(res.study.trials) == 3 and len(res.front) >= 1
+        assert main(["status", "ch", "--dir", root]) == 0
+        assert main(["pareto", "ch", "--dir", root]) == 0
+        assert main(["export", "ch", "--dir", root, "--out", str(tmp_path / "t.parquet")]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 4 and len(set(warned)) == 1, warned
+    assert warned[0].startswith(f"study ch: its spec no longer validates ({sdir / 'spec.toml'}: evaluators[0]")
+    assert warned[0].endswith("opened read-only: status, pareto, export and sync work, run and resume refuse")
+    out = capsys.readouterr().out
+    assert "study ch: 3 COMPLETE" in out and "3 trials -> " in out
+    assert main(["resume", "ch", "--dir", root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluators[0]" in err[0], err
