@@ -648,10 +648,12 @@ class PostgresDriverStorage(DriverRDBStorage):
       an orphan: then ``UpdateFinishedTrialError``, as Optuna raises). When the tell
       returns, the trial is committed: a SIGKILL of the driver loses no told trial.
     * reads of the other drivers' trials: every ``REFRESH_S`` (:class:`DriverRDBStorage`),
-      skipping this driver's RUNNING trials, whose state is the one held here.
+      skipping this driver's own (RUNNING: the state held here is newer; told: final);
+      the study's system attributes are cached as long, written through (NSGA-II reads
+      them on every ask); :func:`system_attrs` (the cooperation code) reads them now.
 
-    Every other operation (study attributes, heartbeats, enqueued trials, trials adopted
-    from a dead driver) goes through Optuna's storage unchanged. A crash of this process
+    Every other operation (study user attributes, heartbeats, enqueued trials, trials
+    adopted from a dead driver) goes through Optuna's storage unchanged. A crash of this process
     loses the buffered writes of its RUNNING trials (at most the last ``FLUSH_S``): those
     trials are RUNNING in the database and are re-run (as themselves, or failed and
     re-enqueued) like any orphan; a trial killed before its parameters were written has
