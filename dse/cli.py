@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-trials", type=int, help="COMPLETE trials to reach (overrides the spec)")
         sp.add_argument("--workers", type=int, help="Ray actors per evaluator without its own workers (overrides [ray] workers)")
         sp.add_argument("--seed", type=int, help="sampler seed (overrides the spec)")
+        sp.add_argument("--batch", type=int,
+                        help="trials evaluated per call when every evaluator runs in the driver "
+                             "process (default 1; PLENA vectorises them); part of a deterministic "
+                             "study's recipe, as --workers")
         sp.add_argument("--address", help="Ray address: local (started only if an evaluator needs actors), "
                         "auto or ray://host:port")
         sp.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
@@ -107,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(args: argparse.Namespace) -> None:
-    for name in ("n_trials", "workers"):
+    for name in ("n_trials", "workers", "batch"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise SpecError([f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}"])
@@ -144,7 +148,7 @@ def _complete(spec: Any, args: argparse.Namespace) -> str | None:
 
 def _continue_command(study: str, args: argparse.Namespace) -> str:
     """The command that continues ``study`` as this one ran it (``dse resume`` takes the
-    stored --n-trials/--workers/--seed/--[no-]deterministic; the rest is repeated)."""
+    stored --n-trials/--workers/--seed/--[no-]deterministic/--batch; the rest is repeated)."""
     cmd = ["dse", "resume", study, "--dir", str(args.dir)]
     if getattr(args, "storage", None):
         from dse.storage import redact
@@ -204,6 +208,7 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         progress=progress,
         allow_spec_change=allow,
         deterministic=args.deterministic,
+        batch=args.batch,
     )
     summary = driver.run()
     print(

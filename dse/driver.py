@@ -84,7 +84,7 @@ ENQUEUED_ATTR = "dse:baselines_enqueued"
 TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
 DUPLICATE_ATTR = "dse:duplicate_of"  # trial user attribute: the COMPLETE trial it was answered from
 RUN_ATTR = "dse:run"  # study user attribute: the overrides of its last run (stored_run_options)
-RUN_OPTIONS = ("n_trials", "workers", "seed", "deterministic")
+RUN_OPTIONS = ("n_trials", "workers", "seed", "deterministic", "batch")
 
 
 class DriverError(RuntimeError):
@@ -676,6 +676,11 @@ class Driver:
             ``address = "inline"`` evaluates in the driver process (no Ray, one at a time).
         deterministic: override of ``[study] deterministic`` (``None``: keep): the same
             seed and workers propose the same trials whatever the timing (:class:`_Order`).
+        batch: trials evaluated per call when every evaluator runs in the driver process
+            (default 1; ignored when some evaluator has Ray actors): ``batch`` trials are
+            asked before the first of them is told, and an evaluator with
+            ``evaluate_batch`` (PLENA) prices them in one vectorised call. Part of the
+            recipe of a deterministic study, as ``workers`` is.
         tracking: ``False`` disables MLflow (``--no-tracking``); ``None`` keeps the spec's.
         progress: ``True`` for a tqdm bar, ``False`` for log lines, ``None``: bar on a TTY.
         num_cpus: logical CPUs of a local Ray cluster the driver starts (default: enough
@@ -698,6 +703,7 @@ class Driver:
         num_cpus: int | None = None,
         allow_spec_change: bool = False,
         deterministic: bool | None = None,
+        batch: int | None = None,
     ) -> None:
         if seed is not None:
             spec.seed = seed
@@ -713,7 +719,11 @@ class Driver:
         self.num_cpus = num_cpus
         self.allow_spec_change = allow_spec_change
         self.deterministic = spec.deterministic if deterministic is None else deterministic
-        given = {"n_trials": n_trials, "workers": workers, "seed": seed, "deterministic": deterministic}
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ValueError(f"batch: expected an integer >= 1, got {batch!r}")
+        self.batch = batch or 1
+        given = {"n_trials": n_trials, "workers": workers, "seed": seed, "deterministic": deterministic,
+                 "batch": batch}
         self._run_options = {k: v for k, v in given.items() if v is not None}
         self._seen: dict[str, FrozenTrial] = {}  # COMPLETE trials by parameter set (the first)
         self._duplicates = 0
@@ -771,8 +781,8 @@ class Driver:
                 self._signals_on()  # again: ray.init replaces the SIGTERM handler
                 pool = self._pool(owns_ray)
                 pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
-                if self.deterministic:  # trials evaluated at once: the workers, 1 in the driver process
-                    order.lag = self.workers if pool.overlaps else 1
+                if self.deterministic:  # trials evaluated at once: the workers, or the batch in the driver process
+                    order.lag = self.workers if pool.overlaps else self.batch
                 for t in stale:  # left RUNNING by a dead driver: evaluated again as themselves
                     if self.deterministic:  # the sampler that asked it (it may have no parameters yet)
                         study.sampler = self.spec.make_sampler(t.number)
@@ -1185,7 +1195,7 @@ class Driver:
                 label=f" of {e.name!r}" if several else "",
                 fixed_cluster=owns_ray and self.address == "local",
             ))
-        return Pipeline(stages)
+        return Pipeline(stages, batch=self.batch if all(inline) else 1)
 
     # -------------------------------------------------------------- signals
 

@@ -28,7 +28,11 @@ earlier ones' outputs as ``upstream``. Every stage holds :class:`EvaluatorHost`\
   cannot grow (a local one the driver started) an actor that could never fit is one too,
   at once.
 
-:class:`InlinePool` is a pipeline of inline stages only: no Ray, one trial at a time.
+:class:`InlinePool` is a pipeline of inline stages only: no Ray. It evaluates up to ``batch``
+trials per call (default 1): an evaluator with an ``evaluate_batch(params_list,
+upstream_list) -> list[dict]`` method (PLENA: one vectorised simulator call) gets them in
+one call, any other one by one; a batch call that raises falls back to one call per trial,
+so each trial keeps its own result or error.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -164,6 +168,36 @@ class EvaluatorHost:
             }
         return {"metrics": metrics, "info": info, "pid": os.getpid(), "eval_s": time.perf_counter() - t0}
 
+    def evaluate_many(self, params: Sequence[dict[str, Any]], upstream: Sequence[Mapping[str, Any]]
+                      ) -> list[dict[str, Any]]:
+        """:meth:`evaluate` of each candidate: in one ``evaluate_batch`` call when this host
+        holds one evaluator that has one, else one by one. A batch call that raises (or
+        returns something other than one dict per candidate) is repeated candidate by
+        candidate, so each gets its own result or error; ``eval_s`` is the batch's time
+        shared equally."""
+        batch = getattr(self.evaluators[0][1], "evaluate_batch", None) if len(self.evaluators) == 1 else None
+        if batch is None or len(params) < 2:
+            return [self.evaluate(p, u) for p, u in zip(params, upstream, strict=True)]
+        t0 = time.perf_counter()
+        try:
+            outs = batch([MappingProxyType(p) for p in params], [MappingProxyType(dict(u)) for u in upstream])
+            if not isinstance(outs, list) or len(outs) != len(params) or not all(isinstance(o, Mapping) for o in outs):
+                raise TypeError("evaluate_batch: expected one dict per candidate")
+        except Exception:  # noqa: BLE001 - each candidate then fails (or not) on its own
+            return [self.evaluate(p, u) for p, u in zip(params, upstream, strict=True)]
+        eval_s = (time.perf_counter() - t0) / len(params)
+        results = []
+        for out in outs:
+            metrics: dict[str, float] = {}
+            info: dict[str, Any] = {}
+            for k, v in out.items():
+                if _is_metric(v):
+                    metrics[str(k)] = float(v)
+                else:
+                    info[str(k)] = _jsonable(v)
+            results.append({"metrics": metrics, "info": info, "pid": os.getpid(), "eval_s": eval_s})
+        return results
+
 
 # ----------------------------------------------------------------------------- jobs
 
@@ -273,9 +307,15 @@ class InlineStage:
 
     def run(self, job: Job) -> dict[str, Any]:
         """Evaluate ``job`` at this stage now."""
-        job.attempts += 1
-        job.started_s = time.monotonic()
-        return self.host.evaluate(job.params, job.upstream)
+        return self.run_many([job])[0]
+
+    def run_many(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Evaluate ``jobs`` at this stage now (one batch call where the evaluator has one)."""
+        now = time.monotonic()
+        for job in jobs:
+            job.attempts += 1
+            job.started_s = now
+        return self.host.evaluate_many([j.params for j in jobs], [j.upstream for j in jobs])
 
 
 # ----------------------------------------------------------------------------- Ray actors
@@ -630,9 +670,14 @@ class Pipeline:
     actor stages a job waits for a free actor of the next stage; new jobs are taken only
     while no later stage has a backlog as large as its live actors (so a fast first stage
     does not pile up work in front of a slow one). ``overlaps`` when some stage has actors.
+    Without actors (every stage inline) it takes up to ``batch`` jobs and runs them in
+    :meth:`wait`, stage by stage, each stage's jobs in one call (:meth:`InlineStage.run_many`).
     """
 
-    def __init__(self, stages: list[Stage]) -> None:
+    def __init__(self, stages: list[Stage], batch: int = 1) -> None:
+        if batch < 1:
+            raise ValueError(f"batch: expected an integer >= 1, got {batch}")
+        self.batch = batch
         self.stages = stages
         self.actor_pools = [st for st in stages if isinstance(st, ActorPool)]
         self.overlaps = bool(self.actor_pools)
@@ -651,9 +696,10 @@ class Pipeline:
             p.start(should_stop, on_wait)
 
     def idle(self) -> int:
-        """New jobs the pipeline takes now: the first actor stage's free actors (1 inline)."""
+        """New jobs the pipeline takes now: the first actor stage's free actors (inline:
+        ``batch`` less the jobs it holds)."""
         if not self.actor_pools:
-            return 0 if self.held else 1
+            return max(0, self.batch - len(self.held))
         first = self.stages.index(self.actor_pools[0])
         for k, st in enumerate(self.stages):
             if k > first and isinstance(st, ActorPool) and len(self.waiting[k]) >= max(1, st.live()):
@@ -676,8 +722,7 @@ class Pipeline:
         """Trials done within ``timeout_s`` (each through every stage, or failed at one)."""
         if not self.actor_pools:
             held, self.held = self.held, []
-            for job in held:
-                self._forward(job)
+            self._run_inline(held)
         else:
             for o in _poll_many(self.actor_pools, 0.0 if self.ready else timeout_s):
                 res = o.result
@@ -717,6 +762,23 @@ class Pipeline:
         o.job.most_attempts = o.job.runs
         return o
 
+    def _run_inline(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` through every stage (all inline), each stage's jobs in one call; a
+        job whose stage fails leaves the batch with its outcome."""
+        for st in self.stages:
+            assert isinstance(st, InlineStage)
+            if not jobs:
+                return
+            going = []
+            for job, res in zip(jobs, st.run_many(jobs), strict=True):
+                if res.get("error"):
+                    self.ready.append(self._final(Outcome(job, result=res)))
+                else:
+                    job.absorb(res)
+                    going.append(job)
+            jobs = going
+        self.ready.extend(Outcome(job, result=job.result()) for job in jobs)
+
     def _forward(self, job: Job, pid: int | None = None) -> None:
         """Move ``job`` on from its stage: run inline stages, queue for an actor stage, or finish."""
         while job.stage < len(self.stages):
@@ -736,7 +798,9 @@ class Pipeline:
 
 
 class InlinePool(Pipeline):
-    """Every evaluator in the driver process, one job at a time (``[ray] address = "inline"``)."""
+    """Every evaluator in the driver process (``[ray] address = "inline"``), ``batch`` jobs
+    per call."""
 
-    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path, seed: int, num_threads: int = 1) -> None:
-        super().__init__([InlineStage([e], study_dir, seed, e[0]) for e in evaluators])
+    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path, seed: int, num_threads: int = 1,
+                 batch: int = 1) -> None:
+        super().__init__([InlineStage([e], study_dir, seed, e[0]) for e in evaluators], batch)

@@ -17,9 +17,9 @@ array gives bit-identical results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -213,6 +213,27 @@ class InferenceResult:
     def decode_ops(self) -> dict[str, OpBreakdown]:
         """Per-op totals summed over all decode steps."""
         return self.decode_table.ops()
+
+    def point(self, i: int) -> InferenceResult:
+        """The result of hardware point ``i`` of a 1-d sweep (``hw.shape == (n,)``), as a
+        single-point result: the same values a scalar :func:`simulate` of that point gives
+        (element-wise arithmetic, no reduction across points)."""
+        shape = np.shape(self.ttft_s)
+        if len(shape) != 1:
+            raise ValueError(f"point(): expected a 1-d sweep, got shape {shape}")
+
+        def pick(a: Any) -> Any:
+            return np.broadcast_to(a, shape)[i]
+
+        def table(t: PhaseTable) -> PhaseTable:
+            n_ops = len(t.names)
+            return PhaseTable(t.names, *(np.broadcast_to(a, (n_ops, *shape))[:, i] for a in (
+                t.time_s, t.compute_s, t.memory_s, t.hbm_bytes, t.macs)))
+
+        kw = {f.name: pick(getattr(self, f.name)) for f in fields(self)
+              if f.name not in ("prefill_table", "decode_table")}
+        return InferenceResult(**kw, prefill_table=table(self.prefill_table),
+                               decode_table=table(self.decode_table))
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics of a single hardware point (units in the names)."""
