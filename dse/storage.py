@@ -517,11 +517,37 @@ def open_rdb(url: str) -> optuna.storages.RDBStorage:
 
 
 @contextlib.contextmanager
-def _schema_lock(url: str, pg: bool) -> Iterator[None]:
-    """PostgreSQL: an advisory lock around Optuna's schema creation (``CREATE TABLE`` from
-    several clients at once fails on PostgreSQL's catalog); other databases: nothing."""
-    if not pg:
+def _sqlite_lock(db: str | None) -> Iterator[None]:
+    """An ``flock`` on ``<db>.dse-lock`` beside SQLite database file ``db``: the lock every
+    process using that file shares (none for an in-memory database: one process)."""
+    if not db or db == ":memory:" or db.startswith("file::memory:"):
         yield
+        return
+    import fcntl
+
+    with open(f"{db}.dse-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, pg: bool) -> Iterator[None]:
+    """A lock around Optuna's schema creation, which several clients at once fail
+    (PostgreSQL: ``CREATE TABLE`` on its catalog; SQLite: the second ``INSERT`` of
+    ``alembic_version``): PostgreSQL an advisory lock, SQLite :func:`_sqlite_lock`; other
+    databases: nothing."""
+    if not pg:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        if u.get_backend_name() != "sqlite":
+            yield
+            return
+        with _sqlite_lock(u.database):
+            yield
         return
     import sqlalchemy
 
@@ -1249,15 +1275,8 @@ def exclusive(study: optuna.Study) -> Iterator[None]:
 
     dialect = rdb.engine.dialect.name
     if dialect == "sqlite":
-        import fcntl
-
-        db = rdb.engine.url.database or ""
-        with open(f"{db}.dse-lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with _sqlite_lock(rdb.engine.url.database):
+            yield
         return
     if dialect == "postgresql":
         lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"

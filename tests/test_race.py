@@ -1,7 +1,7 @@
 """Several drivers on one study: real ``dse`` processes racing on a shared storage.
 
-Three drivers started together on one journal file (a shared file system) and on one
-PostgreSQL database end with exactly ``n_trials`` COMPLETE, nothing RUNNING, the baselines
+Three drivers started together on one journal file (a shared file system), one SQLite
+database and one PostgreSQL database end with exactly ``n_trials`` COMPLETE, nothing RUNNING, the baselines
 enqueued once; a driver SIGKILLed on "host A" is resumed by name on "host B" (another
 ``--dir``, another recorded host name, no spec file) and its orphan is run again once.
 Drivers evaluate inline (no Ray: three local Ray clusters do not fit on two cores) with a
@@ -67,8 +67,7 @@ def _check(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> None:
             assert len(retries) == 1 and retries[0].params == t.params
 
 
-def _race(url: str, tmp: Path, name: str) -> None:
-    n = 40
+def _race(url: str, tmp: Path, name: str, n: int = 40) -> None:
     spec = _spec(tmp, name, n, delay_s=0.03)
     procs = [_dse(["run", str(spec), "--dir", str(tmp / f"host{i}"), "--storage", url], f"host{i}")
              for i in range(3)]
@@ -85,6 +84,14 @@ def _race(url: str, tmp: Path, name: str) -> None:
 @pytest.mark.slow
 def test_three_drivers_on_one_journal(tmp_path: Path) -> None:
     _race(str(tmp_path / "shared.journal"), tmp_path, "jrace")
+
+
+@pytest.mark.slow
+def test_three_drivers_on_sqlite(tmp_path: Path) -> None:
+    """The cooperation lock of an SQLite database: an ``flock`` beside the file."""
+    db = tmp_path / "shared.db"
+    _race(f"sqlite:///{db}", tmp_path, "sqrace", n=24)
+    assert (tmp_path / "shared.db.dse-lock").exists()  # the lock the drivers shared
 
 
 @pytest.mark.slow
