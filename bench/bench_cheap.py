@@ -8,7 +8,8 @@ evaluation) is run through the real ``dse`` command in a subprocess:
    and the whole ``dse run SPEC --n-trials 1`` command to its exit;
 2. end to end: ``dse run SPEC --n-trials 2000`` with MLflow tracking on (a child run per
    trial, the default), from the command to its exit (target <= 10 s); also without
-   tracking;
+   tracking; each with ``--batch 1`` (one trial per evaluation) and ``--batch B`` (B asked
+   trials priced in one vectorised PLENA call, ``--batch-size``, default 16);
 3. driver overhead: the same 2,000 trials, same sampler (NSGA-II, seed 0), same space,
    same evaluator and the same storage (the buffered journal file) in a plain Optuna
    ask -> PLENA -> tell loop in one process, against the dse run's own loop time
@@ -21,6 +22,7 @@ Usage::
 
     python bench/bench_cheap.py            # 2,000 trials (about a minute on 2 shared cores)
     python bench/bench_cheap.py --n 500    # fewer
+    python bench/bench_cheap.py --only end_to_end_no_tracking   # one measurement
 """
 
 from __future__ import annotations
@@ -105,13 +107,13 @@ def peak_rss_of(proc: subprocess.Popen[bytes], journal: Path, t0: float, period_
     return {"wall_s": time.perf_counter() - t0, "first_trial_s": first, "peak_rss_mb": peak / 1e6}
 
 
-def command(tmp: Path, n: int, tracking: bool) -> dict[str, Any]:
+def command(tmp: Path, n: int, tracking: bool, batch: int = 1) -> dict[str, Any]:
     """``dse run`` in a subprocess: wall from the command to its exit, peak RSS."""
     spec = tmp / "plena_cheap.toml"
     spec.write_text(SPEC)
     root = tmp / f"studies-{n}-{tracking}-{time.monotonic_ns()}"
     args = [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--n-trials", str(n),
-            "--progress", "log"] + ([] if tracking else ["--no-tracking"])
+            "--progress", "log", "--batch", str(batch)] + ([] if tracking else ["--no-tracking"])
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -119,7 +121,7 @@ def command(tmp: Path, n: int, tracking: bool) -> dict[str, Any]:
     out["wall_s"] = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.read().decode()[-2000:] if proc.stderr else "failed")
-    return {"n_trials": n, "tracking": tracking, **out}
+    return {"n_trials": n, "tracking": tracking, "batch": batch, **out}
 
 
 def in_process(tmp: Path, n: int) -> dict[str, Any]:
@@ -166,16 +168,27 @@ def in_process(tmp: Path, n: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000, help="trials of the long runs")
+    ap.add_argument("--batch-size", type=int, default=16, help="--batch of the batched runs")
+    ap.add_argument("--only", nargs="*", help="run only these measurements (keys of the output)")
     args = ap.parse_args()
     results: dict[str, Any] = {"load_avg": os.getloadavg()}
+    b = args.batch_size
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        results["first_trial_no_tracking"] = command(tmp, 1, False)
-        results["first_trial_tracking"] = command(tmp, 1, True)
-        results["end_to_end_tracking"] = command(tmp, args.n, True)
-        results["end_to_end_no_tracking"] = command(tmp, args.n, False)
         sys.path.insert(0, str(ROOT))
-        results["overhead"] = in_process(tmp, args.n)
+        todo = {
+            "first_trial_no_tracking": lambda: command(tmp, 1, False),
+            "first_trial_tracking": lambda: command(tmp, 1, True),
+            "end_to_end_tracking": lambda: command(tmp, args.n, True),
+            f"end_to_end_tracking_batch{b}": lambda: command(tmp, args.n, True, b),
+            "end_to_end_no_tracking": lambda: command(tmp, args.n, False),
+            f"end_to_end_no_tracking_batch{b}": lambda: command(tmp, args.n, False, b),
+            "overhead": lambda: in_process(tmp, args.n),
+        }
+        for key, fn in todo.items():
+            if not args.only or key in args.only:
+                results[key] = fn()
+                print(key, json.dumps(results[key]), file=sys.stderr, flush=True)
     results["load_avg_after"] = os.getloadavg()
     print(json.dumps(results, indent=1))
 

@@ -846,10 +846,9 @@ class Driver:
         """Ask trials while the order allows and more are needed; submit what a worker can take."""
         self._capped = False
         while order.may_ask(pool) and self._wants(state, order.pending()):
-            if self.deterministic:  # the sampler's state follows from (seed, trials so far)
-                study.sampler = self.spec.sampler_for(len(study.get_trials(deepcopy=False)), study.sampler)
-            # asked only while COMPLETE + RUNNING over every driver < n_trials (Cooperation.ask)
-            trial, counts = self._coop.ask(self.n_trials)
+            # asked only while COMPLETE + RUNNING over every driver < n_trials (Cooperation.ask);
+            # deterministic: the sampler's state follows from (seed, trials in the study then)
+            trial, counts = self._coop.ask(self.n_trials, self._reseed(study) if self.deterministic else None)
             state.complete = counts[TrialState.COMPLETE]  # every driver's
             if trial is None:
                 self._capped = True
@@ -858,6 +857,12 @@ class Driver:
             key = params_key(job.trial)
             order.asked(job, key, self._answer(job, self._seen.get(key)))
         order.submit(pool)
+
+    def _reseed(self, study: optuna.Study) -> Callable[[int], None]:
+        """Sets the study's sampler for an ask made when the study holds ``n`` trials."""
+        def before(n: int) -> None:
+            study.sampler = self.spec.sampler_for(n, study.sampler)
+        return before
 
     def _job(self, study: optuna.Study, trial: optuna.Trial) -> Job:
         """A trial's job: its full parameters (a recovered trial keeps those it has)."""

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Container, Generator, Iterator
+from collections.abc import Callable, Container, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +402,35 @@ class DriverJournalStorage(JournalStorage):
     def __init__(self, backend: JournalFileBackend) -> None:
         super().__init__(backend)
         self._waiting_from: dict[int, int] = {}
+        # state_counts: per study, finished trials counted so far, how many trials were
+        # looked at, and the positions of those not finished then (looked at again)
+        self._finished: dict[int, dict[TrialState, int]] = {}
+        self._seen: dict[int, int] = {}
+        self._open: dict[int, list[int]] = {}
+
+    def state_counts(self, study_id: int) -> dict[TrialState, int]:
+        """Trials of the study by state, read now (other writers' records included).
+
+        Finished trials never change state, so each is counted once; only new trials and
+        those not finished at the last call are looked at (the stock count is a scan of
+        every trial, O(n) per ask).
+        """
+        with self._thread_lock:
+            self._sync_with_backend()
+            replay = self._replay_result
+            ids = replay._study_id_to_trial_ids.get(study_id, [])
+            finished = self._finished.setdefault(study_id, {s: 0 for s in TrialState})
+            still = []
+            for i in [*self._open.get(study_id, []), *range(self._seen.get(study_id, 0), len(ids))]:
+                if replay._trials[ids[i]].state.is_finished():
+                    finished[replay._trials[ids[i]].state] += 1
+                else:
+                    still.append(i)
+            self._open[study_id], self._seen[study_id] = still, len(ids)
+            counts = dict(finished)
+            for i in still:
+                counts[replay._trials[ids[i]].state] += 1
+            return counts
 
     def get_all_trials(
         self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
@@ -1310,6 +1339,8 @@ def state_counts(study: optuna.Study) -> dict[TrialState, int]:
             for state, n in c.execute(q):
                 counts[TrialState[state] if isinstance(state, str) else TrialState(state)] = int(n)
         return counts
+    if isinstance(study._storage, DriverJournalStorage):
+        return study._storage.state_counts(study._study_id)
     for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
         counts[t.state] += 1
     return counts
@@ -1335,23 +1366,31 @@ class Cooperation:
         set_system_attr(self.study, DRIVER_PREFIX + self.id,
                         {"pid": self.pid, "host": self.host, "time": time.time(), "done": done})
 
-    def ask(self, n_trials: int) -> tuple[optuna.Trial | None, dict[TrialState, int]]:
+    def ask(self, n_trials: int, before: Callable[[int], Any] | None = None
+            ) -> tuple[optuna.Trial | None, dict[TrialState, int]]:
         """A new trial, or ``None`` when COMPLETE + RUNNING (all drivers) reach ``n_trials``.
 
-        Returns the trial and the study's counts by state before it was asked.
-        PostgreSQL: one round trip (:meth:`PostgresDriverStorage.ask`).
+        ``before(n)`` is called just before the trial is asked, ``n`` the study's trials
+        then (the driver sets the sampler for it). Returns the trial and the study's
+        counts by state before it was asked.
+        PostgreSQL: one round trip (:meth:`PostgresDriverStorage.ask`); ``before`` runs
+        after it, before the trial samples anything (the sampler is not used by that ask).
         """
         st = self.study._storage
         if isinstance(st, PostgresDriverStorage):
             trial_id, counts = st.ask(self.study._study_id, n_trials, self.id)
             if trial_id is None:
                 return None, counts
+            if before is not None:
+                before(sum(counts.values()))
             self.study._thread_local.cached_all_trials = None  # as Study.ask does
             return optuna.Trial(self.study, trial_id), counts
         with exclusive(self.study):
             counts = state_counts(self.study)
             if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= n_trials:
                 return None, counts
+            if before is not None:
+                before(sum(counts.values()))
             trial = self.study.ask()
             self.study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.id)
         return trial, counts

@@ -75,3 +75,37 @@ def test_waiting_fast_path_finds_every_enqueued_trial(tmp_path: Path) -> None:
             study.enqueue_trial({"x": 0.9})  # enqueued after the bookmark moved on
     assert xs[:2] == [0.1, 0.2] and xs[3] == 0.9
     assert all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_state_counts_follow_every_change_and_other_writers(tmp_path: Path) -> None:
+    """The incremental count (each finished trial counted once, the others looked at
+    again) equals a full scan after every kind of change, also a trial another driver's
+    storage on the same file finishes."""
+    from collections import Counter
+
+    from optuna.trial import TrialState
+
+    from dse.storage import state_counts
+
+    def scan(study: optuna.Study) -> dict[TrialState, int]:
+        c = Counter(t.state for t in study.get_trials(deepcopy=False))
+        return {s: c.get(s, 0) for s in TrialState}
+
+    study = optuna.create_study(study_name="c", storage=open_storage(None, tmp_path, buffered=True))
+    other_storage = open_storage(None, tmp_path, buffered=True)
+    assert state_counts(study) == scan(study)
+    running = [study.ask() for _ in range(3)]
+    study.enqueue_trial({"x": 0.5})
+    assert state_counts(study) == scan(study)
+    study.tell(running[0], 1.0)
+    study.tell(running[1], state=TrialState.FAIL)
+    assert state_counts(study) == scan(study) != {s: 0 for s in TrialState}
+    flush_storage(study._storage)
+    other = optuna.load_study(study_name="c", storage=other_storage)
+    other.tell(running[2].number, 2.0)  # finished by another writer
+    flush_storage(other_storage)
+    t = study.ask()  # the enqueued one: WAITING -> RUNNING
+    assert state_counts(study) == scan(study)
+    assert state_counts(study)[TrialState.COMPLETE] == 2 and state_counts(study)[TrialState.RUNNING] == 1
+    study.tell(t, state=TrialState.PRUNED)
+    assert state_counts(study) == scan(study)
