@@ -210,13 +210,25 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         batch=args.batch,
     )
-    summary = driver.run()
+    from dse.driver import Interrupted
+
+    try:
+        summary = driver.run()
+    except Interrupted as e:  # before the study was created (the driver said so on stderr)
+        again = f"dse run {args.spec}" if args.command == "run" else _continue_command(spec.name, args)
+        print(f"interrupted while starting: study {spec.name} not created; `{again}` starts it")
+        return 128 + e.signum
     print(
         f"study {summary.study}: {summary.complete} COMPLETE, {summary.failed} FAIL, "
         f"pareto {summary.pareto_size}, hypervolume {summary.hypervolume:.6g}, "
         f"{summary.wall_s:.1f} s; data in {summary.study_dir}"
     )
     if summary.complete >= driver.n_trials:
+        if summary.signal is not None and summary.tracking_error is not None:  # the drain was cut
+            sync = shlex.join(["dse", "sync", summary.study, "--dir", str(args.dir)]
+                              + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else []))
+            print(f"interrupted: the search is complete, its MLflow logging is not: `{sync}` completes it")
+            return 128 + int(summary.signal)
         return 0
     again = f"`{_continue_command(summary.study, args)}`"
     if summary.signal is not None:
@@ -473,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return rc
         except BrokenPipeError:
             return _stdout_closed()
+        except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (loading, printing)
+            print(f"dse {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -17,12 +17,16 @@ seconds and asks only while the study's COMPLETE + RUNNING trials are fewer than
 ``n_trials`` COMPLETE. Trials left RUNNING by a driver that is gone are run again as
 themselves by a driver that starts, or failed and re-enqueued once by one that is
 running. Ctrl-C stops asking and lets in-flight trials
-finish; a second Ctrl-C or SIGTERM fails and re-enqueues them at once. The guarantees per
-fault are listed in docs/driver.md.
+finish; a second Ctrl-C or SIGTERM fails and re-enqueues them at once (an evaluation in the
+driver process is aborted too). During start-up (Ray starting, actors building) the first
+Ctrl-C stops at once: nothing is in flight. During the final MLflow drain a second Ctrl-C
+stops the logging (``dse sync`` completes it). The guarantees per fault are listed in
+docs/driver.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,7 +37,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from dse import reaper, registry, storage
 from dse.listeners import Listener, RunState, make_listeners
 from dse.pareto import params_key
 from dse.pools import (
+    POLL_S,
     ActorPool,
     EvaluatorEntry,
     EvaluatorHost,
@@ -71,7 +76,8 @@ from dse.spec import (
 from dse.storage import open_storage, redact
 
 __all__ = [
-    "Driver", "DriverError", "EvaluatorHost", "RunSummary", "open_storage", "open_study", "study_dir",
+    "Driver", "DriverError", "EvaluatorHost", "Interrupted", "RunSummary", "open_storage", "open_study",
+    "study_dir",
 ]
 
 log = logging.getLogger("dse")
@@ -89,6 +95,17 @@ RUN_OPTIONS = ("n_trials", "workers", "seed", "deterministic", "batch")
 
 class DriverError(RuntimeError):
     """The search cannot start or go on (e.g. an evaluator fails to build)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the run where it could be stopped at once (Ray starting, an
+    evaluator building or evaluating in the driver process). :meth:`Driver.run` raises it
+    only when it came before the study was created: nothing was written.
+    ``signum``: ``SIGINT`` or ``SIGTERM``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------- storage
@@ -568,6 +585,7 @@ class RunSummary:
     stop_reason: str = ""
     signal: int | None = None
     duplicates: int = 0  # trials of this run answered from the study (parameters seen before)
+    tracking_error: str | None = None  # why the MLflow logging is incomplete (`dse sync` completes it)
 
 
 class _Order:
@@ -734,6 +752,9 @@ class Driver:
         self._signal: int | None = None
         self._stop_reason = ""
         self._interrupts = 0
+        self._phase = "starting"  # -> "running" (the search loop) -> "closing" (pool, Ray, MLflow drain)
+        self._raising: Callable[[], bool] | None = None  # inside _interruptible(): may an abort raise
+        self._tracking: Any = None  # the Tracker, if MLflow is on
         self._old_handlers: dict[int, Any] = {}
         self._capped = False  # the last ask found the study full (other drivers' trials)
         self._ray_known = False  # Ray was found initialised or initialised here (said once)
@@ -745,6 +766,9 @@ class Driver:
 
         SIGINT/SIGTERM handlers are installed for the whole run (again after ``ray.init``,
         which replaces them) and restored at the end.
+
+        Raises:
+            Interrupted: a signal stopped the start-up before the study was created.
         """
         self._signals_on()
         try:
@@ -756,9 +780,12 @@ class Driver:
 
     def _run(self, t_start: float) -> RunSummary:
         # a new study: the cluster answers before anything is written (no empty study left behind)
-        owns_ray = self._init_ray() if not self.sdir.exists() else False
+        new = not self.sdir.exists()
+        owns_ray = self._init_ray() if new else False
         self._signals_on()  # again: ray.init replaces the SIGTERM handler
         try:
+            if new and self._abort.is_set():  # stopped while Ray started: nothing written
+                raise Interrupted(self._signal or signal.SIGINT)
             study, state, stale = self._open()
             recovered = [t.number for t in stale]
         except BaseException:
@@ -769,6 +796,7 @@ class Driver:
             raise
         # a complete study's MLflow runs stay as they are
         tracker = self._tracker(study) if self.tracking and state.complete < self.n_trials else None
+        self._tracking = tracker
         trials = study.get_trials(deepcopy=False)
         front, listeners = make_listeners(self.spec, self._coop, trials, state, progress=self.progress,
                                           tracker=tracker, recover=self._recover_later)
@@ -776,40 +804,44 @@ class Driver:
         order = _Order(None)
         t_loop = time.monotonic()
         try:
-            if state.complete < self.n_trials:
-                owns_ray = self._init_ray() or owns_ray
-                self._signals_on()  # again: ray.init replaces the SIGTERM handler
-                pool = self._pool(owns_ray)
-                pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
-                if self.deterministic:  # trials evaluated at once: the workers, or the batch in the driver process
-                    order.lag = self.workers if pool.overlaps else self.batch
-                for t in stale:  # left RUNNING by a dead driver: evaluated again as themselves
-                    if self.deterministic:  # the sampler that asked it (it may have no parameters yet)
-                        study.sampler = self.spec.make_sampler(t.number)
-                    trial = storage.running_trial(study, t)
-                    if self.deterministic and t.params and missing_params(t.params, self.spec):
-                        _replay_params(trial, self.spec)
-                    job = self._job(study, trial)
-                    order.asked(job, params_key(job.trial))
-            else:
-                for t in stale:  # the target is reached without them
-                    storage.fail_trial(study, t, "left RUNNING by a driver that stopped; not run again "
-                                       f"(the study has its {self.n_trials} COMPLETE trials)")
-            t_loop = time.monotonic()
-            deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else math.inf
-            while pool is not None and not self._abort.is_set():
-                if time.monotonic() > deadline and not self._stop.is_set():
-                    self._halt("timeout_s", "timeout_s reached: no new trials")
-                self._step(study, pool, state, order, listeners)
-                self._flush(study, force=not pool.in_flight())
-                if not order.pending() and not self._wants(state, 0):
-                    break  # (wanting more with nothing in flight: actors are starting)
-                if self._capped and not order.pending():
-                    time.sleep(WAIT_S)  # the other drivers' trials fill the study: wait for them
-                order.arrived(pool.wait(FLUSH_S if storage.unflushed(study) else 1.0))
-                state.running = order.pending()
-                for li in listeners:
-                    li.tick(state)
+            try:
+                if state.complete < self.n_trials and not self._abort.is_set():
+                    owns_ray = self._init_ray() or owns_ray
+                    self._signals_on()  # again: ray.init replaces the SIGTERM handler
+                    pool = self._pool(owns_ray)
+                    if self.deterministic:  # trials evaluated at once: the workers, or the batch in the driver process
+                        order.lag = self.workers if pool.overlaps else self.batch
+                    for t in stale:  # left RUNNING by a dead driver: evaluated again as themselves
+                        if self.deterministic:  # the sampler that asked it (it may have no parameters yet)
+                            study.sampler = self.spec.make_sampler(t.number)
+                        trial = storage.running_trial(study, t)
+                        if self.deterministic and t.params and missing_params(t.params, self.spec):
+                            _replay_params(trial, self.spec)
+                        job = self._job(study, trial)
+                        order.asked(job, params_key(job.trial))
+                    pool.start(self._abort.is_set, lambda: [li.tick(state) for li in listeners])
+                elif state.complete >= self.n_trials:
+                    for t in stale:  # the target is reached without them
+                        storage.fail_trial(study, t, "left RUNNING by a driver that stopped; not run again "
+                                           f"(the study has its {self.n_trials} COMPLETE trials)")
+                t_loop = time.monotonic()
+                self._phase = "running"
+                deadline = t_start + self.spec.timeout_s if self.spec.timeout_s else math.inf
+                while pool is not None and not self._abort.is_set():
+                    if time.monotonic() > deadline and not self._stop.is_set():
+                        self._halt("timeout_s", "timeout_s reached: no new trials")
+                    self._step(study, pool, state, order, listeners)
+                    self._flush(study, force=not pool.in_flight())
+                    if not order.pending() and not self._wants(state, 0):
+                        break  # (wanting more with nothing in flight: actors are starting)
+                    if self._capped and not order.pending():
+                        time.sleep(WAIT_S)  # the other drivers' trials fill the study: wait for them
+                    order.arrived(pool.wait(FLUSH_S if storage.unflushed(study) else POLL_S))
+                    state.running = order.pending()
+                    for li in listeners:
+                        li.tick(state)
+            except Interrupted:
+                pass  # an abort stopped Ray's start, a build or an evaluation here: handled below
             if pool is not None and self._abort.is_set():
                 self._fail_in_flight(study, pool, order, state, listeners, "interrupted (Ctrl-C/SIGTERM); re-enqueued")
             if state.failed >= self.max_failed:
@@ -826,6 +858,7 @@ class Driver:
             raise DriverError(str(e)) from None
         finally:
             t_fin = time.monotonic()
+            self._phase = "closing"
             all_trials = self._close(study, pool, owns_ray, listeners)
         return self._summary(all_trials, front, t_start, t_loop, t_fin, recovered)
 
@@ -1051,6 +1084,7 @@ class Driver:
             stop_reason=self._stop_reason if counts[TrialState.COMPLETE] < self.n_trials else "",
             signal=self._signal,
             duplicates=self._duplicates,
+            tracking_error=None if self._tracking is None else self._tracking.error,
         )
 
     def _recover(self, study: optuna.Study) -> list[FrozenTrial]:
@@ -1128,14 +1162,25 @@ class Driver:
             kwargs.update(address="local", num_cpus=cpus, object_store_memory=100 * 1024 * 1024)
         else:
             kwargs["address"] = self.address
-            _check_answers(self.address)
-        try:
-            if self.address == "local":
-                _init_loopback_ray(kwargs)
-            elif self.address.startswith("ray://"):
-                _init_ray_client(kwargs)
-            else:
-                ray.init(**kwargs)
+            with self._interruptible():  # a connection attempt (up to 10 s)
+                _check_answers(self.address)
+        from ray._private import worker
+
+        try:  # stopped while the node starts; once it connects (C++; ray.shutdown only after
+            # it finished: measured, an exception inside crashed the interpreter at exit) it ends first
+            with self._interruptible(lambda: worker._global_node is None):
+                if self.address == "local":
+                    _init_loopback_ray(kwargs)
+                elif self.address.startswith("ray://"):
+                    _init_ray_client(kwargs)
+                else:
+                    ray.init(**kwargs)
+        except Interrupted:
+            # Ctrl-C while Ray starts: disconnect what is connected, then kill what a
+            # half-started node left running (Ray's processes block SIGINT: they would stay)
+            ray.shutdown()
+            reaper.kill_now()
+            raise
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
             first = lines[0]
@@ -1183,7 +1228,7 @@ class Driver:
         stages: list[InlineStage | ActorPool] = []
         for e, entry, here in zip(self.spec.evaluators, entries, inline, strict=True):
             if here:
-                stages.append(InlineStage([entry], sdir, self.spec.seed, e.name))
+                stages.append(InlineStage([entry], sdir, self.spec.seed, e.name, self._interruptible))
                 continue
             import ray
 
@@ -1212,18 +1257,52 @@ class Driver:
             old = signal.signal(sig, self._on_signal)
             self._old_handlers.setdefault(sig, old)
 
+    @contextlib.contextmanager
+    def _interruptible(self, now: Callable[[], bool] = lambda: True) -> Iterator[None]:
+        """Code that an abort (a second Ctrl-C, SIGTERM; during start-up the first Ctrl-C)
+        stops at once: the signal handler raises :class:`Interrupted` inside it, while
+        ``now()`` holds. Only for code whose unwinding leaves nothing half-written:
+        ``ray.init``, an evaluator's factory or evaluation in the driver process (never a
+        tell or a storage write)."""
+        if self._abort.is_set():
+            raise Interrupted(self._signal or signal.SIGINT)
+        outer, self._raising = self._raising, now
+        try:
+            yield
+        finally:
+            self._raising = outer
+
     def _halt(self, reason: str, message: str) -> None:
         self._stop_reason = self._stop_reason or reason
         self._stop.set()
         log.warning("%s", message)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """One line per signal. Running: the first Ctrl-C stops asking, the second (or
+        SIGTERM) aborts. Starting: nothing is in flight, so the first already aborts.
+        Closing (the MLflow drain): the second Ctrl-C stops the logging."""
         self._interrupts += 1
         self._signal = signal.SIGTERM if signum == signal.SIGTERM else (self._signal or signum)
-        if signum == signal.SIGTERM or self._interrupts > 1:
+        drain = self._phase == "closing" and self._tracking is not None
+        sync = f"`dse sync {self.spec.name}` completes it later"
+        if signum != signal.SIGTERM and self._interrupts == 1 and self._phase != "starting":
+            self._halt("interrupted", {
+                "running": "stopping: waiting for in-flight trials (Ctrl-C again to abort them)",
+                "closing": f"stopping: waiting for the MLflow logging to finish (Ctrl-C again to stop it; {sync})"
+                if drain else "stopping: shutting down",
+            }[self._phase])
+            return
+        if self._phase != "closing":
             self._stop_reason = "terminated" if signum == signal.SIGTERM else "interrupted"
-            self._abort.set()
-            self._stop.set()
+        self._abort.set()
+        self._stop.set()
+        if self._phase == "starting":
+            log.warning("%s", "stopping: start-up interrupted (no trial was running)" if self._interrupts <= 1
+                        else "aborting: start-up interrupted")
+        elif self._phase == "running":
             log.warning("aborting: in-flight trials are failed and re-enqueued")
         else:
-            self._halt("interrupted", "stopping: waiting for in-flight trials (Ctrl-C again to abort them)")
+            log.warning("%s", f"aborting: the MLflow logging is stopped; {sync}" if drain else "aborting: shutting down")
+        if self._raising is not None and self._raising():
+            self._raising = None
+            raise Interrupted(signum)

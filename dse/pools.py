@@ -37,6 +37,7 @@ so each trial keeps its own result or error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -63,6 +64,8 @@ log = logging.getLogger("dse")
 
 MAX_ATTEMPTS = 3  # runs of one job on successive actors (and starts of one slot) before giving up
 PLACE_TIMEOUT_S = 60.0  # default: an actor not placed on a node by then is dropped
+POLL_S = 0.25  # longest one wait on Ray blocks: signal handlers run between waits (ray.wait
+# runs them only once a second), so a Ctrl-C is answered within this
 
 EvaluatorEntry = tuple[str, dict[str, Any], Callable[..., Any] | None]
 
@@ -292,16 +295,26 @@ class Pool(Protocol):
 
 
 class InlineStage:
-    """One evaluator run in the driver process (a cheap one: no Ray hop, no actor)."""
+    """One evaluator run in the driver process (a cheap one: no Ray hop, no actor).
 
-    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path | str, seed: int, label: str = "") -> None:
+    ``interruptible``: a context manager around each build and evaluation, inside which the
+    driver's signal handler may raise to abort it (a Ctrl-C that stops the run: the
+    evaluator's own ``except Exception`` does not catch it); the job is then failed and
+    re-enqueued by the driver.
+    """
+
+    def __init__(self, evaluators: list[EvaluatorEntry], study_dir: Path | str, seed: int, label: str = "",
+                 interruptible: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 ) -> None:
         self.host = EvaluatorHost(evaluators, str(study_dir), seed, 1, set_threads=False)
         self.label = label
+        self.interruptible = interruptible
 
     def start(self) -> None:
         """Build the evaluator here; a factory that raises is a :class:`PoolError`."""
         try:
-            self.host.build()
+            with self.interruptible():
+                self.host.build()
         except Exception as e:  # noqa: BLE001 - reported as one line by the CLI
             raise PoolError(f"an evaluator failed to start: {type(e).__name__}: {e}") from None
 
@@ -315,7 +328,8 @@ class InlineStage:
         for job in jobs:
             job.attempts += 1
             job.started_s = now
-        return self.host.evaluate_many([j.params for j in jobs], [j.upstream for j in jobs])
+        with self.interruptible():
+            return self.host.evaluate_many([j.params for j in jobs], [j.upstream for j in jobs])
 
 
 # ----------------------------------------------------------------------------- Ray actors
@@ -465,8 +479,8 @@ class ActorPool:
         """Create every actor and wait until each is built, or dropped (not placed in time).
 
         Returns early once some actors are built and the rest still wait for room on the
-        cluster (they join when placed). ``should_stop`` is polled, ``on_wait`` called each
-        second. Raises :class:`PoolError` when a factory raises or no actor could start.
+        cluster (they join when placed). ``should_stop`` is polled, ``on_wait`` called, every
+        :data:`POLL_S`. Raises :class:`PoolError` when a factory raises or no actor could start.
         """
         self.launch()
         if self.fixed_cluster and self._fits() == 0:
@@ -492,7 +506,7 @@ class ActorPool:
                     self.place_timeout_s,
                 )
                 break
-            self._poll(1.0)
+            self._poll(POLL_S)
         self._check_alive()
 
     def launch(self) -> None:

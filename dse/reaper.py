@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 POLL_S = 0.25
 _started: set[int] = set()
@@ -41,6 +42,54 @@ def watch() -> None:
     except OSError:
         return
     _started.add(os.getpid())
+
+
+def kill_now() -> int:
+    """SIGKILL this process's Ray descendants at once; returns how many.
+
+    For a start-up interrupted inside ``ray.init`` (Ctrl-C): no watcher runs yet, and
+    ``ray.shutdown`` of a half-started node waits for it. Each process is stopped
+    (SIGSTOP) before the next look, so that none starts another meanwhile (an agent
+    started by a raylet already killed would no longer be found below this process).
+    """
+    import psutil
+    import ray
+
+    ray_dir = os.path.dirname(os.path.abspath(ray.__file__))
+    me = psutil.Process()
+    found: dict[int, psutil.Process] = {}
+    for _ in range(100):
+        try:
+            new = [p for p in me.children(recursive=True) if p.pid not in found and _is_ray(p, ray_dir)]
+        except psutil.Error:
+            new = []
+        if not new:
+            break
+        for p in new:
+            found[p.pid] = p
+            try:
+                p.suspend()
+            except psutil.Error:
+                pass
+    for p in found.values():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + 1.0  # SIGKILL acts at once; an orphan stays a zombie (not waited for)
+    while time.monotonic() < deadline and any(_running(p) for p in found.values()):
+        time.sleep(0.01)
+    return len(found)
+
+
+def _running(p: object) -> bool:
+    import psutil
+
+    assert isinstance(p, psutil.Process)
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _is_ray(p: object, ray_dir: str) -> bool:
@@ -71,6 +120,8 @@ def main(argv: list[str]) -> int:
             driver.wait(timeout=POLL_S)
             break
         except psutil.TimeoutExpired:
+            if driver.status() == psutil.STATUS_ZOMBIE:  # ended; its parent does not reap it
+                break
             continue
         except psutil.NoSuchProcess:
             break

@@ -1,4 +1,5 @@
-"""Kill a real `dse` process at a chosen moment: shared by the crash-and-resume tests."""
+"""Kill or interrupt a real `dse` process at a chosen moment: shared by the crash-and-resume
+and Ctrl-C tests."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -53,3 +56,105 @@ def sigkill_when(argv: list[str], root: Path, name: str, at_complete: int, *,
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+class Dse:
+    """``dse argv`` in its own process group, as a terminal runs it, with PYTHONPATH at the
+    repository root. Its stdout and stderr lines are collected as they come, and every
+    process below it (the MLflow logging process, Ray's processes, the reaper) is recorded
+    every 20 ms, so that :meth:`end` can check that none outlives it."""
+
+    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
+        import psutil
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv], cwd=cwd, env=env,
+                                     start_new_session=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.tree: dict[int, psutil.Process] = {}
+        self._me = psutil.Process(self.proc.pid)
+        self._threads = [threading.Thread(target=self._read, args=(f, lines), daemon=True)
+                         for f, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._threads.append(threading.Thread(target=self._watch, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def _read(self, f: object, lines: list[str]) -> None:
+        for line in f:  # type: ignore[attr-defined]
+            lines.append(line.rstrip("\n"))
+
+    def _watch(self) -> None:
+        import psutil
+
+        while self.proc.poll() is None:
+            try:
+                for p in self._me.children(recursive=True):
+                    self.tree.setdefault(p.pid, p)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    def said(self) -> list[str]:
+        """dse's own log lines so far, without time and level (``"stopping: ..."``)."""
+        return [ln.split(" dse: ", 1)[1] if " dse: " in ln else ln.split(" dse.tracking: ", 1)[-1]
+                for ln in self.err]
+
+    def wait_until(self, cond: Callable[[], bool], what: str, timeout_s: float = 180) -> None:
+        """Until ``cond()``; fails the test if the process ends first or it never comes."""
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            if self.proc.poll() is not None:
+                time.sleep(0.2)  # the last lines
+                pytest.fail(f"dse ended (rc {self.proc.returncode}) before {what}:\n" + "\n".join(self.err[-30:]))
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} in {timeout_s:.0f} s:\n" + "\n".join(self.err[-30:]))
+            time.sleep(0.02)
+
+    def press(self, wait_for: str | None = None) -> float:
+        """Ctrl-C as a terminal sends it (SIGINT to the whole group); with ``wait_for``,
+        until dse says a line holding it. Returns the time of the press (monotonic)."""
+        t = time.monotonic()
+        os.killpg(self.proc.pid, signal.SIGINT)
+        if wait_for is not None:
+            n = len(self.err)
+            self.wait_until(lambda: any(wait_for in ln for ln in self.err[n:]), repr(wait_for))
+        return t
+
+    def end(self, since: float, timeout_s: float = 60) -> tuple[int, float, float]:
+        """Wait for the exit and for every recorded process to be gone (a zombie counts as
+        gone: this machine's init may not reap orphans). Returns the exit code and the
+        seconds from ``since`` to the exit and to the last process gone. Fails the test
+        (killing the group) if either does not come within ``timeout_s``: a hang."""
+        import psutil
+
+        try:
+            try:
+                rc = self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"dse still running {timeout_s:.0f} s after Ctrl-C:\n" + "\n".join(self.err[-30:]))
+            exit_s = time.monotonic() - since
+            for t in self._threads:
+                t.join(timeout=10)
+
+            def alive(p: psutil.Process) -> bool:
+                try:
+                    return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                except psutil.Error:
+                    return False
+
+            deadline = time.monotonic() + timeout_s
+            while (left := [p for p in self.tree.values() if alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if left:
+                names = [(p.pid, p.name()) for p in left]
+                for p in left:
+                    p.kill()
+                pytest.fail(f"processes outlived dse: {names}")
+            return rc, exit_s, time.monotonic() - since
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

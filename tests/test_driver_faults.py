@@ -433,63 +433,33 @@ def test_signals_fail_and_requeue_in_flight(tmp_path: Path, moment: str, sigs: l
     assert_told_once(after)
 
 
-GATE_MOD = '''
-"""ZDT1 whose evaluations take `delay_s` and then wait while the file `gate` exists: a test
-holds trials in flight for as long as it needs, whatever the machine's speed."""
-import math, os, time
-from dse.schema import EvaluatorSchema, Metric, Option, Param, Plugin
-
-class Gate:
-    def __init__(self, options):
-        self.delay_s, self.gate = options["delay_s"], options["gate"]
-
-    def evaluate(self, params, upstream):
-        end = time.monotonic() + self.delay_s
-        while time.monotonic() < end or os.path.exists(self.gate):
-            time.sleep(0.02)
-        x0, x1 = params["x.0"], params["x.1"]
-        g = 1 + 9 * x1
-        return {"f1": x0, "f2": g * (1 - math.sqrt(x0 / g))}
-
-gate = Plugin(
-    EvaluatorSchema(
-        "gate", "ZDT1 held in flight while a file exists",
-        options=(Option("delay_s", "float", "seconds per evaluation", low=0.0, default=0.2),
-                 Option("gate", "str", "while this file exists, evaluations do not end", default=""),
-                 Option("n_vars", "int", "variables", low=2, default=2)),
-        params=(Param("x.0", "float", "x0", low=0.0, high=1.0), Param("x.1", "float", "x1", low=0.0, high=1.0)),
-        metrics=(Metric("f1", "x0"), Metric("f2", "ZDT1 f2")),
-    ),
-    lambda options, ctx: Gate(options),
-)
-'''
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("group", [False, True], ids=["driver", "group"])
-def test_double_ctrl_c_fails_and_requeues_in_flight(tmp_path: Path, group: bool) -> None:
-    """Ctrl-C twice, sent to the driver (`kill -INT`) or to its whole process group (a
-    terminal's Ctrl-C, which Ray's workers receive too): the trials in flight are failed with
-    the reason and re-enqueued, exit 130, no traceback; resume completes the study. The
-    evaluations are held in flight by a gate file (before: a fixed 1 s delay, and in-flight
+def test_double_ctrl_c_fails_and_requeues_in_flight(tmp_path: Path) -> None:
+    """Ctrl-C twice, sent to the driver only (`kill -INT`; a terminal's Ctrl-C to the whole
+    process group is tests/test_ctrl_c.py): the trials in flight are failed with the reason
+    and re-enqueued, exit 130, no traceback; resume completes the study. The evaluations are
+    held in flight by a gate file (tests/gates.py; before: a fixed 1 s delay, and in-flight
     trials sometimes finished between the two presses on a loaded machine, so nothing was
     left to fail: a race in the test, not in the driver)."""
-    (tmp_path / "gate_mod.py").write_text(GATE_MOD)
+    from tests.gates import held
+
     gate = tmp_path / "gate"
     n = 10
     spec = tmp_path / "s.toml"
-    spec.write_text(spec_text("sig2", n, evaluator="gate_mod:gate",
+    spec.write_text(spec_text("sig2", n, evaluator="tests.gates:gate",
                               options={"delay_s": 0.2, "gate": str(gate)}))
     root = tmp_path / "studies"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--progress", "log"],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     wait_for(proc, root, "sig2", 3)
     gate.touch()  # the trials now in flight (and any started later) stay in flight
-    time.sleep(0.5)
-    got, err = signal_and_wait(proc, [signal.SIGINT, signal.SIGINT], group)
+    deadline = time.monotonic() + 60
+    while held(gate) < 2 and time.monotonic() < deadline:  # both workers hold one
+        time.sleep(0.02)
+    got, err = signal_and_wait(proc, [signal.SIGINT, signal.SIGINT], False)
     gate.unlink()
     assert got == 130, err[-3000:]
     assert "Traceback" not in err and "Stack trace" not in err and "*** SIG" not in err, err[-3000:]

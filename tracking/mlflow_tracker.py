@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ NAMES_TAG = "dse.names"
 KIND_TAG = "mlflow.experimentKind"
 NOTE_TAG = "mlflow.note.content"  # the description on the experiment and run pages
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
+_DRIVER_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the driver decides when the logging stops
 DRAIN_NOTICE_S = 2.0  # a final drain longer than this is announced (and how to stop it)
 MAX_KEY_CHARS = 250  # MLflow's limit on param/metric/tag keys
 _LEGAL_KEY = re.compile(r"^[A-Za-z0-9_./ -]*$")  # MLflow's rule, minus ':' (not legal on Windows)
@@ -429,7 +431,15 @@ class Tracker:
             name="dse-tracking",
             daemon=True,
         )
-        self._proc.start()
+        # The process starts with SIGINT/SIGTERM blocked (the mask survives exec), so a
+        # Ctrl-C while it imports MLflow prints no traceback; it ignores them once running.
+        # (multiprocessing's resource tracker is started the same way.) Here they are only
+        # held back for the moment of the start, not lost.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _DRIVER_SIGNALS)
+        try:
+            self._proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def trial_finished(self, t: FrozenTrial) -> None:
         """Queue a finished trial (never blocks)."""
@@ -443,10 +453,11 @@ class Tracker:
         """Write final artifacts, close the parent run and wait for the process (bounded)."""
         self._q.put(("finish", list(trials)))
         self._q.put(None)
+        aborted = False
         proc = self._proc
         if proc is not None:
             deadline = time.monotonic() + timeout_s
-            aborted = told = False
+            told = False
             while proc.is_alive() and time.monotonic() < deadline:
                 if not told and time.monotonic() > deadline - timeout_s + DRAIN_NOTICE_S:
                     told = True
@@ -469,7 +480,7 @@ class Tracker:
             pass
         if self._proc is not None and self._proc.exitcode not in (0, None) and self.error is None:
             self.error = f"MLflow logging process exited with code {self._proc.exitcode}"
-        if self.error is not None:
+        if self.error is not None and not aborted:  # (an abort: the driver said so already)
             log.warning("MLflow: %s; backfill with `dse sync %s`", self.error, self.info.name)
         self._q.close()
         self._status.close()
@@ -482,10 +493,9 @@ def _worker_main(info: StudyInfo, sdir: Path, q: Any, status: Any, parent_pid: i
     stops (it sends ``finish``), so this process ignores them (a signal mid-way through
     MLflow's schema creation left a half-made store). It exits when its parent dies.
     """
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DRIVER_SIGNALS)  # blocked from its start (Tracker.start)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     w = _TrackerWorker(info, sdir)
     try:
