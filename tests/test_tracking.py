@@ -390,6 +390,58 @@ def test_every_example_parameter_round_trips(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_bulk_child_runs_read_back_as_the_public_api_writes_them(tmp_path: Path) -> None:
+    """Child runs written in one SQLite transaction (tracking.mlflow_sql) read back through
+    MlflowClient exactly as those logged by MLflow's public API: run info (status, start and
+    end times, name, artifact URI), params, tags (parent link, trial number, study identity,
+    renamed keys), metrics and their histories (value, timestamp, step; NaN and +-inf)."""
+    import copy
+    import math
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tracking.mlflow_sql import MLFLOW_VERSION
+
+    assert mlflow.__version__ == MLFLOW_VERSION, "the bulk writer is pinned to this MLflow version"
+    study, spec = _study(8)
+    odd = {"acc[top1]*": 0.5, "nan_m": math.nan, "inf_m": math.inf, "ninf_m": -math.inf}
+    trials = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    trials[0] = copy.deepcopy(trials[0])
+    trials[0].set_user_attr("metrics", {**trials[0].user_attrs["metrics"], **odd})
+    read: dict[bool, list[str]] = {}
+    for bulk in (False, True):
+        spec.name = f"bulk-{bulk}"
+        info = study_info(spec, tmp_path, storage_desc="memory", study_uid=f"uid-{bulk}")
+        # a spec name MLflow rejects as a key (glob): renamed, the original kept in dse.names
+        info = replace(info, complete_params=lambda p, f=info.complete_params: {**f(p), "layer1*.density": 0.5})
+        link = MlflowLink(info, tmp_path, bulk=bulk)
+        assert (link._bulk is not None) == bulk
+        link.connect()
+        assert link.log_trials(trials[:3]) == [] and link.log_trials(trials) == []
+        assert link.log_trials(trials) == [] and len(link.logged) == len(trials)  # nothing twice
+        c = MlflowClient(tracking_uri=info.uri)
+        runs = c.search_runs([link.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''", max_results=100)
+        out = []
+        for r in sorted(runs, key=lambda r: int(r.data.tags[TRIAL_TAG])):
+            run = c.get_run(r.info.run_id).to_dictionary()
+            assert json.dumps(run, sort_keys=True) == json.dumps(r.to_dictionary(), sort_keys=True)  # NaN
+            hist = {k: [(m.value, m.timestamp, m.step) for m in c.get_metric_history(r.info.run_id, k)]
+                    for k in r.data.metrics}
+            assert run["info"].pop("experiment_id") == link.experiment_id
+            text = json.dumps([run, hist], sort_keys=True)  # NaN compares as text
+            out.append(text.replace(r.info.run_id, "<run>").replace(link.parent_id, "<parent>")
+                       .replace(f"uid-{bulk}", "<uid>"))
+        read[bulk] = out
+    assert len(read[True]) == len(trials) and read[True] == read[False]
+    first = json.loads(read[True][0])[0]
+    assert first["info"]["status"] == "FINISHED" and first["data"]["tags"]["mlflow.parentRunId"] == "<parent>"
+    assert 0 <= first["info"]["end_time"] - first["info"]["start_time"] < 1000
+    assert math.isnan(first["data"]["metrics"]["nan_m"]) and first["data"]["metrics"]["inf_m"] > 1e308
+    assert json.loads(first["data"]["tags"][NAMES_TAG])[mlflow_key("layer1*.density")] == "layer1*.density"
+
+
+@pytest.mark.slow
 def test_mlflow_key_is_legal_and_distinct() -> None:
     from mlflow.utils.validation import _validate_param_name
 

@@ -41,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tracking.artifacts import write_artifacts
 from tracking.info import StudyInfo
+from tracking.mlflow_sql import FinishedRun, bulk_store, insert_finished_runs, validate
 
 log = logging.getLogger("dse.tracking")
 
@@ -55,6 +56,8 @@ LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 _DRIVER_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the driver decides when the logging stops
 DRAIN_NOTICE_S = 2.0  # a final drain longer than this is announced (and how to stop it)
 MAX_KEY_CHARS = 250  # MLflow's limit on param/metric/tag keys
+BULK_RUNS = 500  # child runs per SQLite transaction (tracking.mlflow_sql)
+HTTP_THREADS = 4  # concurrent requests to a tracking server
 _LEGAL_KEY = re.compile(r"^[A-Za-z0-9_./ -]*$")  # MLflow's rule, minus ':' (not legal on Windows)
 
 
@@ -192,7 +195,9 @@ def _create_sqlite_store(db: Path) -> None:
 class MlflowLink:
     """The MLflow side of one study: its experiment, parent run and logged trials."""
 
-    def __init__(self, info: StudyInfo, sdir: Path) -> None:
+    def __init__(self, info: StudyInfo, sdir: Path, bulk: bool = True) -> None:
+        """``bulk``: write child runs into a SQLite store in bulk where possible
+        (:func:`tracking.mlflow_sql.bulk_store`); false: always through MLflow's client."""
         # Fail fast on an unreachable server instead of minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -207,6 +212,8 @@ class MlflowLink:
         self.client = MlflowClient(tracking_uri=self.uri)
         if self.uri.startswith("sqlite:"):
             _sqlite_wal(self.client)
+        #: MLflow's SQL store when child runs are written in bulk (``None``: public API)
+        self._bulk = bulk_store(self.client) if bulk else None
         self.experiment_id = ""
         self.parent_id = ""
         self.logged: set[int] = set()
@@ -293,21 +300,11 @@ class MlflowLink:
             if not token:
                 break
 
-    def log_trial(self, t: FrozenTrial) -> bool:
-        """Log one COMPLETE trial as a child run unless already logged; returns whether logged."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        if t.number in self.logged or t.state != TrialState.COMPLETE:
-            return False
-        c = self.client
-        run = c.create_run(
-            self.experiment_id,
-            start_time=_ms(t.datetime_start),
-            tags={PARENT_TAG: self.parent_id, TRIAL_TAG: str(t.number),
-                  UID_TAG: self.info.study_uid},
-            run_name=f"trial-{t.number}",
-        )
-        ts = _ms(t.datetime_complete)
+    def child_run(self, t: FrozenTrial) -> FinishedRun:
+        """The child run of a COMPLETE trial: started and ended when the trial was, tagged
+        with the parent, the trial number, the study identity and feasibility (``dse.names``
+        for renamed keys); every active parameter, every metric (objectives and
+        ``constraint.<key>`` included), under their MLflow keys."""
         metrics = dict(t.user_attrs.get("metrics") or {})
         for o, v in zip(self.info.objectives, t.values or [], strict=False):
             metrics.setdefault(o.metric, v)
@@ -316,22 +313,121 @@ class MlflowLink:
         names: dict[str, str] = {}
         metrics = _legal(metrics, names)
         params = _legal(self.info.complete_params(t.params), names)
-        tags = [RunTag("dse.feasible", str(self.info.is_feasible(t)))]
+        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: str(t.number), UID_TAG: self.info.study_uid,
+                "dse.feasible": str(self.info.is_feasible(t))}
         if names:
-            tags.append(RunTag(NAMES_TAG, json.dumps(names, sort_keys=True)[:8000]))
+            tags[NAMES_TAG] = json.dumps(names, sort_keys=True)[:8000]
+        return FinishedRun(
+            name=f"trial-{t.number}", start_ms=_ms(t.datetime_start), end_ms=_ms(t.datetime_complete),
+            tags=tags, params={k: str(v)[:6000] for k, v in params.items()},
+            metrics={k: float(v) for k, v in metrics.items()},
+        )
+
+    def log_trial(self, t: FrozenTrial) -> bool:
+        """Log one COMPLETE trial as a child run unless already logged; returns whether
+        logged. Raises what MLflow raised, a rejection of the trial's input included."""
+        before = len(self.logged)
+        for _n, e in self.log_trials([t]):
+            raise e
+        return len(self.logged) > before
+
+    def log_trials(self, trials: Sequence[FrozenTrial]) -> list[tuple[int, Exception]]:
+        """Log the COMPLETE trials not logged yet as child runs; returns the trials whose
+        input MLflow rejected, as (trial number, MLflow's exception): the rest is logged.
+        Raises on any other failure (what was logged by then is in :attr:`logged`).
+
+        SQLite store (MLflow's pinned version): :data:`BULK_RUNS` runs per transaction
+        through :func:`tracking.mlflow_sql.insert_finished_runs`. A tracking server
+        (``http(s)://``): :data:`HTTP_THREADS` concurrent requests. Otherwise MLflow's
+        client, one run after another."""
+        todo: dict[int, FinishedRun] = {}
+        for t in trials:
+            if t.state == TrialState.COMPLETE and t.number not in self.logged and t.number not in todo:
+                todo[t.number] = self.child_run(t)
+        if not todo:
+            return []
+        if self._bulk is not None:
+            return self._log_bulk(todo)
+        if self.uri.startswith(("http://", "https://")) and len(todo) > 1:
+            return self._log_threads(todo)
+        rejected: list[tuple[int, Exception]] = []
+        for n, run in todo.items():
+            try:
+                self._log_public(n, run)
+            except Exception as e:
+                if not _rejected(e):
+                    raise
+                rejected.append((n, e))
+        return rejected
+
+    def _log_bulk(self, todo: dict[int, FinishedRun]) -> list[tuple[int, Exception]]:
+        from mlflow.exceptions import MlflowException
+
+        rejected: list[tuple[int, Exception]] = []
+        ok: list[int] = []
+        for n, run in todo.items():
+            try:
+                validate(run)
+                ok.append(n)
+            except MlflowException as e:  # what the public log_batch would raise for it
+                rejected.append((n, e))
+        for i in range(0, len(ok), BULK_RUNS):
+            chunk = ok[i : i + BULK_RUNS]
+            insert_finished_runs(self._bulk, self.experiment_id, [todo[n] for n in chunk])
+            self.logged.update(chunk)
+        return rejected
+
+    def _log_threads(self, todo: dict[int, FinishedRun]) -> list[tuple[int, Exception]]:
+        """Each run through the public API, :data:`HTTP_THREADS` at a time (a server's
+        latency, not this process's CPU, bounds one client). After the first failure that
+        is not a rejection, runs not yet started are not tried; that failure is raised."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        failed = threading.Event()
+        rejected: list[tuple[int, Exception]] = []
+        errors: list[Exception] = []
+
+        def one(n: int) -> None:
+            if failed.is_set():
+                return
+            try:
+                self._log_public(n, todo[n])
+            except Exception as e:  # noqa: BLE001 - sorted out below
+                if _rejected(e):
+                    rejected.append((n, e))
+                else:
+                    errors.append(e)
+                    failed.set()
+
+        with ThreadPoolExecutor(max_workers=HTTP_THREADS, thread_name_prefix="dse-mlflow") as pool:
+            list(pool.map(one, todo))
+        if errors:
+            raise errors[0]
+        return sorted(rejected, key=lambda r: r[0])
+
+    def _log_public(self, number: int, run: FinishedRun) -> None:
+        """One finished run through MLflow's client: ``create_run`` (with the links to the
+        parent and the trial), one ``log_batch``, ``set_terminated``; a run whose batch
+        fails is deleted (nothing half-logged stays behind)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        c = self.client
+        first = (PARENT_TAG, TRIAL_TAG, UID_TAG)
+        created = c.create_run(self.experiment_id, start_time=run.start_ms, run_name=run.name,
+                               tags={k: v for k, v in run.tags.items() if k in first})
         try:
             c.log_batch(
-                run.info.run_id,
-                metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
-                params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                tags=tags,
+                created.info.run_id,
+                metrics=[Metric(k, v, run.end_ms, 0) for k, v in run.metrics.items()],
+                params=[Param(k, v) for k, v in run.params.items()],
+                tags=[RunTag(k, v) for k, v in run.tags.items() if k not in first],
             )
         except Exception:
-            c.delete_run(run.info.run_id)  # nothing half-logged stays behind
+            c.delete_run(created.info.run_id)
             raise
-        c.set_terminated(run.info.run_id, "FINISHED", end_time=ts)
-        self.logged.add(t.number)
-        return True
+        c.set_terminated(created.info.run_id, "FINISHED", end_time=run.end_ms)
+        self.logged.add(number)
 
     def log_hypervolume(self, points: Sequence[tuple[int, float, int]]) -> None:
         """Log (step, hypervolume, timestamp_ms) points on the parent run (batches of 1000,
@@ -516,6 +612,7 @@ class _TrackerWorker:
 
     BACKOFF_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
     ARTIFACTS_EVERY_S = 10.0  # shortest time between two artifact steps (the last one always runs)
+    BATCH_S = 0.2  # shortest time between two batches of trials (fewer, larger transactions)
 
     def __init__(self, info: StudyInfo, sdir: Path) -> None:
         self.info = info
@@ -531,6 +628,7 @@ class _TrackerWorker:
         self._down_since = 0.0
         self._retry_at = 0.0
         self._backoff_s = self.BACKOFF_S[0]
+        self._batch_at = 0.0  # monotonic time the last batch was taken off the queue
 
     def _guard(self, what: str, fn: Any, *args: Any) -> bool:
         """Run one MLflow step; returns whether it succeeded. A failure is logged naming the
@@ -584,6 +682,9 @@ class _TrackerWorker:
                     log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.info.name)
                     return
                 continue
+            if item is not None and item[0] == "trial":  # let a batch gather: one transaction
+                time.sleep(max(0.0, self._batch_at + self.BATCH_S - time.monotonic()))
+            self._batch_at = time.monotonic()
             items = [item]
             while item is not None:  # drain what is queued: one batch
                 try:
@@ -592,6 +693,7 @@ class _TrackerWorker:
                 except queue.Empty:
                     break
             done = False
+            batch: list[FrozenTrial] = []  # the trials of this batch: logged together
             for it in items:
                 if it is None:
                     done = True
@@ -604,18 +706,21 @@ class _TrackerWorker:
                         self._log_trials(payload)
                 elif kind == "trial":
                     self._trials[payload.number] = payload
-                    self._log_trials([payload])
+                    batch.append(payload)
                     if payload.state == TrialState.COMPLETE:
                         self._since_artifacts += 1
                 elif kind == "hv":
                     self._hv.append(payload)
                 elif kind == "finish":
+                    self._log_trials(batch)
+                    batch = []
                     for t in payload:
                         self._trials[t.number] = t
                     self._retry_at = 0.0  # one last attempt now
                     self._reconnect()
                     self._flush_hv()
                     self._final()
+            self._log_trials(batch)
             self._flush_hv()
             if self._since_artifacts >= self.info.artifact_every and time.monotonic() >= self._artifacts_due:
                 self._since_artifacts = 0
@@ -629,11 +734,18 @@ class _TrackerWorker:
         self._link = MlflowLink(self.info, self.sdir)
         self._link.connect()
 
-    def _log_trials(self, trials: Sequence[FrozenTrial]) -> None:
-        if self.info.child_runs != "all" or self._link is None:
+    def _log_trials(self, trials: Sequence[FrozenTrial], pareto: bool = False) -> None:
+        """Child runs of ``trials`` (``child_runs = "all"``; ``pareto``: the final front for
+        ``"pareto"``), all in one call: one warning per trial MLflow rejects."""
+        if (self.info.child_runs != "all" and not pareto) or self._link is None or not trials:
             return
-        for t in trials:
-            self._guard(f"logging trial {t.number}", self._link.log_trial, t)
+        link = self._link
+        numbers = [t.number for t in trials]
+        what = f"logging trial {numbers[0]}" if len(numbers) == 1 else f"logging trials {min(numbers)}-{max(numbers)}"
+        rejected: list[tuple[int, Exception]] = []
+        if self._guard(what, lambda: rejected.extend(link.log_trials(trials))):
+            for n, e in rejected:
+                log.warning("MLflow rejected logging trial %d (%s); the rest is logged", n, _why(e))
 
     def _flush_hv(self) -> None:
         if self._hv and self._link is not None:
@@ -662,12 +774,10 @@ class _TrackerWorker:
     def _final(self) -> None:
         trials = sorted(self._trials.values(), key=lambda t: t.number)
         link = self._link
-        if link is not None and self.info.child_runs == "pareto":
-            for t in self.info.front(trials):
-                self._guard(f"logging Pareto trial {t.number}", link.log_trial, t)
-        elif link is not None:
-            for t in trials:  # anything missed
-                self._guard(f"logging trial {t.number}", link.log_trial, t)
+        if self.info.child_runs == "pareto":
+            self._log_trials(self.info.front(trials), pareto=True)
+        else:
+            self._log_trials(trials)  # anything missed
         self._artifacts(final=True)
         if link is not None:
             self._guard("closing the parent run", link.close)
@@ -727,16 +837,10 @@ def sync(info: StudyInfo, sdir: Path, trials: Sequence[FrozenTrial]) -> SyncResu
         present = len(link.logged)
         trials = sorted(trials, key=lambda t: t.number)
         to_log = info.front(trials) if info.child_runs == "pareto" else trials
-        created = 0
-        rejected: list[str] = []
-        for t in to_log:
-            step = f"logging trial {t.number}"
-            try:
-                created += link.log_trial(t)
-            except Exception as e:
-                if not _rejected(e):
-                    raise
-                rejected.append(f"trial {t.number}: {_why(e)}")
+        step = "logging the trials"
+        before = len(link.logged)
+        rejected = [f"trial {n}: {_why(e)}" for n, e in link.log_trials(to_log)]
+        created = len(link.logged) - before
         step = "logging the hypervolume history"
         if len(info.objectives) > 1:
             have = {m.step for m in link.client.get_metric_history(link.parent_id, "hypervolume")}
