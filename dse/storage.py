@@ -562,20 +562,46 @@ def _sqlite_lock(db: str | None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: GET_LOCK's timeout, s: MySQL reads -1 as "for ever", MariaDB as an error (NULL, no lock)
+_MYSQL_LOCK_WAIT_S = 365 * 24 * 3600
+
+
+@contextlib.contextmanager
+def _mysql_lock(c: Any, key: str) -> Iterator[None]:
+    """Hold MySQL/MariaDB named lock ``key`` on connection ``c`` (``GET_LOCK``)."""
+    import sqlalchemy
+
+    got = c.execute(sqlalchemy.text("SELECT GET_LOCK(:k, :t)"), {"k": key, "t": _MYSQL_LOCK_WAIT_S}).scalar()
+    if got != 1:
+        raise StorageError(f"cannot take the database lock {key!r} (GET_LOCK returned {got})")
+    try:
+        yield
+    finally:
+        c.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": key})
+        c.commit()
+
+
 @contextlib.contextmanager
 def _schema_lock(url: str, pg: bool) -> Iterator[None]:
     """A lock around Optuna's schema creation, which several clients at once fail
     (PostgreSQL: ``CREATE TABLE`` on its catalog; SQLite: the second ``INSERT`` of
-    ``alembic_version``): PostgreSQL an advisory lock, SQLite :func:`_sqlite_lock`; other
-    databases: nothing."""
+    ``alembic_version``; MariaDB: ``Table ... already exists``): PostgreSQL an advisory
+    lock, SQLite :func:`_sqlite_lock`, MySQL/MariaDB ``GET_LOCK``; other databases:
+    nothing."""
     if not pg:
+        import sqlalchemy
         from sqlalchemy.engine import make_url
 
         u = make_url(url)
-        if u.get_backend_name() != "sqlite":
+        if u.get_backend_name() == "sqlite":
+            with _sqlite_lock(u.database):
+                yield
+            return
+        if u.get_backend_name() not in ("mysql", "mariadb"):
             yield
             return
-        with _sqlite_lock(u.database):
+        engine = sqlalchemy.create_engine(u, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as c, _mysql_lock(c, "dse:schema"):
             yield
         return
     import sqlalchemy
@@ -1307,12 +1333,13 @@ def exclusive(study: optuna.Study) -> Iterator[None]:
         with _sqlite_lock(rdb.engine.url.database):
             yield
         return
+    if dialect in ("mysql", "mariadb"):
+        with rdb.engine.connect() as c, _mysql_lock(c, f"dse:{study._study_id}"):
+            yield
+        return
     if dialect == "postgresql":
         lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
         key: Any = _PG_LOCK_BASE + study._study_id
-    elif dialect in ("mysql", "mariadb"):
-        lock, unlock = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
-        key = f"dse:{study._study_id}"
     else:
         yield
         return
