@@ -77,6 +77,10 @@ def run(spec: Spec | str | Path, *, root: str | Path | None = None, **overrides:
         root: the studies directory (default ``./dse-studies``, as ``--dir``).
         overrides: keyword arguments of :class:`dse.driver.Driver`: ``n_trials``,
             ``workers``, ``seed``, ``address``, ``tracking`` (``False`` = off), ``progress``.
+            In a process where Ray is already initialised (``ray.init()`` in the notebook)
+            the run uses that Ray, whatever ``address`` says, and logs one line saying so
+            (a warning when ``address`` names another cluster; ``ray.shutdown()`` first to
+            run there).
 
     Raises:
         dse.spec.SpecError: the spec is invalid (nothing is created).
