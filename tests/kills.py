@@ -34,26 +34,23 @@ def states(root: Path, name: str) -> Counter[TrialState]:
     return Counter(t.state for t in study.get_trials(deepcopy=False))
 
 
-#: environment of a process that joins the session's loopback Ray cluster (``ray_session``):
-#: without it Ray looks for a local node on the host's routable address, never finds one on
-#: a cluster that listens on 127.0.0.1 only, and waits for ever
-JOIN_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def join_args(ray: Any) -> list[str]:
-    """``dse`` arguments that join the session's Ray cluster (``ray`` from ``ray_session``)
-    instead of starting one (seconds each); pass ``env=JOIN_LOOPBACK_ENV`` too."""
-    return ["--address", ray.get_runtime_context().gcs_address]
-
-
 def sigkill_when(argv: list[str], root: Path, name: str, at_complete: int, *,
-                 cwd: Path | None = None, timeout_s: float = 180,
-                 env: dict[str, str] | None = None) -> None:
+                 cwd: Path | None = None, timeout_s: float = 180, join: Any = None) -> None:
     """Run ``dse argv --dir root --progress log`` in its own process group and SIGKILL the
     group once study ``name`` holds at least ``at_complete`` COMPLETE trials and one RUNNING
     (0: as soon as the first trial is asked). Fails the test if it ends or stalls first.
-    ``env``: extra environment variables of the process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+    ``join``: the ``ray_session`` fixture's ``ray``: the process joins that cluster
+    (``--address``) instead of starting its own (seconds per start-up); the kill then ends
+    the driver, its actors and its unfinished trials as before.
+    """
+    extra: dict[str, str] = {}
+    if join is not None:
+        argv = [*argv, "--address", join.get_runtime_context().gcs_address]
+        # the session's cluster listens on 127.0.0.1 only: without this, Ray looks for a
+        # local node on the host's routable address, finds none, and waits for ever
+        extra["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
     proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv, "--dir", str(root), "--progress", "log"],
                             cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

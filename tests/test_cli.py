@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from dse.cli import main
 from dse.driver import open_storage
 from dse.plugins.benchmarks import study_spec
+from tests.kills import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,9 +151,9 @@ def test_sigkilled_driver_then_resume(ray_session: Any, tmp_path: Path) -> None:
     n = 16
     spec.write_text(spec_text("killed", n, delay_s=0.3))
     root = tmp_path / "studies"
-    proc = start_driver_until_progress(spec, root, "killed")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the driver joins the session's Ray cluster (no start-up of its own); the group is
+    # SIGKILLed once 4 trials are COMPLETE and one RUNNING
+    sigkill_when(["run", str(spec)], root, "killed", 4, cwd=tmp_path, join=ray_session)
     before = states(root, "killed")
     assert before[TrialState.RUNNING] >= 1 and before[TrialState.COMPLETE] < n
     stale = [t.number for t in optuna.load_study(
@@ -274,6 +275,6 @@ def test_run_is_quiet_unless_verbose(tmp_path: Path) -> None:
     # progress, and the notice of a final MLflow drain longer than 2 s (a loaded machine)
     own = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO dse(: quiet: \d+/3 complete|\.tracking: waiting for the MLflow)")
     assert [ln for ln in quiet.stderr.splitlines() if not own.match(ln)] == []
-    loud = _run_subprocess(spec, tmp_path / "b", "-v")
+    loud = _run_subprocess(spec, tmp_path / "b", "-v", "--address", "inline")  # (no 2nd Ray start-up)
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Creating initial MLflow database tables" in loud.stderr

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from dse.cli import main
 from dse.driver import open_storage
 from dse.plugins.benchmarks import study_spec
-from tests.kills import JOIN_LOOPBACK_ENV, join_args, sigkill_when
+from tests.kills import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRIALS = 24
@@ -48,10 +48,9 @@ def test_four_kills_then_sync_make_mlflow_equal_the_journal(ray_session: Any, tm
                                options={"delay_s": 0.1}, tracking={"artifact_every": 10}))
     root = tmp_path / "studies"
     left: dict[int, dict[str, Any]] = {}  # trials each kill left RUNNING: number -> parameters
-    join = join_args(ray_session)
     for argv, at in ((["run", str(spec)], 0), (["resume", NAME], 5), (["resume", NAME], 11),
                      (["resume", NAME], 17)):  # 0: at start-up, once the first trials are asked
-        sigkill_when([*argv, *join], root, NAME, at, cwd=tmp_path, env=JOIN_LOOPBACK_ENV)
+        sigkill_when(argv, root, NAME, at, cwd=tmp_path, join=ray_session)
         left.update({t.number: t.params for t in _trials(root) if t.state == TrialState.RUNNING})
     assert left  # (each kill finds one RUNNING; one told in the last instant is not left)
     assert main(["resume", NAME, "--dir", str(root), "--progress", "log"]) == 0

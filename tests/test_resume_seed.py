@@ -47,14 +47,15 @@ def test_reopened_study_does_not_replay_its_draws(tmp_path: Path, sampler: str) 
 
 @pytest.mark.slow
 def test_three_sigkills_then_resume_repeat_no_parameters(ray_session: Any, tmp_path: Path) -> None:
+    """Three drivers SIGKILLed (each joins the session's Ray cluster), then a resume."""
     n = 40
     spec = tmp_path / "r.toml"
     spec.write_text(study_spec("rk", n_trials=n, sampler="random", seed=3,
                                options={"delay_s": 0.1}, tracking={"enabled": False}))
     root = tmp_path / "studies"
-    sigkill_when(["run", str(spec)], root, "rk", 5)
-    sigkill_when(["resume", "rk"], root, "rk", 14)
-    sigkill_when(["resume", "rk"], root, "rk", 24)
+    sigkill_when(["run", str(spec)], root, "rk", 5, join=ray_session)
+    sigkill_when(["resume", "rk"], root, "rk", 14, join=ray_session)
+    sigkill_when(["resume", "rk"], root, "rk", 24, join=ray_session)
     assert main(["resume", "rk", "--dir", str(root), "--progress", "log"]) == 0
     study = optuna.load_study(study_name="rk", storage=open_storage(None, root / "rk"))
     states = Counter(t.state for t in study.trials)
