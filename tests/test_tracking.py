@@ -468,35 +468,49 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.slow
-def test_store_killed_while_being_created_is_not_left_half_built(tmp_path: Path) -> None:
-    """SIGKILL in the middle of MLflow's schema set-up (seconds of migrations) leaves no
-    mlflow.db (it was being built under a temporary name), so the next driver creates a
-    working store; a half-migrated one was refused for good before."""
+def test_store_killed_while_being_created_is_not_left_half_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL in the middle of MLflow's schema set-up (seconds of migrations, done once per
+    machine for the store template) leaves neither a template nor an mlflow.db (both are
+    built under temporary names), so the next driver creates a working store; a
+    half-migrated one was refused for good before. A store made from the template is
+    MLflow's fresh store: the Default experiment as MLflow makes it here and now."""
     import os
     import signal
+    import sqlite3
     import subprocess
     import sys
     import time
 
     from mlflow.tracking import MlflowClient
 
-    from tracking.mlflow_tracker import _create_sqlite_store
+    from tracking.mlflow_tracker import _create_sqlite_store, store_template
 
     db = tmp_path / "mlflow.db"
+    cache = tmp_path / "cache"
     code = f"from pathlib import Path; from tracking.mlflow_tracker import _create_sqlite_store as c; c(Path({str(db)!r}))"
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen([sys.executable, "-c", code],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "DSE_CACHE_DIR": str(cache)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("mlflow.db.init-*")) and time.monotonic() < deadline:
+    while not list(cache.glob("mlflow/*.init-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, "the store was built before the test could kill it"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(tmp_path.glob("mlflow.db.init-*")) and not db.exists()
+    assert list(cache.glob("mlflow/*.init-*")) and not list(cache.glob("mlflow/*.db")) and not db.exists()
+    monkeypatch.setenv("DSE_CACHE_DIR", str(cache))
+    t0_ms = int(time.time() * 1000)
     _create_sqlite_store(db)
+    template = store_template()
+    assert template is not None and template.parent == cache / "mlflow"
     c = MlflowClient(tracking_uri=f"sqlite:///{db}")
     c.create_experiment("after-kill")
     assert {e.name for e in c.search_experiments()} == {"Default", "after-kill"}
+    (made,) = sqlite3.connect(template).execute("SELECT artifact_location FROM experiments").fetchall()
+    default = c.get_experiment("0")
+    assert default.artifact_location == made[0] and default.creation_time >= t0_ms
 
 
 def _free_port() -> int:

@@ -171,12 +171,12 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def _create_sqlite_store(db: Path) -> None:
-    """Create a new MLflow SQLite store all at once: MLflow builds its schema (dozens of
-    migrations, seconds) in ``<db>.init-<pid>``, which is then linked to ``db``. A driver
-    killed during that set-up used to leave a half-migrated ``mlflow.db`` that MLflow
-    refused for good ("table _alembic_tmp_trace_info already exists"); now it leaves only
-    a temporary file. If another process created ``db`` meanwhile, its store is kept."""
+def _build_sqlite_store(db: Path) -> None:
+    """Have MLflow build a new SQLite store all at once: its schema (dozens of migrations,
+    ~3 s of CPU) is made in ``<db>.init-<pid>``, which is then linked to ``db``. A process
+    killed during that set-up used to leave a half-migrated store that MLflow refused for
+    good ("table _alembic_tmp_trace_info already exists"); now it leaves only a temporary
+    file. If another process created ``db`` meanwhile, its store is kept."""
     from mlflow.tracking import MlflowClient
 
     tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
@@ -184,6 +184,62 @@ def _create_sqlite_store(db: Path) -> None:
     try:
         store = MlflowClient(tracking_uri=f"sqlite:///{tmp}")._tracking_client.store
         store.engine.dispose()  # closes the file: nothing left in a journal
+        try:
+            os.link(tmp, db)  # never replaces an existing store
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def store_template() -> Path | None:
+    """An empty MLflow SQLite store of the installed MLflow version, built by MLflow once per
+    machine (``<cache>/mlflow/empty-<version>.db``, cache = ``$DSE_CACHE_DIR`` or
+    ``~/.cache/dse``); ``None`` when the cache cannot be written."""
+    import mlflow
+
+    from evaluators.cache import default_cache_root
+
+    path = default_cache_root() / "mlflow" / f"empty-{mlflow.__version__}.db"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _build_sqlite_store(path)
+        except OSError as e:
+            log.debug("no MLflow store template at %s (%s)", path, e)
+            return None
+    return path
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create a new MLflow SQLite store ``db`` all at once: a copy of :func:`store_template`
+    (milliseconds instead of MLflow's seconds of schema migrations) made under a temporary
+    name and linked to ``db``, with its ``Default`` experiment given the artifact location
+    and times MLflow would have given it here and now; built by MLflow where there is no
+    template. A process killed meanwhile leaves no ``db``; if another process created
+    ``db`` meanwhile, its store is kept."""
+    import shutil
+    import sqlite3
+
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
+
+    template = store_template()
+    if template is None:
+        _build_sqlite_store(db)
+        return
+    tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
+    try:
+        shutil.copyfile(template, tmp)
+        now_ms = int(time.time() * 1000)
+        root = resolve_uri_if_local(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        con = sqlite3.connect(tmp)
+        try:
+            with con:
+                con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ?"
+                            " WHERE experiment_id = 0", (append_to_uri_path(root, "0"), now_ms, now_ms))
+        finally:
+            con.close()
         try:
             os.link(tmp, db)  # never replaces an existing store
         except FileExistsError:
