@@ -16,7 +16,10 @@ evaluation) is run through the real ``dse`` command in a subprocess:
    (``RunSummary.loop_s``, in-process, no tracking) (target within 2x).
 
 Peak memory: the peak summed RSS of the command and every process it starts (MLflow's
-logging process), sampled every 0.1 s.
+logging process), sampled every 0.1 s. ``cpu_s``: user + system CPU seconds of the command
+and the processes it waited for (on the shared, overloaded box wall time is mostly waiting
+for a core; ``cpu_s`` is what an idle machine's wall time approaches for this
+single-threaded loop, plus the overlapping MLflow process).
 
 Usage::
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -114,11 +118,16 @@ def command(tmp: Path, n: int, tracking: bool, batch: int = 1) -> dict[str, Any]
     root = tmp / f"studies-{n}-{tracking}-{time.monotonic_ns()}"
     args = [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--n-trials", str(n),
             "--progress", "log", "--batch", str(batch)] + ([] if tracking else ["--no-tracking"])
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = peak_rss_of(proc, root / "plena_cheap" / "optuna.journal", t0)
     out["wall_s"] = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of the command and the processes it waited for (its MLflow logging process):
+    # what a quiet machine's wall time approaches (the shared box's load inflates wall)
+    out["cpu_s"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.read().decode()[-2000:] if proc.stderr else "failed")
     return {"n_trials": n, "tracking": tracking, "batch": batch, **out}
