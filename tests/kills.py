@@ -74,7 +74,9 @@ class Dse:
     """``dse argv`` in its own process group, as a terminal runs it, with PYTHONPATH at the
     repository root. Its stdout and stderr lines are collected as they come, and every
     process below it (the MLflow logging process, Ray's processes, the reaper) is recorded
-    every 20 ms, so that :meth:`end` can check that none outlives it."""
+    every 20 ms, so that :meth:`end` can check that none outlives it; ``peak_rss_mb``: the
+    largest summed RSS of it and them (sampled every 0.25 s; an upper bound, as
+    bench/peak_rss.py)."""
 
     def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
         import psutil
@@ -87,6 +89,7 @@ class Dse:
         self.out: list[str] = []
         self.err: list[str] = []
         self.tree: dict[int, psutil.Process] = {}
+        self.peak_rss_mb = 0.0
         self._me = psutil.Process(self.proc.pid)
         self._threads = [threading.Thread(target=self._read, args=(f, lines), daemon=True)
                          for f, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
@@ -101,12 +104,23 @@ class Dse:
     def _watch(self) -> None:
         import psutil
 
+        k = 0
         while self.proc.poll() is None:
             try:
-                for p in self._me.children(recursive=True):
+                below = self._me.children(recursive=True)
+                for p in below:
                     self.tree.setdefault(p.pid, p)
+                if k % 12 == 0:
+                    rss = 0
+                    for p in [self._me, *below]:
+                        try:
+                            rss += p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
             except psutil.Error:
                 pass
+            k += 1
             time.sleep(0.02)
 
     def said(self) -> list[str]:

@@ -2,7 +2,9 @@
 (SIGINT to the whole process group, the MLflow logging process and Ray's processes too):
 
 1. while Ray starts, before the study exists;
-2. after the study and the MLflow logging process exist, while the Ray actors build;
+2. after the study and the MLflow logging process exist, while the evaluator builds (in the
+   driver process: the Ray actors' start is the same rule, and a second Ray start would
+   double this file's time);
 3. with trials in flight on Ray actors (twice);
 4. with a trial in flight in the driver process (``address = "inline"``; once, and twice);
 5. during the final MLflow drain, the search done, the tracking server hung (twice).
@@ -14,8 +16,9 @@ process below dse outlives it (the logging process, Ray's processes, the reaper)
 `dse resume` and `dse sync` then complete everything: ``n`` COMPLETE trials, none RUNNING
 or WAITING, exactly one FINISHED child run per COMPLETE trial and no run left RUNNING.
 
-The seconds from the last press to the exit and to the last process gone are printed (the
-speed is measured by bench/bench_ctrl_c.py, not asserted here). One MLflow store serves
+The seconds from the last press to the exit and to the last process gone are printed with
+the peak RSS (bench/bench_ctrl_c.py runs this file and reports them; no time is asserted
+here). One MLflow store serves
 every case (its schema is created once); the resumes run inline in this process.
 """
 
@@ -88,7 +91,8 @@ def finished(run: Dse, since: float, said: list[str], name: str) -> None:
     """Exit 130, stderr exactly the lines ``said``, nothing left running. (The notice of a
     final MLflow drain longer than 2 s is an event of its own, expected where it is sure.)"""
     rc, exit_s, gone_s = run.end(since)
-    print(f"{name}: exit {exit_s:.2f} s, every process gone {gone_s:.2f} s after the last Ctrl-C")
+    print(f"ctrl-c {name}: exit {exit_s:.2f} s, every process gone {gone_s:.2f} s after the last "
+          f"Ctrl-C; peak RSS {run.peak_rss_mb:.0f} MB")  # (read by bench/bench_ctrl_c.py)
     assert rc == 130, "\n".join(run.err)
     got = [ln for ln in run.said() if ln in said or not ln.startswith(DRAIN)]
     assert got == said, "\n".join(run.err)  # one line per event, no traceback
@@ -143,18 +147,19 @@ def test_ctrl_c_while_ray_starts(tmp_path: Path, gates: tuple[Path, Path], store
     complete_everything(root, "c1", 4, store)
 
 
-def test_ctrl_c_while_actors_build(tmp_path: Path, gates: tuple[Path, Path], store: str) -> None:
-    """Once, after the study and the MLflow logging process exist, while the actors' factories
-    run (held): nothing is in flight, so the first Ctrl-C stops at once; resume continues."""
+def test_ctrl_c_while_the_evaluator_builds(tmp_path: Path, gates: tuple[Path, Path], store: str) -> None:
+    """Once, after the study and the MLflow logging process exist, while the evaluator's
+    factory runs (held): nothing is in flight, so the first Ctrl-C stops at once, the
+    factory where it is; resume continues."""
     gate, build = gates
     build.touch()
-    spec = write_spec(tmp_path, "c2", 4, "local", gate, build)
+    spec = write_spec(tmp_path, "c2", 4, "inline", gate, build)
     root = tmp_path / "studies"
     run = start(spec, root, store)
-    run.wait_until(lambda: held(build) >= 1, "actor building")
+    run.wait_until(lambda: held(build) >= 1, "the evaluator building")
     assert (root / "c2" / "optuna.journal").exists()
     pressed = run.press()
-    finished(run, pressed, [STARTUP], "while actors build")
+    finished(run, pressed, [STARTUP], "while the evaluator builds")
     assert run.out[-1] == f"interrupted: continue with `dse resume c2 --dir {root} --tracking-uri {store}`"
     assert trial_states(root, "c2") == Counter()
     build.unlink()
