@@ -22,9 +22,10 @@ seconds each on one core; cached under ``--cache``). Their objectives are normal
 the true front's ideal and nadir points, reference point 1.1 each.
 
 Samplers are driven with plain Optuna ask/tell against the problem functions (no Ray, no
-driver). Each (problem, sampler, seed) runs in a fresh process (one thread) that reports
-its CPU time per trial and peak RSS; results are appended to a JSON-lines file, so a run
-can be stopped and its results still tabulated::
+driver), each wrapped in dse.samplers.OrdinalChoices as dse runs them. All seeds of one
+(problem, sampler) run in one fresh process (one thread) that reports CPU time per trial
+and peak RSS; results are appended to a JSON-lines file, so a run can be stopped and its
+results still tabulated::
 
     nohup python bench/bench_samplers.py run --out /tmp/samplers.jsonl &   # ~40 min CPU
     python bench/bench_samplers.py table /tmp/samplers.jsonl              # Markdown
@@ -62,6 +63,7 @@ from dse.plugins.benchmarks import (  # noqa: E402
     zdt2_objectives,
     zdt3_objectives,
 )
+from dse.samplers import OrdinalChoices, warmup_trials  # noqa: E402
 
 CHECKPOINTS = (50, 100, 200, 500, 1000)
 CURVE_EVERY = 10  # hypervolume recorded every this many trials
@@ -249,20 +251,26 @@ PROBLEMS = ("zdt1", "zdt2", "zdt3", "dtlz2", "plena", "dataflow")
 
 # ----------------------------------------------------------------------------- samplers
 
-#: name -> (factory(seed) -> sampler, trials run, trials pending while asking). ``*-2w``
-#: keep one trial running while the next is asked (two workers, constant liar); GP and
-#: the 2w ones run fewer trials (GP costs ~0.3-1 s per trial by 60 trials on one core).
-SAMPLERS: dict[str, tuple[Callable[[int], optuna.samplers.BaseSampler], int, int]] = {
-    "random": (lambda s: optuna.samplers.RandomSampler(seed=s), 1000, 0),
-    "nsga2-p50": (lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=50), 500, 0),
-    "nsga2-p20": (lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=20), 500, 0),
-    "nsga2-p10": (lambda s: optuna.samplers.NSGAIISampler(seed=s, population_size=10), 500, 0),
-    "tpe": (lambda s: optuna.samplers.TPESampler(seed=s), 500, 0),
-    "tpe-mv": (lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True), 500, 0),
-    "tpe-2w": (lambda s: optuna.samplers.TPESampler(seed=s, constant_liar=True), 200, 1),
-    "tpe-mv-2w": (lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True,
-                                                       constant_liar=True), 200, 1),
-    "gp": (lambda s: optuna.samplers.GPSampler(seed=s), 100, 0),
+#: name -> (factory(seed, n_params) -> sampler, trials run, trials pending while asking).
+#: ``*-2w`` keep one trial running while the next is asked (two workers, constant liar); GP
+#: and the 2w ones run fewer trials (GP costs ~0.3-1 s per trial by 60 trials on one core).
+#: ``tpe-mv-w``: multivariate TPE with a warm-up of 2 (n_params + 1) random trials (the
+#: default's, dse.samplers.warmup_trials). Every sampler runs wrapped in
+#: dse.samplers.OrdinalChoices, as dse runs it (numeric choices searched by rank; the
+#: identity on the float problems).
+SAMPLERS: dict[str, tuple[Callable[[int, int], optuna.samplers.BaseSampler], int, int]] = {
+    "random": (lambda s, d: optuna.samplers.RandomSampler(seed=s), 1000, 0),
+    "nsga2-p50": (lambda s, d: optuna.samplers.NSGAIISampler(seed=s, population_size=50), 500, 0),
+    "nsga2-p20": (lambda s, d: optuna.samplers.NSGAIISampler(seed=s, population_size=20), 500, 0),
+    "nsga2-p10": (lambda s, d: optuna.samplers.NSGAIISampler(seed=s, population_size=10), 500, 0),
+    "tpe": (lambda s, d: optuna.samplers.TPESampler(seed=s), 500, 0),
+    "tpe-mv": (lambda s, d: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True), 500, 0),
+    "tpe-mv-w": (lambda s, d: optuna.samplers.TPESampler(seed=s, multivariate=True,
+                                                         n_startup_trials=warmup_trials(d)), 500, 0),
+    "tpe-2w": (lambda s, d: optuna.samplers.TPESampler(seed=s, constant_liar=True), 200, 1),
+    "tpe-mv-2w": (lambda s, d: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True,
+                                                          constant_liar=True), 200, 1),
+    "gp": (lambda s, d: optuna.samplers.GPSampler(seed=s), 100, 0),
 }
 
 
@@ -276,6 +284,11 @@ def _suggest(trial: optuna.Trial, space: list[tuple[str, str, tuple[Any, ...]]])
         else:
             out[n] = trial.suggest_categorical(n, list(vals))
     return out
+
+
+def run_seeds(problem: str, sampler: str, seeds: list[int], cache: str) -> list[dict[str, Any]]:
+    """:func:`run_one` for each seed, in this one process (peak RSS: the process's so far)."""
+    return [run_one(problem, sampler, seed, cache) for seed in seeds]
 
 
 def run_one(problem: str, sampler: str, seed: int, cache: str, n_trials: int | None = None) -> dict[str, Any]:
@@ -293,7 +306,8 @@ def run_one(problem: str, sampler: str, seed: int, cache: str, n_trials: int | N
     prob = get_problem(problem, Path(cache))
     make, n_default, pending = SAMPLERS[sampler]
     n = n_trials or n_default
-    study = optuna.create_study(sampler=make(seed), directions=["minimize"] * len(prob.ref))
+    study = optuna.create_study(sampler=OrdinalChoices(make(seed, len(prob.space))),
+                                directions=["minimize"] * len(prob.ref))
     ys = np.empty((n, len(prob.ref)))
     queue: list[tuple[int, optuna.Trial]] = []
     t0 = time.process_time()
@@ -340,22 +354,26 @@ def cmd_run(args: argparse.Namespace) -> None:
         late = ("gp", "tpe-2w", "tpe-mv-2w")  # the expensive or secondary ones after all seeds of the rest
         order = [[s for s in args.samplers if s not in late], [s for s in args.samplers if s in late]]
         seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
-        jobs = [(p, s, seed) for group in order for seed in seeds for s in group
-                for p in args.problems if (p, s, seed) not in done]
+        jobs = [(p, s, [seed for seed in seeds if (p, s, seed) not in done])
+                for group in order for s in group for p in args.problems]
         spent = 0.0
         with ProcessPoolExecutor(max_workers=1, max_tasks_per_child=1) as ex:
-            for p, s, seed in jobs:
+            for p, s, todo in jobs:  # all seeds of one (problem, sampler) in one process
+                if not todo:
+                    continue
                 if spent > args.max_cpu_s:
-                    print(f"CPU budget {args.max_cpu_s:.0f} s spent; {p}/{s}/{seed} and later skipped",
-                          flush=True)
+                    print(f"CPU budget {args.max_cpu_s:.0f} s spent; {p}/{s} and later skipped", flush=True)
                     break
-                r = ex.submit(run_one, p, s, seed, str(cache)).result()
-                spent += r["cpu_s"]
-                fh.write(json.dumps(r) + "\n")
+                w0 = time.perf_counter()
+                rs = ex.submit(run_seeds, p, s, todo, str(cache)).result()
+                for r in rs:
+                    spent += r["cpu_s"]
+                    fh.write(json.dumps(r) + "\n")
                 fh.flush()
-                print(f"{p:9s} {s:10s} seed {seed}: {r['hv_pct'][-1]:.1f}% at {r['n_trials']}, "
-                      f"{r['ms_per_trial']:.1f} ms/trial, {r['peak_rss_mb']:.0f} MB; total {spent:.0f} s",
-                      flush=True)
+                print(f"{p:9s} {s:10s} seeds {todo}: median {np.median([r['hv_pct'][-1] for r in rs]):.1f}% "
+                      f"at {rs[0]['n_trials']}, {np.median([r['ms_per_trial'] for r in rs]):.1f} ms/trial, "
+                      f"{max(r['peak_rss_mb'] for r in rs):.0f} MB, {time.perf_counter() - w0:.0f} s wall; "
+                      f"total {spent:.0f} s CPU", flush=True)
 
 
 def load(paths: list[str]) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[dict[str, Any]]]]:
@@ -408,6 +426,8 @@ def bench_key(name: str, options: dict[str, Any]) -> str | None:
         return "tpe"
     if name == "tpe" and opts == {"multivariate": True}:
         return "tpe-mv"
+    if name == "tpe" and set(opts) == {"multivariate", "n_startup_trials"} and opts["multivariate"]:
+        return "tpe-mv-w"  # the warm-up is warmup_trials(n_params) for the problem's space
     if name == "nsga2" and set(opts) <= {"population_size"}:
         return f"nsga2-p{opts.get('population_size', 50)}"
     return None
@@ -423,13 +443,14 @@ def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], l
     for p in probs:
         n_obj = 3 if p in ("dtlz2", "plena", "dataflow") else 2
         cont = p not in ("plena", "dataflow")  # only float ranges
+        d = {"plena": 8, "dataflow": 12}.get(p, N_VARS.get(p, 0))  # searched parameters
         cells, keys = [], []
         for k in CHECKPOINTS[:4]:
-            key = bench_key(*default_sampler(n_obj, k, continuous=cont))
+            key = bench_key(*default_sampler(n_obj, k, continuous=cont, n_params=d))
             keys.append(key or "?")
             m = median_at(runs.get((p, key or ""), []), k)
             cells.append("" if m is None else f"{m:.1f}")
-        key200 = bench_key(*default_sampler(n_obj, 200, continuous=cont)) or ""
+        key200 = bench_key(*default_sampler(n_obj, 200, continuous=cont, n_params=d)) or ""
         rand = runs.get((p, "random"), [])
         target = median_at(rand, 1000) if rand else None
         reach = trials_to(runs.get((p, key200), []), target) if target is not None and runs.get((p, key200)) else None

@@ -294,7 +294,8 @@ class Spec:
                 len(self.objectives), n_trials, self.params, self.sampler_given)
 
     def make_sampler(self, n_trials_in_study: int = 0) -> optuna.samplers.BaseSampler:
-        """The seeded Optuna sampler named by ``study.sampler``.
+        """The seeded Optuna sampler named by ``study.sampler``, wrapped in
+        :class:`dse.samplers.OrdinalChoices` (numeric choices searched by rank).
 
         ``n_trials_in_study``: trials the study already holds (a resume). With 0 the
         sampler is seeded with ``seed`` (the same seed reproduces a run); otherwise with a
@@ -302,14 +303,16 @@ class Spec:
         search instead of replaying its first draws. QMC keeps ``seed`` (its sequence
         continues from the study's sample count) and derives its fallback sampler's.
         """
+        from dse.samplers import OrdinalChoices
+
         cls = _sampler_class(self.sampler)
         kwargs = dict(self.sampler_options)
         seed = self._seed_for(n_trials_in_study)
         if self.sampler == "qmc":
             kwargs.setdefault("scramble", True)
             kwargs.setdefault("independent_sampler", optuna.samplers.RandomSampler(seed=seed))
-            return cls(seed=self.seed, **kwargs)
-        return cls(seed=seed, **kwargs)
+            return OrdinalChoices(cls(seed=self.seed, **kwargs))
+        return OrdinalChoices(cls(seed=seed, **kwargs))
 
     def _seed_for(self, n_trials_in_study: int) -> int:
         """The sampler seed of a study holding ``n_trials_in_study`` trials (see make_sampler)."""
@@ -331,7 +334,8 @@ class Spec:
         samplers (QMC: two seeds; GP: caches of its own) are made afresh. Measured: a fresh
         NSGA-II per ask cost 10.6 ms/trial at 2,000 inline trials against 2.3 ms.
         """
-        if current is None or self.sampler not in _RESEEDABLE or type(current) is not _sampler_class(self.sampler):
+        inner = getattr(current, "inner", None)
+        if inner is None or self.sampler not in _RESEEDABLE or type(inner) is not _sampler_class(self.sampler):
             return self.make_sampler(n_trials_in_study)
         _seed_rngs(current, self._seed_for(n_trials_in_study), set())
         return current
@@ -368,7 +372,7 @@ def choose_sampler(n_objectives: int, n_trials: int, params: Sequence[Param],
     searched = [p for p in params if p.kind != "fixed"]
     name, opts = default_sampler(max(1, n_objectives), max(1, n_trials),
                                  continuous=bool(searched) and all(p.kind in ("int", "float") for p in searched),
-                                 conditional=any(p.when for p in params))
+                                 conditional=any(p.when for p in params), n_params=len(searched))
     return name, {**opts, **dict(given or {})}
 
 
