@@ -1,5 +1,5 @@
 """The default sampler (dse/samplers.py): the choice, a spec without a sampler, a study
-that records it and a resume that keeps it; numeric choices searched by rank."""
+that records it and a resume that keeps it."""
 
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ from dse.samplers import (
     GP_MAX_TRIALS,
     SAMPLER_ATTR,
     TPE_MAX_TRIALS,
-    OrdinalChoices,
     default_sampler,
     describe,
-    is_ordered,
     warmup_trials,
 )
 from dse.spec import SAMPLER_CLASSES, Spec, SpecError, parse_spec
@@ -108,7 +106,7 @@ def test_study_without_sampler_records_and_keeps_the_default(
     res.study.set_user_attr(SAMPLER_ATTR, {"name": "random", "options": {}, "auto": True})
     driver = Driver(parse_spec(text), root, n_trials=20, progress=False)
     driver.run()
-    assert isinstance(made[-1].inner, optuna.samplers.RandomSampler)  # the study's sampler
+    assert isinstance(made[-1], optuna.samplers.RandomSampler)  # the study's sampler
     assert driver.spec.sampler == "random"
     loaded = api.load("auto", root)
     assert loaded.spec.sampler == "random"
@@ -123,7 +121,7 @@ def test_study_without_sampler_records_and_keeps_the_default(
     named = text.replace("n_trials = 12\n", 'n_trials = 12\nsampler = "nsga2"\n', 1)
     driver = Driver(parse_spec(named), root, n_trials=24, progress=False, allow_spec_change=True)
     driver.run()
-    assert isinstance(made[-1].inner, optuna.samplers.NSGAIISampler)
+    assert isinstance(made[-1], optuna.samplers.NSGAIISampler)
     stored = api.load("auto", root).study.user_attrs[SAMPLER_ATTR]
     assert stored == {"name": "nsga2", "options": {}, "auto": False}
 
@@ -142,71 +140,3 @@ def test_study_without_record_keeps_the_old_default(tmp_path: Path) -> None:
     res2 = api.run(text, root=root, n_trials=6, progress=False)
     assert res2.study.user_attrs[SAMPLER_ATTR] == {"name": "nsga2", "options": {}, "auto": True}
 
-
-# ----------------------------------------------------------------------------- ordered choices
-
-FOLD = [8, 1, 4, 2]  # numbers in any order: searched by rank (1, 2, 4, 8 -> 0..3)
-
-
-class _Spy(optuna.samplers.TPESampler):
-    """TPE that records the distributions and the completed trials' values it is shown."""
-
-    seen: list[tuple[str, object, list[object]]]
-
-    def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
-        done = [t.params.get(param_name) for t in study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.COMPLETE]
-        self.seen.append((param_name, param_distribution, done))
-        return super().sample_independent(study, trial, param_name, param_distribution)
-
-
-def _fold_study(sampler: optuna.samplers.BaseSampler, n: int) -> optuna.Study:
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    for _ in range(n):
-        t = study.ask()
-        f, fmt = t.suggest_categorical("f", FOLD), t.suggest_categorical("fmt", ["a", "b", "c"])
-        flag = t.suggest_categorical("on", [True, False])
-        study.tell(t, [1.0 / f + (fmt == "a") + flag, float(f)])
-    return study
-
-
-def test_ordered_choices_are_searched_by_rank_and_stored_as_values() -> None:
-    assert is_ordered(optuna.distributions.CategoricalDistribution([8, 1, 4]))
-    assert is_ordered(optuna.distributions.CategoricalDistribution([0.5, 1, 2.0]))
-    for not_ordered in ([1, 2], ["1", "2", "4"], [True, False, 1.5], [1, 2, "x"]):
-        assert not is_ordered(optuna.distributions.CategoricalDistribution(not_ordered))
-    spy = _Spy(seed=0, n_startup_trials=3)
-    spy.seen = []
-    study = _fold_study(OrdinalChoices(spy), 12)
-    # the wrapped sampler saw the rank of the sorted choices, an int 0..3, and ranks only
-    ranked = [(d, done) for n, d, done in spy.seen if n == "f"]
-    assert ranked and all(d == optuna.distributions.IntDistribution(0, 3) for d, _ in ranked)
-    assert {v for _, done in ranked for v in done} <= {0, 1, 2, 3}
-    assert any(done for _, done in ranked)
-    other = {n: d for n, d, _ in spy.seen if n != "f"}  # strings and bools as they are
-    assert other["fmt"] == optuna.distributions.CategoricalDistribution(["a", "b", "c"])
-    assert other["on"] == optuna.distributions.CategoricalDistribution([True, False])
-    # the study holds the values and the categorical distribution, as without the wrapper
-    for t in study.trials:
-        assert t.params["f"] in FOLD and type(t.params["f"]) is int
-        assert t.distributions["f"] == optuna.distributions.CategoricalDistribution(FOLD)
-    assert len({t.params["f"] for t in study.trials}) > 1
-
-
-@pytest.mark.parametrize("inner", ["tpe", "nsga2", "random"])
-def test_ordered_choices_repeat_and_continue_a_plain_study(inner: str) -> None:
-    """Same seed, same study; a study begun without the wrapper continues under it."""
-    def make() -> OrdinalChoices:
-        opts = {"population_size": 4} if inner == "nsga2" else {}
-        return OrdinalChoices(SAMPLER_CLASSES[inner](seed=3, **opts))  # type: ignore[arg-type]
-
-    runs = [[t.params for t in _fold_study(make(), 16).trials] for _ in range(2)]
-    assert runs[0] == runs[1]
-    plain = _fold_study(SAMPLER_CLASSES[inner](seed=3), 8)
-    plain.sampler = make()
-    for _ in range(8):
-        t = plain.ask()
-        f = t.suggest_categorical("f", FOLD)
-        fmt, flag = t.suggest_categorical("fmt", ["a", "b", "c"]), t.suggest_categorical("on", [True, False])
-        plain.tell(t, [1.0 / f + (fmt == "a") + flag, float(f)])
-    assert all(t.params["f"] in FOLD for t in plain.trials) and len(plain.trials) == 16
