@@ -414,9 +414,10 @@ def _suggest(trial: optuna.Trial, space: list[tuple[str, str, tuple[Any, ...]]])
     return out
 
 
-def run_seeds(problem: str, sampler: str, seeds: list[int], cache: str) -> list[dict[str, Any]]:
+def run_seeds(problem: str, sampler: str, seeds: list[int], cache: str,
+              n_trials: int | None = None) -> list[dict[str, Any]]:
     """:func:`run_one` for each seed, in this one process (peak RSS: the process's so far)."""
-    return [run_one(problem, sampler, seed, cache) for seed in seeds]
+    return [run_one(problem, sampler, seed, cache, n_trials) for seed in seeds]
 
 
 def run_one(problem: str, sampler: str, seed: int, cache: str, n_trials: int | None = None) -> dict[str, Any]:
@@ -492,7 +493,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                     print(f"CPU budget {args.max_cpu_s:.0f} s spent; {p}/{s} and later skipped", flush=True)
                     break
                 w0 = time.perf_counter()
-                rs = ex.submit(run_seeds, p, s, todo, str(cache)).result()
+                rs = ex.submit(run_seeds, p, s, todo, str(cache), args.n_trials).result()
                 for r in rs:
                     spent += r["cpu_s"]
                     fh.write(json.dumps(r) + "\n")
@@ -634,6 +635,7 @@ def main() -> None:
     r.add_argument("--seeds", type=int, default=5, help="seeds 0 .. SEEDS-1")
     r.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead (split a run "
                    "over processes, each with its own --out; `table` takes several files)")
+    r.add_argument("--n-trials", type=int, help="trials per run instead of each sampler's own")
     r.add_argument("--max-cpu-s", type=float, default=2400.0, help="stop starting runs after this")
     t = sub.add_parser("table", help="print the Markdown table of a results file")
     t.add_argument("files", nargs="+")

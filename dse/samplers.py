@@ -26,11 +26,12 @@ TPE_MAX_TRIALS = 200
 
 def warmup_trials(n_params: int) -> int:
     """Random trials before multivariate TPE models a space with choices: 2 (d + 1) for d
-    searched parameters (Ax/BoTorch's initial design size), at least Optuna's 10.
+    searched parameters (the size of Ax's initial Sobol design), at least Optuna's 10.
 
-    Measured (docs/benchmarks.md "Samplers"): with Optuna's 10 on the 12-parameter dataflow
-    space, TPE settles on its first good region and ends below random search at 200
-    trials (median 40% of the true front over 20 seeds against random's 46%); with 26, 47%.
+    Measured (docs/benchmarks.md "Samplers", 20 seeds, % of the true front at 200
+    trials): dataflow space (12 parameters) 47.8% with 26 against 40.4% with Optuna's 10,
+    where TPE settles on its first good region and ends below random search (45.5%);
+    PLENA space (8 parameters) 84.1% with 18 against 82.6%.
     """
     return max(10, 2 * (n_params + 1))
 
@@ -50,11 +51,13 @@ def default_sampler(n_objectives: int, n_trials: int, *, continuous: bool = Fals
       trials, every other sampler at most 53%), else independent TPE (best at 200 trials on
       ZDT1-3 and DTLZ2);
     * a space with ``choices`` (formats, array shapes, foldings): multivariate TPE up to
-      :data:`TPE_MAX_TRIALS` trials (PLENA space: 83% at 200 trials, 86% with two
-      workers, best; dataflow space: 40%, 12 points behind NSGA-II), NSGA-II beyond, with
-      a population of ``n_trials // 50`` within [10, 50] (at 500 trials within 2.5 points
-      of the best on PLENA and the best on dataflow; ~1 ms per trial against TPE's
-      15-45 ms, which grows with the trials).
+      :data:`TPE_MAX_TRIALS` trials, after :func:`warmup_trials` random ones (PLENA
+      space: 84% at 200 trials, 20-seed median, the best; dataflow space: 48%, 2.4 points
+      behind NSGA-II with a population of 20), NSGA-II beyond, with a population of
+      ``n_trials // 50`` within [10, 50] (at 500 trials within 2.5 points of the best on
+      PLENA and the best on dataflow; ~1 ms per trial against TPE's 15-45 ms, which grows
+      with the trials). Numeric choices stay categorical: searched by rank (an integer
+      0..k-1) multivariate TPE lost 10 points on PLENA and gained nothing on dataflow.
 
     Args:
         n_objectives: objectives of the study (>= 1).
