@@ -26,12 +26,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dse.driver import DEFAULT_DIR
-from dse.spec import SpecError, load_spec
+# dse's own modules are imported inside the functions: importing them (optuna) takes ~1 s,
+# and a Ctrl-C then would print a traceback before main() can catch it
 
 
 @functools.cache  # built once per process (argparse costs ~20 ms, mostly gettext look-ups)
 def _parser() -> argparse.ArgumentParser:
+    from dse.driver import DEFAULT_DIR
+
     p = argparse.ArgumentParser(prog="dse", description="Distributed design-space exploration.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -111,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(args: argparse.Namespace) -> None:
+    from dse.spec import SpecError
+
     for name in ("n_trials", "workers", "batch"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
@@ -168,6 +172,7 @@ def _with_stored_options(spec: Any, args: argparse.Namespace) -> None:
     them unless given; run: the seed, which is the study's own) and refuse a ``--seed``
     other than the one the study runs with (unless ``--allow-spec-change``)."""
     from dse.driver import RUN_OPTIONS, stored_run_options
+    from dse.spec import SpecError
 
     stored = stored_run_options(spec, args.dir)
     if not stored and not (Path(args.dir) / spec.name / "spec.toml").exists():
@@ -363,6 +368,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     """MLflow UI for a study: one server worker, no job consumers, 127.0.0.1 only; prints
     the URL of the study's run page. Against a remote server it prints that URL only."""
     from dse.driver import load_study_spec, study_dir
+    from dse.spec import SpecError
     from tracking import resolve_uri
     from tracking.mlflow_tracker import study_run_path
 
@@ -392,6 +398,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 def _cmd_evaluators(args: argparse.Namespace) -> int:
     from dse import registry
     from dse.schema import as_markdown, as_text
+    from dse.spec import SpecError
 
     names = [args.name] if args.name else registry.names()
     try:
@@ -412,6 +419,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     """Check spec files, and the storage each will use (``--storage`` or the spec's):
     its driver imports and its server answers. A spec problem exits 2, an unusable
     storage 1, each one line."""
+    from dse.spec import SpecError, load_spec
     from dse.storage import StorageError, check_storage
 
     if not args.specs and not args.storage:
@@ -477,7 +485,11 @@ def _stdout_closed() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dse`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:  # while dse's modules load (~1 s)
+        print("dse: interrupted", file=sys.stderr)
+        return 130
     with _output(getattr(args, "verbose", False)):
         try:
             rc = _main(args)
@@ -492,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     import optuna
+
+    from dse.spec import SpecError, load_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -78,12 +78,13 @@ class Dse:
     largest summed RSS of it and them (sampled every 0.25 s; an upper bound, as
     bench/peak_rss.py)."""
 
-    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
+    def __init__(self, argv: list[str], cwd: Path | None = None, python: tuple[str, ...] = ()) -> None:
+        """``python``: options of the interpreter (``-X importtime``)."""
         import psutil
 
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv], cwd=cwd, env=env,
+        self.proc = subprocess.Popen([sys.executable, *python, "-m", "dse.cli", *argv], cwd=cwd, env=env,
                                      start_new_session=True, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
