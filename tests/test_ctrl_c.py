@@ -134,10 +134,10 @@ def test_ctrl_c_while_dse_loads(tmp_path: Path, gates: tuple[Path, Path]) -> Non
     print(f"ctrl-c while dse loads: exit {exit_s:.2f} s, every process gone {gone_s:.2f} s after the last "
           f"Ctrl-C; peak RSS {run.peak_rss_mb:.0f} MB")
     said = [ln for ln in run.err if not ln.startswith("import time:")]
-    # 130, or killed by SIGINT (a shell's $? is 130 for both): a KeyboardInterrupt that
-    # passes through code a C extension runs with PyRun_String while it is imported sets
-    # CPython's "unhandled KeyboardInterrupt" flag, and the interpreter then ends itself
-    # with SIGINT even though dse caught it (measured: 2 of 14 presses)
+    # 130, or killed by SIGINT (a shell's $? is 130 for both). Measured: 2 of 14 presses
+    # printed "dse: interrupted" (caught) and then the interpreter ended itself with SIGINT;
+    # likely CPython's "unhandled KeyboardInterrupt" flag, which stays set once the
+    # interrupt passed through code run by PyRun_* (some extension modules' imports)
     assert rc in (130, -signal.SIGINT), "\n".join(said[-30:])
     assert said == ["dse: interrupted"], said
     assert not root.exists()
