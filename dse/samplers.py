@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import optuna
+
 #: study user attribute holding ``{"name": ..., "options": {...}, "auto": bool}``
 SAMPLER_ATTR = "dse:sampler"
 
@@ -91,3 +93,48 @@ def describe(name: str, options: Mapping[str, Any]) -> str:
     opts = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
     return f"{name} ({opts})" if opts else name
 
+
+# ----------------------------------------------------------------------------- GA samplers
+class _KnownGenerations:
+    """Optuna's GA samplers (NSGA-II/III) with :meth:`get_trial_generation` kept exact but
+    without a pass over every COMPLETE trial per ask (Optuna's own; ~20 % of a cheap
+    2,000-trial study's CPU).
+
+    A new trial's generation is the largest generation among the COMPLETE trials (0 if
+    none), plus one once that generation holds ``population_size`` trials. COMPLETE trials
+    never change, nor does the generation recorded on them, so the counts of the trials
+    already looked at stay valid: only COMPLETE trials newer (by id) than the last one
+    looked at are read. When an older trial turned COMPLETE since (the list no longer has
+    the last one looked at where it was), every trial is counted again. The subclasses
+    keep Optuna's class names: the generation is stored under ``<class name>:generation``,
+    so studies started with Optuna's samplers continue unchanged.
+    """
+
+    def get_trial_generation(self, study: Any, trial: Any) -> int:  # noqa: D102 - as Optuna's
+        key = self._get_generation_key()  # type: ignore[attr-defined]
+        generation = trial.system_attrs.get(key, None)
+        if generation is not None:
+            return int(generation)
+        trials = study._get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE], use_cache=True)
+        memo: dict[int, tuple[int, int, dict[int, int]]] = self.__dict__.setdefault("_dse_generations", {})
+        seen, last_id, counts = memo.get(study._study_id, (0, -1, {}))
+        if seen and not (len(trials) >= seen and trials[seen - 1]._trial_id == last_id):
+            seen, counts = 0, {}
+        counts = dict(counts)
+        for t in trials[seen:]:
+            g = t.system_attrs.get(key, -1)
+            counts[g] = counts.get(g, 0) + 1
+        if trials:
+            memo[study._study_id] = (len(trials), trials[-1]._trial_id, counts)
+        top = max([0, *counts])
+        generation = top + 1 if counts.get(top, 0) >= self._population_size else top  # type: ignore[attr-defined]
+        study._storage.set_trial_system_attr(trial._trial_id, key, generation)
+        return generation
+
+
+class NSGAIISampler(_KnownGenerations, optuna.samplers.NSGAIISampler):
+    """:class:`optuna.samplers.NSGAIISampler`, generations counted incrementally."""
+
+
+class NSGAIIISampler(_KnownGenerations, optuna.samplers.NSGAIIISampler):
+    """:class:`optuna.samplers.NSGAIIISampler`, generations counted incrementally."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from dse import registry
+from dse.samplers import NSGAIIISampler, NSGAIISampler
 from dse.schema import EvaluatorSchema
 from dse.schema import Param as ParamDecl
 
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 
 #: ``study.sampler`` name -> Optuna sampler class (add a sampler here, one line)
 SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "nsga2": optuna.samplers.NSGAIISampler,
-    "nsga3": optuna.samplers.NSGAIIISampler,
+    "nsga2": NSGAIISampler,  # Optuna's, generations counted incrementally (dse.samplers)
+    "nsga3": NSGAIIISampler,
     "tpe": optuna.samplers.TPESampler,
     "gp": optuna.samplers.GPSampler,
     "random": optuna.samplers.RandomSampler,

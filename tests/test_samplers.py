@@ -140,3 +140,61 @@ def test_study_without_record_keeps_the_old_default(tmp_path: Path) -> None:
     res2 = api.run(text, root=root, n_trials=6, progress=False)
     assert res2.study.user_attrs[SAMPLER_ATTR] == {"name": "nsga2", "options": {}, "auto": True}
 
+
+def test_ga_generations_counted_incrementally_equal_optunas() -> None:
+    """dse's NSGA-II (generations counted incrementally) and Optuna's, driven the same way
+    with trials told out of order (an older trial COMPLETE after newer ones, FAILs too):
+    the same generation on every trial, the same parameters."""
+    from dse.samplers import NSGAIISampler
+
+    studies = [optuna.create_study(directions=["minimize", "minimize"], sampler=cls(seed=1, population_size=4))
+               for cls in (optuna.samplers.NSGAIISampler, NSGAIISampler)]
+    def tell(study: optuna.Study, t: optuna.Trial, fail: bool) -> None:
+        x = t.params["x"]
+        study.tell(t, state=optuna.trial.TrialState.FAIL) if fail else study.tell(t, [x, 1.0 - x**0.5])
+
+    for round_ in range(12):
+        for study in studies:
+            trials = [study.ask() for _ in range(3)]
+            for t in trials:
+                t.suggest_float("x", 0.0, 1.0)
+            tell(study, trials[2], False)  # the newest COMPLETE first ...
+            late = study.ask()
+            late.suggest_float("x", 0.0, 1.0)  # (its generation counts trials[2])
+            for k in (0, 1):  # ... then older ones: the next count starts again
+                tell(study, trials[k], (round_ + k) % 5 == 0)
+            tell(study, late, False)
+    key = "NSGAIISampler:generation"  # the class name: dse's keeps Optuna's (existing studies)
+    gens = [[t.system_attrs.get(key) for t in s.trials] for s in studies]
+    assert gens[0] == gens[1] and max(g for g in gens[0] if g is not None) >= 4
+    assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]
+
+
+def test_ga_generation_count_sees_older_trials_completing_late() -> None:
+    """get_trial_generation after every tell, trials of known generations told in a
+    shuffled order: always Optuna's rule (largest generation among COMPLETE trials, + 1
+    once it holds population_size of them), also when an older trial turns COMPLETE after
+    the count moved past it."""
+    import random
+
+    from dse.samplers import NSGAIISampler
+
+    sampler = NSGAIISampler(seed=0, population_size=3)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    key = "NSGAIISampler:generation"
+    rng = random.Random(0)
+    gens = [0, 0, 0, 1, 1, 2, 1, 2, 2, 2, 3, 0, 3]
+    trials = [study.ask() for _ in gens]
+    for t, g in zip(trials, gens, strict=True):
+        study._storage.set_trial_system_attr(t._trial_id, key, g)
+    order = list(range(len(gens)))
+    rng.shuffle(order)
+    done: list[int] = []
+    for i in order:
+        study.tell(trials[i], [0.0, 0.0])
+        done.append(gens[i])
+        probe = study.ask()
+        top = max([0, *done])
+        want = top + 1 if done.count(top) >= 3 else top
+        assert sampler.get_trial_generation(study, study._storage.get_trial(probe._trial_id)) == want
+        study.tell(probe, state=optuna.trial.TrialState.FAIL)
