@@ -205,8 +205,7 @@ class Tracking(Listener):
 
     def _send_durable(self) -> None:
         if self.untracked and storage.unflushed(self.study) == 0:
-            for ft in self.untracked:
-                self.tracker.trial_finished(ft)
+            self.tracker.trials_finished(self.untracked)
             self.untracked.clear()
 
     def tick(self, state: RunState, final: bool = False) -> None:

@@ -217,14 +217,14 @@ def test_mlflow_gets_a_trial_only_once_it_is_on_disk(
     spec = parse_spec(study_spec("durable", n_trials=8, seed=1, sampler="random",
                                  options={"delay_s": 0.05}, tracking={"artifact_every": 50}))
     seen: list[tuple[int, TrialState, TrialState | None]] = []
-    handed_over = Tracker.trial_finished
+    handed_over = Tracker.trials_finished
 
-    def on_disk_then_track(self: Tracker, t: optuna.trial.FrozenTrial) -> None:
+    def on_disk_then_track(self: Tracker, trials: list[optuna.trial.FrozenTrial]) -> None:
         disk = {ft.number: ft.state for ft in load("durable", tmp_path).get_trials(deepcopy=False)}
-        seen.append((t.number, t.state, disk.get(t.number)))
-        handed_over(self, t)
+        seen.extend((t.number, t.state, disk.get(t.number)) for t in trials)
+        handed_over(self, trials)
 
-    monkeypatch.setattr(Tracker, "trial_finished", on_disk_then_track)
+    monkeypatch.setattr(Tracker, "trials_finished", on_disk_then_track)
     Driver(spec, tmp_path, progress=False).run()
     assert len(seen) == 8 and {n for n, _, _ in seen} == set(range(8))
     assert [(n, s) for n, s, disk in seen if disk != s] == []

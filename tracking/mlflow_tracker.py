@@ -606,7 +606,13 @@ class Tracker:
 
     def trial_finished(self, t: FrozenTrial) -> None:
         """Queue a finished trial (never blocks)."""
-        self._q.put(("trial", t))
+        self.trials_finished([t])
+
+    def trials_finished(self, trials: Sequence[FrozenTrial]) -> None:
+        """Queue finished trials as one item (never blocks): one pickling and one pipe
+        write for all of them."""
+        if trials:
+            self._q.put(("trials", list(trials)))
 
     def log_hypervolume(self, step: int, value: float) -> None:
         """Queue a hypervolume point for the parent run's history (step = COMPLETE count)."""
@@ -763,7 +769,7 @@ class _TrackerWorker:
                     log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.info.name)
                     return
                 continue
-            if item is not None and item[0] == "trial":  # let a batch gather: one transaction
+            if item is not None and item[0] == "trials":  # let a batch gather: one transaction
                 time.sleep(max(0.0, self._batch_at + self.BATCH_S - time.monotonic()))
             self._batch_at = time.monotonic()
             items = [item]
@@ -785,11 +791,11 @@ class _TrackerWorker:
                         self._trials[t.number] = t
                     if self._guard("connecting", self._connect):
                         self._log_trials(payload)
-                elif kind == "trial":
-                    self._trials[payload.number] = payload
-                    batch.append(payload)
-                    if payload.state == TrialState.COMPLETE:
-                        self._since_artifacts += 1
+                elif kind == "trials":
+                    for t in payload:
+                        self._trials[t.number] = t
+                        batch.append(t)
+                        self._since_artifacts += t.state == TrialState.COMPLETE
                 elif kind == "hv":
                     self._hv.append(payload)
                 elif kind == "finish":
