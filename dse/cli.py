@@ -21,10 +21,11 @@ import math
 import os
 import shlex
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # dse's own modules are imported inside the functions: importing them (optuna) takes ~1 s,
 # and a Ctrl-C then would print a traceback before main() can catch it
@@ -215,6 +216,14 @@ def _drive(spec: Any, args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         batch=args.batch,
     )
+    if getattr(args, "program", False):  # this process ends after the run: see main
+        driver.leave_ray_on_abort = True
+        _DRIVERS.append(driver)
+    return _run(driver, spec, args)
+
+
+def _run(driver: Any, spec: Any, args: argparse.Namespace) -> int:
+    """``driver.run()`` and what the CLI prints after it; returns the exit code."""
     from dse.driver import Interrupted
 
     try:
@@ -483,13 +492,40 @@ def _stdout_closed() -> int:
     return 141
 
 
+_DRIVERS: list[Any] = []  # the runs of the `dse` program (argv from the command line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dse`` command; returns the exit code."""
+    """Entry point of the ``dse`` command; returns the exit code.
+
+    As the program (``argv`` None: the command line), an aborted run that left its own
+    local Ray running (Ctrl-C twice, SIGTERM) ends the process here at once
+    (:func:`dse.driver.end_process`) rather than in the interpreter's teardown."""
     try:
         args = _parser().parse_args(argv)
     except KeyboardInterrupt:  # while dse's modules load (~1 s)
         print("dse: interrupted", file=sys.stderr)
         return 130
+    args.program = argv is None
+    try:
+        rc = _main_with_output(args)
+    except BaseException:
+        if any(d.ray_left for d in _DRIVERS):
+            traceback.print_exc()
+            _end(1)
+        raise
+    if any(d.ray_left for d in _DRIVERS):
+        _end(rc)
+    return rc
+
+
+def _end(rc: int) -> NoReturn:
+    from dse.driver import end_process
+
+    end_process(rc)
+
+
+def _main_with_output(args: argparse.Namespace) -> int:
     with _output(getattr(args, "verbose", False)):
         try:
             rc = _main(args)
