@@ -275,6 +275,6 @@ def test_run_is_quiet_unless_verbose(tmp_path: Path) -> None:
     # progress, and the notice of a final MLflow drain longer than 2 s (a loaded machine)
     own = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO dse(: quiet: \d+/3 complete|\.tracking: waiting for the MLflow)")
     assert [ln for ln in quiet.stderr.splitlines() if not own.match(ln)] == []
-    loud = _run_subprocess(spec, tmp_path / "b", "-v", "--address", "inline")  # (no 2nd Ray start-up)
+    loud = _run_subprocess(spec, tmp_path / "b", "-v")
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Creating initial MLflow database tables" in loud.stderr

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clusters"))
 import netns  # noqa: E402  (clusters/netns.py)
 
-N_TRIALS = 20  # ~16 left at the kill: 3 s of 0.2 s trials on the head, past Ray's ~3 s verdict
+N_TRIALS = 30
 HEAD_IP, WORKER_IP = f"{netns.SUBNET}.1", f"{netns.SUBNET}.2"
 
 

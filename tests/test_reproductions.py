@@ -15,7 +15,7 @@ import dse
 
 REPRO = Path(__file__).resolve().parents[1] / "examples" / "reproduce"
 SPECS = sorted(REPRO.glob("*.toml"))
-TRIALS = 1  # one trial proves the spec runs and its report renders (suite time)
+TRIALS = 2  # (the ratio reports need a trial beside the baseline)
 
 #: budgets shrunk for the test: (pattern, replacement)
 SHRINK = (
