@@ -252,12 +252,14 @@ def test_closed_pipe_ends_silently(tmp_path: Path) -> None:
     assert proc.stderr.decode() == "" and proc.returncode == 141
 
 
-def _run_subprocess(spec: Path, root: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+def _run_subprocess(spec: Path, root: Path, *flags: str,
+                    **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_LOGGING_LEVEL", "PYTHONWARNINGS", "RAY_AUTH_MODE")}
     return subprocess.run(
         [sys.executable, "-m", "dse.cli", "run", str(spec), "--dir", str(root), "--progress", "log",
-         *flags], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)},
+         *flags], capture_output=True, text=True,
+        env={**env, **extra_env, "PYTHONPATH": str(ROOT)},
         cwd=spec.parent, timeout=300,
     )
 
@@ -269,12 +271,14 @@ def test_run_is_quiet_unless_verbose(tmp_path: Path) -> None:
     warnings; `-v` shows the libraries' lines."""
     spec = tmp_path / "q.toml"
     spec.write_text(spec_text("quiet", 3))
-    quiet = _run_subprocess(spec, tmp_path / "a")
+    # a cache of its own per run: MLflow builds its store template (with its "Creating
+    # initial ... tables" lines) in both, so the quiet run has those lines to hide
+    quiet = _run_subprocess(spec, tmp_path / "a", DSE_CACHE_DIR=str(tmp_path / "cache-a"))
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert quiet.stdout.startswith("study quiet: 3 COMPLETE") and len(quiet.stdout.splitlines()) == 1
     # progress, and the notice of a final MLflow drain longer than 2 s (a loaded machine)
     own = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO dse(: quiet: \d+/3 complete|\.tracking: waiting for the MLflow)")
     assert [ln for ln in quiet.stderr.splitlines() if not own.match(ln)] == []
-    loud = _run_subprocess(spec, tmp_path / "b", "-v")
+    loud = _run_subprocess(spec, tmp_path / "b", "-v", DSE_CACHE_DIR=str(tmp_path / "cache-b"))
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Creating initial MLflow database tables" in loud.stderr
