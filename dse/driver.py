@@ -420,8 +420,11 @@ def _replay_params(trial: optuna.Trial, spec: Spec) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
-    """``ray.init(**kwargs)`` of a local cluster whose processes listen on 127.0.0.1 only.
+def _init_loopback_ray(kwargs: dict[str, Any], *, own: bool = True) -> None:
+    """``ray.init(**kwargs)`` of a local cluster whose processes listen on 127.0.0.1 only:
+    one this process starts (``own``: its processes are watched by :mod:`dse.reaper`) or
+    one it joins at a loopback address (without the flag below, Ray looks for the
+    cluster's local node on the host's routable address, finds none and waits for ever).
 
     Ray binds its servers (GCS, raylet, workers, agents) to the node's IP address, and
     picks the host's routable address unless Ray clusters are disabled, as on macOS and
@@ -438,7 +441,8 @@ def _init_loopback_ray(kwargs: dict[str, Any]) -> None:
     os.environ[env_var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
         ray.init(**kwargs)
-        reaper.watch()  # the cluster's processes end with this one, even on SIGKILL
+        if own:
+            reaper.watch()  # the cluster's processes end with this one, even on SIGKILL
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = old_flag
         if old_env is None:
@@ -546,6 +550,19 @@ def _init_ray_client(kwargs: dict[str, Any]) -> None:
                     "connecting again", str(e).strip().splitlines()[-1][:200])
         ray.shutdown()
         ray.init(**kwargs)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether GCS ``address`` (``host:port``) names this host's loopback interface."""
+    import ipaddress
+
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_answers(address: str, timeout_s: float = 10.0) -> None:
@@ -1198,6 +1215,8 @@ class Driver:
                     _init_loopback_ray(kwargs)
                 elif self.address.startswith("ray://"):
                     _init_ray_client(kwargs)
+                elif _is_loopback(self.address):
+                    _init_loopback_ray(kwargs, own=False)
                 else:
                     ray.init(**kwargs)
         except Interrupted:

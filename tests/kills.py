@@ -44,13 +44,9 @@ def sigkill_when(argv: list[str], root: Path, name: str, at_complete: int, *,
     (``--address``) instead of starting its own (seconds per start-up); the kill then ends
     the driver, its actors and its unfinished trials as before.
     """
-    extra: dict[str, str] = {}
     if join is not None:
         argv = [*argv, "--address", join.get_runtime_context().gcs_address]
-        # the session's cluster listens on 127.0.0.1 only: without this, Ray looks for a
-        # local node on the host's routable address, finds none, and waits for ever
-        extra["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *argv, "--dir", str(root), "--progress", "log"],
                             cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
