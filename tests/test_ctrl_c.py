@@ -6,7 +6,8 @@
 2. after the study and the MLflow logging process exist, while the evaluator builds (in the
    driver process: the Ray actors' start is the same rule, and a second Ray start would
    double this file's time);
-3. with trials in flight on Ray actors (twice);
+3. with trials in flight on Ray actors (twice), on the Ray dse started and on a cluster it
+   joined (the session's);
 4. with a trial in flight in the driver process (``address = "inline"``; once, and twice);
 5. during the final MLflow drain, the search done, the tracking server hung (twice).
 
@@ -52,12 +53,13 @@ DRAIN = "waiting for the MLflow logging to finish"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One MLflow store (SQLite) for every case: creating its schema costs seconds."""
-    from mlflow.tracking import MlflowClient
+    """One MLflow store (SQLite) for every case, a copy of the machine's empty store
+    (MLflow's schema migrations cost ~15 s at load 8; they run once per machine)."""
+    from tracking.mlflow_tracker import _create_sqlite_store
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()
-    return uri
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    _create_sqlite_store(db)
+    return f"sqlite:///{db}"
 
 
 @pytest.fixture
@@ -191,25 +193,39 @@ def test_ctrl_c_while_the_evaluator_builds(tmp_path: Path, gates: tuple[Path, Pa
     complete_everything(root, "c2", 4, store)
 
 
-def test_ctrl_c_twice_with_trials_on_ray_actors(tmp_path: Path, gates: tuple[Path, Path], store: str) -> None:
+@pytest.mark.parametrize("cluster", ["own", "joined"])
+def test_ctrl_c_twice_with_trials_on_ray_actors(tmp_path: Path, gates: tuple[Path, Path], store: str,
+                                                cluster: str, request: pytest.FixtureRequest,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Twice, with a trial held in flight on each of the two actors: the first press lets
-    them run (dse stays), the second fails and re-enqueues them; resume runs them again."""
+    them run (dse stays), the second fails and re-enqueues them; resume runs them again.
+    On the local Ray that dse started (``own``: killed, the process ends at once,
+    :func:`dse.driver.end_process`) and on a cluster it joined (``--address``, the
+    session's: its actors are killed and dse disconnects; the cluster stays)."""
     gate, build = gates
     gate.touch()
-    spec = write_spec(tmp_path, "c3", 4, "local", gate, build)
+    name = "c3" if cluster == "own" else "c3j"  # (one MLflow store: one experiment each)
+    spec = write_spec(tmp_path, name, 4, "local", gate, build)
     root = tmp_path / "studies"
-    run = start(spec, root, store)
+    if cluster == "joined":
+        ray = request.getfixturevalue("ray_session")
+        # the session's cluster listens on 127.0.0.1 only (as in tests.kills.sigkill_when)
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        run = Dse(["run", str(spec), "--dir", str(root), "--tracking-uri", store, "--progress", "log",
+                   "--address", ray.get_runtime_context().gcs_address], cwd=spec.parent)
+    else:
+        run = start(spec, root, store)
     run.wait_until(lambda: held(gate) == 2, "two trials in flight")
     run.press(wait_for="stopping:")
     assert run.proc.poll() is None and held(gate) == 2  # the first press waits for them
     pressed = run.press()
-    finished(run, pressed, [STOP, ABORT], "trials on Ray actors")
-    study = optuna.load_study(study_name="c3", storage=open_storage(None, root / "c3"))
+    finished(run, pressed, [STOP, ABORT], "trials on Ray actors" + (", cluster joined" if cluster == "joined" else ""))
+    study = optuna.load_study(study_name=name, storage=open_storage(None, root / name))
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 2 and all(t.user_attrs["fail_reason"] == REQUEUED for t in failed)
-    assert trial_states(root, "c3")[TrialState.WAITING] == 2
+    assert trial_states(root, name)[TrialState.WAITING] == 2
     gate.unlink()
-    assert complete_everything(root, "c3", 4, store)[TrialState.FAIL] == 2
+    assert complete_everything(root, name, 4, store)[TrialState.FAIL] == 2
 
 
 @pytest.mark.parametrize("presses", [1, 2])
