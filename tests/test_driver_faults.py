@@ -286,6 +286,11 @@ def test_replacement_that_cannot_be_placed_shrinks_the_pool(idle_cluster: Any, t
     told: list[int] = []
     with caplog.at_level(logging.WARNING, logger="dse"):
         pool.start(lambda: False, lambda: None)
+        # Both actors are built: from here on the only actor placing is the replacement,
+        # which asks for a resource no node has, so a short timeout cannot drop an actor
+        # that is merely slow to start (the start above had 20 s for that).
+        assert [s.state for s in pool.slots] == ["idle", "idle"]
+        pool.place_timeout_s = 1.0
         for _ in range(6):
             while pool.idle() == 0:
                 told += [o.job.trial.number for o in pool.wait(1.0) if o.result is not None]
