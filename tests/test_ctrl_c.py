@@ -195,8 +195,7 @@ def test_ctrl_c_while_the_evaluator_builds(tmp_path: Path, gates: tuple[Path, Pa
 
 @pytest.mark.parametrize("cluster", ["own", "joined"])
 def test_ctrl_c_twice_with_trials_on_ray_actors(tmp_path: Path, gates: tuple[Path, Path], store: str,
-                                                cluster: str, request: pytest.FixtureRequest,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                cluster: str, request: pytest.FixtureRequest) -> None:
     """Twice, with a trial held in flight on each of the two actors: the first press lets
     them run (dse stays), the second fails and re-enqueues them; resume runs them again.
     On the local Ray that dse started (``own``: killed, the process ends at once,
@@ -209,8 +208,6 @@ def test_ctrl_c_twice_with_trials_on_ray_actors(tmp_path: Path, gates: tuple[Pat
     root = tmp_path / "studies"
     if cluster == "joined":
         ray = request.getfixturevalue("ray_session")
-        # the session's cluster listens on 127.0.0.1 only (as in tests.kills.sigkill_when)
-        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         run = Dse(["run", str(spec), "--dir", str(root), "--tracking-uri", store, "--progress", "log",
                    "--address", ray.get_runtime_context().gcs_address], cwd=spec.parent)
     else:
