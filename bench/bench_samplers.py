@@ -586,9 +586,10 @@ def default_rows(probs: dict[str, dict[str, Any]], runs: dict[tuple[str, str], l
                     if q == p and len(rs) >= seeds and (m := median_at(rs, 200)) is not None),
                    default=(None, ""))
         d200 = median_at(runs.get((p, key200), []), 200)
+        longest = max((r["n_trials"] for r in runs.get((p, key200), [])), default=0)
         gap = "" if best[0] is None or d200 is None else f"{best[0] - d200:.1f} behind {best[1]}"
         out.append(f"| {p} | **default** ({' / '.join(dict.fromkeys(keys))}) | | " + " | ".join(cells)
-                   + f" | {'' if reach is None else ('> 500' if reach == math.inf else f'{reach:.0f}')}"
+                   + f" | {'' if reach is None else (f'> {longest}' if reach == math.inf else f'{reach:.0f}')}"
                    + f" | at 200: {gap} | |")
     return out
 

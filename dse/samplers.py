@@ -32,7 +32,7 @@ def warmup_trials(n_params: int) -> int:
 
     Measured (docs/benchmarks.md "Samplers", 20 seeds, % of the true front at 200
     trials): dataflow space (12 parameters) 47.8% with 26 against 40.4% with Optuna's 10,
-    where TPE settles on its first good region and ends below random search (45.5%);
+    where TPE settles on its first good region and ends below random search (46.9%);
     PLENA space (8 parameters) 84.1% with 18 against 82.6%.
     """
     return max(10, 2 * (n_params + 1))
