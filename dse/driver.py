@@ -530,7 +530,9 @@ def _quiet_ray_client() -> None:
 def _client_server_failed(e: BaseException) -> bool:
     """Whether ``e`` says the head's Ray Client server could not start the server it runs
     for each client (not a refusal: the connection and the token were fine)."""
-    return any(m in str(e) for m in ("Starting Ray client server failed", "Proxy failed to Connect"))
+    return any(m in str(e) for m in ("Starting Ray client server failed", "Proxy failed to Connect",
+                                     # the same death seen by the proxy's psutil check
+                                     "psutil.ZombieProcess"))
 
 
 def _init_ray_client(kwargs: dict[str, Any]) -> None:

@@ -55,14 +55,25 @@ def ray_session():  # type: ignore[no-untyped-def]
 
     started = False
     if not ray.is_initialized():
-        _init_loopback_ray(dict(  # listens on 127.0.0.1 only, like a driver's own cluster
-            address="local",
-            num_cpus=4,
-            resources={"dse_test_pool": 2},
-            include_dashboard=False,
-            object_store_memory=100 * 1024 * 1024,
-            logging_level=logging.WARNING,
-        ))
+        # Ray's processes inherit this environment: with the repository on their path, the
+        # workers import tests' own evaluators (``tests.gates:gate``) for drivers that join
+        # the cluster from a subprocess too (their job's environment is not the workers')
+        old_path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), old_path) if p)
+        try:
+            _init_loopback_ray(dict(  # listens on 127.0.0.1 only, like a driver's own cluster
+                address="local",
+                num_cpus=4,
+                resources={"dse_test_pool": 2},
+                include_dashboard=False,
+                object_store_memory=100 * 1024 * 1024,
+                logging_level=logging.WARNING,
+            ))
+        finally:
+            if old_path is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old_path
         started = True
     yield ray
     if started:
