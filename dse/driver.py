@@ -74,6 +74,7 @@ from dse.spec import (
     study_name_problem,
 )
 from dse.storage import open_storage, redact
+from tracking.info import BASELINE_ATTR
 
 __all__ = [
     "Driver", "DriverError", "EvaluatorHost", "Interrupted", "RunSummary", "open_storage", "open_study",
@@ -1064,7 +1065,7 @@ class Driver:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self._remember(t)
         if self.spec.enqueue:  # once per study, under the storage lock (several drivers)
-            self._coop.enqueue_once(ENQUEUED_ATTR, list(self.spec.enqueue), {"dse:baseline": True})
+            self._coop.enqueue_once(ENQUEUED_ATTR, list(self.spec.enqueue), {BASELINE_ATTR: True})
         storage.flush(study)
         done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
         return study, RunState(n_trials=self.n_trials, complete=done), recovered

@@ -29,9 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from optuna.trial import FrozenTrial, TrialState
 
-from tracking.info import StudyInfo
-
-BASELINE_ATTR = "dse:baseline"  # trial user attribute of a spec ``enqueue`` point
+from tracking.info import BASELINE_ATTR, StudyInfo
 
 #: column types that do not depend on the values (an empty study still has typed columns)
 _TYPES = {

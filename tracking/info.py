@@ -18,6 +18,9 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
+#: trial user attribute marking a spec ``enqueue`` point (a baseline), set by the driver
+BASELINE_ATTR = "dse:baseline"
+
 
 @dataclass(frozen=True)
 class ObjectiveInfo:
