@@ -402,9 +402,11 @@ def sample_params(trial: optuna.trial.BaseTrial, spec: Spec) -> dict[str, Any]:
     return params
 
 
-def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
-    """Add the active fixed parameters to a trial's sampled ``params`` (in space order)."""
+def _walk_params(params: Mapping[str, Any], spec: Spec) -> tuple[dict[str, Any], list[str]]:
+    """The active parameters of ``params`` with the fixed ones added (in space order), and
+    the active sampled ones that ``params`` lacks."""
     out: dict[str, Any] = {}
+    missing: list[str] = []
     for p in spec.params:
         if p.when and not p.active(out):
             continue
@@ -412,24 +414,20 @@ def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
             out[p.name] = p.value
         elif p.name in params:
             out[p.name] = params[p.name]
-    return out
+        else:
+            missing.append(p.name)
+    return out, missing
+
+
+def complete_params(params: Mapping[str, Any], spec: Spec) -> dict[str, Any]:
+    """Add the active fixed parameters to a trial's sampled ``params`` (in space order)."""
+    return _walk_params(params, spec)[0]
 
 
 def missing_params(params: Mapping[str, Any], spec: Spec) -> list[str]:
     """The active sampled parameters that ``params`` (a trial's) lacks, in space order: a
     trial whose driver died while writing its parameters one by one (an RDB storage)."""
-    seen: dict[str, Any] = {}
-    missing: list[str] = []
-    for p in spec.params:
-        if p.when and not p.active(seen):
-            continue
-        if p.kind == "fixed":
-            seen[p.name] = p.value
-        elif p.name in params:
-            seen[p.name] = params[p.name]
-        else:
-            missing.append(p.name)
-    return missing
+    return _walk_params(params, spec)[1]
 
 
 def _redact(url: str | None) -> str:

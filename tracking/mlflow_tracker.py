@@ -34,7 +34,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,22 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+@contextlib.contextmanager
+def _made_aside(db: Path) -> Iterator[Path]:
+    """A temporary path beside ``db`` (``<db>.init-<pid>``) for the caller to build a file
+    in; linked to ``db`` when the block ends without an error (never replacing a ``db``
+    another process made meanwhile) and removed in every case, so ``db`` is never seen
+    half-built."""
+    tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _build_sqlite_store(db: Path) -> None:
     """Have MLflow build a new SQLite store all at once: its schema (dozens of migrations,
     ~3 s of CPU) is made in ``<db>.init-<pid>``, which is then linked to ``db``. A process
@@ -181,17 +197,9 @@ def _build_sqlite_store(db: Path) -> None:
     file. If another process created ``db`` meanwhile, its store is kept."""
     from mlflow.tracking import MlflowClient
 
-    tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with _made_aside(db) as tmp:
         store = MlflowClient(tracking_uri=f"sqlite:///{tmp}")._tracking_client.store
         store.engine.dispose()  # closes the file: nothing left in a journal
-        try:
-            os.link(tmp, db)  # never replaces an existing store
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def store_template() -> Path | None:
@@ -230,8 +238,7 @@ def _create_sqlite_store(db: Path) -> None:
     if template is None:
         _build_sqlite_store(db)
         return
-    tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
-    try:
+    with _made_aside(db) as tmp:
         shutil.copyfile(template, tmp)
         now_ms = int(time.time() * 1000)
         root = resolve_uri_if_local(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
@@ -242,12 +249,6 @@ def _create_sqlite_store(db: Path) -> None:
                             " WHERE experiment_id = 0", (append_to_uri_path(root, "0"), now_ms, now_ms))
         finally:
             con.close()
-        try:
-            os.link(tmp, db)  # never replaces an existing store
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class MlflowLink:
