@@ -106,6 +106,15 @@ def _is_metric(v: Any) -> bool:
         return False
 
 
+def _split(out: Mapping[Any, Any], metrics: dict[str, float], info: dict[str, Any]) -> None:
+    """Sort one evaluator's returned values into ``metrics`` (numbers) and ``info`` (the rest, JSON-ready)."""
+    for k, v in out.items():
+        if _is_metric(v):
+            metrics[str(k)] = float(v)
+        else:
+            info[str(k)] = _jsonable(v)
+
+
 class EvaluatorHost:
     """Holds the warm evaluators of one worker and runs them in spec order for a trial.
 
@@ -156,11 +165,7 @@ class EvaluatorHost:
                 out = ev.evaluate(MappingProxyType(params), MappingProxyType({**before, **info, **metrics}))
                 if not isinstance(out, Mapping):
                     raise TypeError(f"evaluate returned {type(out).__name__}; expected a dict")
-                for k, v in out.items():
-                    if _is_metric(v):
-                        metrics[str(k)] = float(v)
-                    else:
-                        info[str(k)] = _jsonable(v)
+                _split(out, metrics, info)
         except Exception as e:  # noqa: BLE001 - every evaluator error fails the trial only
             first = (str(e).strip().splitlines() or [""])[0]
             return {
@@ -193,11 +198,7 @@ class EvaluatorHost:
         for out in outs:
             metrics: dict[str, float] = {}
             info: dict[str, Any] = {}
-            for k, v in out.items():
-                if _is_metric(v):
-                    metrics[str(k)] = float(v)
-                else:
-                    info[str(k)] = _jsonable(v)
+            _split(out, metrics, info)
             results.append({"metrics": metrics, "info": info, "pid": os.getpid(), "eval_s": eval_s})
         return results
 
