@@ -795,6 +795,7 @@ class Driver:
         self._old_handlers: dict[int, Any] = {}
         self._capped = False  # the last ask found the study full (other drivers' trials)
         self._ray_known = False  # Ray was found initialised or initialised here (said once)
+        self._inline_memo: list[bool] | None = None  # _inline(), worked out once
         # Set by the `dse` program, whose process ends right after the run: on an abort, the
         # local Ray this driver started is not shut down (ray.shutdown stops its 5
         # processes one after another, ~1.3 s); ``ray_left`` then says the program must
@@ -1170,13 +1171,17 @@ class Driver:
         while the user asked for a cluster (an address other than ``local``) runs them on
         actors there. ``[ray] address = "inline"``: all inline.
         """
+        if self._inline_memo is not None:  # asked by _init_ray, _evaluator_entries and _pool
+            return list(self._inline_memo)
         if self.address == "inline":
-            return [True] * len(self.spec.evaluators)
-        chosen = [e.inline if e.inline is not None else not e.asks_for_actors and _is_cheap(e)
-                  for e in self.spec.evaluators]
-        if self.address != "local" and all(chosen):
-            chosen = [e.inline is True for e in self.spec.evaluators]
-        return chosen
+            chosen = [True] * len(self.spec.evaluators)
+        else:
+            chosen = [e.inline if e.inline is not None else not e.asks_for_actors and _is_cheap(e)
+                      for e in self.spec.evaluators]
+            if self.address != "local" and all(chosen):
+                chosen = [e.inline is True for e in self.spec.evaluators]
+        self._inline_memo = chosen
+        return list(chosen)
 
     def _init_ray(self) -> bool:
         """Connect to or start Ray if an evaluator needs actors; returns whether this
