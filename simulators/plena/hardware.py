@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from quant.desc import KV_LAYOUTS
+from quant.desc import KV_LAYOUTS, describe, multiplier_cost
 
 #: the integer-valued fields of PlenaHardware
 INT_FIELDS = ("mlen", "blen", "vlen", "hlen")
@@ -105,9 +105,6 @@ def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None,
     Raises:
         ValueError: naming ``field`` when the format string does not parse.
     """
-    # quant.desc: the format's description only (no torch)
-    from quant.desc import describe
-
     try:
         fmt = describe(name)
     except (ValueError, KeyError, TypeError) as e:
@@ -118,8 +115,6 @@ def format_bits(name: str, field: str, shape: tuple[int, ...] | None = None,
 @lru_cache(maxsize=512)
 def mult_cost(a: str, b: str) -> float:
     """``quant.multiplier_cost(a, b)``: multiplier gates relative to int8 x int8."""
-    from quant.desc import multiplier_cost
-
     return float(multiplier_cost(a, b))
 
 
@@ -181,8 +176,6 @@ class Numerics:
 
     @cached_property
     def _window_active(self) -> bool:
-        from quant.desc import describe
-
         return self.kv_window > 0 and not describe(self.kv).is_identity
 
     def kv_cache_bytes(self, part: str, tokens: int, head_dim: int) -> float:
