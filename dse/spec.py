@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from dse import registry
-from dse.samplers import NSGAIIISampler, NSGAIISampler
+from dse.samplers import NSGAIIISampler, NSGAIISampler, default_sampler
 from dse.schema import EvaluatorSchema
 from dse.schema import Param as ParamDecl
 
@@ -364,8 +364,6 @@ def choose_sampler(n_objectives: int, n_trials: int, params: Sequence[Param],
     """The default sampler for a spec that names none, and its options: the measured
     choice of :func:`dse.samplers.default_sampler`, updated by the spec's own
     ``sampler_options`` (``given``)."""
-    from dse.samplers import default_sampler
-
     searched = [p for p in params if p.kind != "fixed"]
     name, opts = default_sampler(max(1, n_objectives), max(1, n_trials),
                                  continuous=bool(searched) and all(p.kind in ("int", "float") for p in searched),
