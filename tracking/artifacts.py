@@ -230,7 +230,7 @@ _STYLE: dict[str, dict[str, Any]] = {
 _LABEL = {"pareto": "Pareto front", "dominated": "dominated", "infeasible": "infeasible"}
 
 
-def _figure(table: pa.Table, info: StudyInfo, *, tooltips: bool = False) -> tuple[Any, dict[str, str]]:
+def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[Any, dict[str, str]]:
     """The Pareto views of a study: one panel per pair of objectives (the trial number
     against the objective for a single one). Returns the figure and, when ``tooltips``,
     a map from the SVG group id of each front/baseline point to its hover text."""
@@ -240,7 +240,6 @@ def _figure(table: pa.Table, info: StudyInfo, *, tooltips: bool = False) -> tupl
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-    pts = _points(table, info)
     n_obj = len(pts.names)
     if n_obj == 1:
         pairs: list[tuple[int, int]] = [(-1, 0)]
@@ -324,7 +323,7 @@ def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     """Pareto views as one PNG: a panel per pair of objectives, the better direction
     arrowed on each axis, units from the metric names, the front in red, dominated points
     faded, infeasible ones grey, baselines as stars, log axes where values span 100x."""
-    fig, _ = _figure(table, info)
+    fig, _ = _figure(_points(table, info), info)
     out = Path(out)
     fig.savefig(out, format="png", dpi=100, metadata={"Software": None})
     return out
@@ -339,7 +338,8 @@ def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
 
     import matplotlib
 
-    fig, tips = _figure(table, info, tooltips=True)
+    pts = _points(table, info)
+    fig, tips = _figure(pts, info, tooltips=True)
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dse"}):
         fig.savefig(buf, format="svg", dpi=72, metadata={"Date": None, "Creator": None})
@@ -347,7 +347,6 @@ def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     svg = svg[svg.index("<svg"):]
     for gid, text in tips.items():
         svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{html.escape(text)}</title>', 1)
-    pts = _points(table, info)
     front = [r for r in range(len(pts.number)) if pts.kind[r] == "pareto" or pts.baseline[r]]
     front.sort(key=lambda r: tuple(s * v for s, v in zip(
         [1.0 if d == "minimize" else -1.0 for d in pts.directions], pts.values[r], strict=True)))
