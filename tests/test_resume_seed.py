@@ -17,8 +17,6 @@ from dse.spec import parse_spec
 from dse.storage import flush_storage, open_storage
 from tests.kills import sigkill_when
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _ask_tell(study: optuna.Study, n: int) -> list[tuple[float, float]]:
     out = []
