@@ -21,8 +21,6 @@ from dse.plugins.benchmarks import BenchmarkProblem, study_spec
 from dse.spec import parse_spec
 from tests.kills import sigkill_when
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class Jittery:
     """ZDT1 that sleeps a random 0-60 ms first (from the OS's entropy, not any seed), so
@@ -85,14 +83,13 @@ def test_ray_runs_with_random_durations_repeat(ray_session: Any, tmp_path: Path,
     proposed parameters do not; with one worker the inline pool agrees, with two the
     sampler sees one told trial fewer at each ask, so the study differs (after TPE's
     random start-up)."""
-    seqs, orders = [], []
+    seqs = []
     for i in range(2):
         name = f"r{i}"
         spec = parse_spec(_spec(name, n_trials=16, sampler=sampler, workers=workers, problem="test_jittery"))
         Driver(spec, tmp_path, progress=False).run()
         trials = _trials(tmp_path, name)
         seqs.append(_sequence(trials))
-        orders.append([t.number for t in sorted(trials, key=lambda t: t.datetime_complete)])
     assert seqs[0] == seqs[1]
     assert Counter(s for _, s, _ in seqs[0]) == {"COMPLETE": 16}
     spec = parse_spec(_spec("inline", n_trials=16, sampler=sampler, workers=workers, problem="test_jittery"))
@@ -207,8 +204,6 @@ def test_reseeded_sampler_draws_as_a_fresh_one(sampler: str) -> None:
     those of a fresh ``make_sampler(n)`` at every ask (trials told two asks late, so the
     samplers' search-space caches see RUNNING trials)."""
     text = _spec("s", n_trials=40, sampler=sampler, workers=2)
-    if sampler == "nsga3":
-        text = text.replace('"population_size" = 4', "population_size = 4")
     spec = parse_spec(text)
     draws: list[list[Any]] = []
     for reuse in (False, True):
