@@ -116,13 +116,7 @@ def pareto_trials(trials: Sequence[FrozenTrial], spec: Spec) -> list[FrozenTrial
     if not good:
         return []
     mask = nondominated_mask(vals)
-    seen: set[str] = set()
-    out = []
-    for t, m in zip(good, mask, strict=True):
-        if m and (key := params_key(t)) not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
+    return [t for t, m in zip(good, mask, strict=True) if m]  # good: one trial per parameter set
 
 
 def study_hypervolume(trials: Sequence[FrozenTrial], spec: Spec) -> float:
