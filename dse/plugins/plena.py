@@ -234,7 +234,6 @@ class PlenaEvaluator:
         if self.o["breakdown"] or len(params) < 2:
             return [self.evaluate(p, u) for p, u in zip(params, upstream, strict=True)]
         groups: dict[tuple[Any, ...], list[int]] = {}
-        numerics: dict[tuple[Any, ...], tuple[Numerics, Workload]] = {}
         hws = [PlenaHardware.from_params(p, self.o["hw"]) for p in params]
         for i, (p, hw) in enumerate(zip(params, hws, strict=True)):
             if hw.shape != ():
@@ -242,14 +241,13 @@ class PlenaEvaluator:
             q, w = Numerics.from_params(p, self.o["quant"]), _workload(self.o, p)
             key = (q, w)
             groups.setdefault(key, []).append(i)
-            numerics[key] = (q, w)
         out: list[dict[str, Any]] = [{} for _ in params]
         names = [f.name for f in dataclasses.fields(PlenaHardware)]
         for key, idx in groups.items():
             if len(idx) == 1:  # one point: the scalar path is cheaper
                 out[idx[0]] = self.evaluate(params[idx[0]], upstream[idx[0]])
                 continue
-            q, w = numerics[key]
+            q, w = key
             hw = PlenaHardware(**{n: np.array([getattr(hws[i], n) for i in idx]) for n in names})
             res = simulate(hw, w, q, causal_skip=self.o["causal_skip"],
                            overlap_vector=self.o["overlap_vector"])
