@@ -504,6 +504,11 @@ def redact(url: str | None) -> str:
         return url.split("@")[-1]
 
 
+def _why(e: Exception) -> str:
+    """The first line of a database error (the driver's own message where SQLAlchemy wraps one)."""
+    return (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def check_storage(url: str, timeout_s: float = 5.0) -> str | None:
     """Why the study storage ``url`` cannot be used now (``None``: it can).
 
@@ -530,8 +535,7 @@ def check_storage(url: str, timeout_s: float = 5.0) -> str | None:
         with engine.connect() as c:
             c.execute(sqlalchemy.text("SELECT 1"))
     except Exception as e:  # noqa: BLE001 - one line: refused, unknown host, auth, ...
-        why = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
-        return f"storage {redact(url)}: cannot connect ({why})"
+        return f"storage {redact(url)}: cannot connect ({_why(e)})"
     return None
 
 
@@ -558,8 +562,7 @@ def open_rdb(url: str) -> optuna.storages.RDBStorage:
         raise StorageError(f"storage {redact(url)}: driver not installed ({e}); "
                            "pip install 'dse[postgresql]'") from None
     except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.OperationalError and friends
-        why = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
-        raise StorageError(f"storage {redact(url)}: cannot connect ({why})") from None
+        raise StorageError(f"storage {redact(url)}: cannot connect ({_why(e)})") from None
 
 
 @contextlib.contextmanager
