@@ -1009,8 +1009,7 @@ class PostgresDriverStorage(DriverRDBStorage):
         """Write the buffered writes of this driver's RUNNING trials; returns how many."""
         n = 0
         for trial_id in list(self._writes):
-            w = self._writes[trial_id]
-            k = len(w.params) + len(w.user) + len(w.system)
+            k = len(self._writes[trial_id])
             if self._write_trial(trial_id, None, None, datetime.datetime.now()):
                 n += k
             else:
@@ -1022,7 +1021,7 @@ class PostgresDriverStorage(DriverRDBStorage):
 
     def unflushed(self) -> int:
         """Buffered writes of this driver's RUNNING trials (told trials are written at once)."""
-        return sum(len(w.params) + len(w.user) + len(w.system) for w in self._writes.values())
+        return sum(len(w) for w in self._writes.values())
 
     # ---------------------------------------------------------------- reads
     def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
@@ -1119,6 +1118,9 @@ class _TrialWrites:
         self.params: dict[str, tuple[float, str]] = {}
         self.user: dict[str, str] = {}
         self.system: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.params) + len(self.user) + len(self.system)
 
 
 # Ask: the cooperation lock, the study row (Optuna's own trial creation locks it too, so
