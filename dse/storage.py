@@ -659,11 +659,17 @@ class DriverRDBStorage(_CachedStorage):
         self._dirty = True
         self._mine: dict[int, FrozenTrial] = {}
 
-    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+    def _due(self, study_id: int) -> bool:
+        """Whether the study's trials are to be read now (then they count as read now)."""
         now = time.monotonic()
         if self._dirty or now - self._read_at.get(study_id, -math.inf) >= self.REFRESH_S:
             self._dirty = False
             self._read_at[study_id] = now
+            return True
+        return False
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        if self._due(study_id):
             super()._read_trials_from_remote_storage(study_id)
 
     # This driver's own RUNNING trials are mirrored in memory: ``get_trial`` (three times
@@ -1059,11 +1065,8 @@ class PostgresDriverStorage(DriverRDBStorage):
         """Read the study's new and unfinished trials (every ``REFRESH_S``, or when asked),
         except this driver's trials: its RUNNING ones (the state held here is newer) and
         those it told (final, and held here as written)."""
-        now = time.monotonic()
-        if not self._dirty and now - self._read_at.get(study_id, -math.inf) < self.REFRESH_S:
+        if not self._due(study_id):
             return
-        self._dirty = False
-        self._read_at[study_id] = now
         with self._lock:
             if study_id not in self._studies:
                 from optuna.storages._cached_storage import _StudyInfo
