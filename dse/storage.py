@@ -899,10 +899,7 @@ class PostgresDriverStorage(DriverRDBStorage):
                              system_attrs={} if owner is None else {OWNER_ATTR: owner},
                              intermediate_values={}, trial_id=trial_id)
         with self._lock:
-            if study_id not in self._studies:
-                from optuna.storages._cached_storage import _StudyInfo
-
-                self._studies[study_id] = _StudyInfo()
+            self._study_info(study_id)
             self._add_trials_to_cache(study_id, [ft])
             self._mine[trial_id] = ft
         return trial_id, counts
@@ -914,6 +911,14 @@ class PostgresDriverStorage(DriverRDBStorage):
         trial_id, _ = self.ask(study_id, None, None)
         assert trial_id is not None
         return trial_id
+
+    def _study_info(self, study_id: int) -> Any:
+        """The cache's record of study ``study_id``, made if new (call with ``_lock`` held)."""
+        if study_id not in self._studies:
+            from optuna.storages._cached_storage import _StudyInfo
+
+            self._studies[study_id] = _StudyInfo()
+        return self._studies[study_id]
 
     # ---------------------------------------------------------------- writes
     def _own(self, trial_id: int) -> FrozenTrial | None:
@@ -1068,11 +1073,7 @@ class PostgresDriverStorage(DriverRDBStorage):
         if not self._due(study_id):
             return
         with self._lock:
-            if study_id not in self._studies:
-                from optuna.storages._cached_storage import _StudyInfo
-
-                self._studies[study_id] = _StudyInfo()
-            study = self._studies[study_id]
+            study = self._study_info(study_id)
             after = study.last_finished_trial_id
             skip = set(self._mine) | {i for i in self._told if i > after}
             trials = self._query_trials(study_id, study.unfinished_trial_ids - skip, after, skip)
