@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.net import free_port
 
 __all__ = ["Server", "find_bin", "new_database", "start"]
 
@@ -37,12 +38,6 @@ def find_bin() -> Path | None:
         if (Path(d) / "initdb").exists():
             return Path(d)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -130,7 +125,7 @@ def start(timeout_s: float = 60.0, *, fsync: bool = True) -> Server:
     if run.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {run.stderr.decode(errors='replace')[-500:]}")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",

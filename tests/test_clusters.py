@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 
 from dse.plugins.benchmarks import study_spec
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,19 +39,13 @@ def test_ray_extras_for_dashboard_state_jobs_and_client_are_installed() -> None:
     from ray.util.state import list_actors  # noqa: F401
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again when we return: nothing listens
-
-
 @pytest.mark.parametrize("scheme", ["", "ray://"])
 def test_unreachable_cluster_one_line_and_nothing_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], scheme: str
 ) -> None:
     spec = tmp_path / "far.toml"
     spec.write_text(study_spec("far", n_trials=3, tracking={"enabled": False}))
-    address = f"{scheme}127.0.0.1:{_closed_port()}"
+    address = f"{scheme}127.0.0.1:{free_port()}"
     # a process of its own: in this one, a Ray another test started would be reused
     done = subprocess.run([sys.executable, "-m", "dse.cli", "run", str(spec), "--dir",
                            str(tmp_path / "studies"), "--address", address],
@@ -75,7 +69,7 @@ def test_ray_initialised_in_the_process_is_used_and_said_once(
     from dse.spec import parse_spec
 
     spec = parse_spec(study_spec("nb", n_trials=2, workers=1, tracking={"enabled": False}))
-    address = f"ray://127.0.0.1:{_closed_port()}"
+    address = f"ray://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.INFO, logger="dse"):
         summary = Driver(spec, tmp_path, address=address, progress=False).run()
     assert summary.complete == 2 and ray_session.is_initialized()

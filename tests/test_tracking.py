@@ -22,6 +22,7 @@ from dse.pareto import (
     study_hypervolume,
 )
 from dse.spec import load_spec, parse_spec, sample_params, study_info
+from tests.net import free_port
 from tracking import default_uri
 from tracking.artifacts import trials_table, write_artifacts
 from tracking.mlflow_tracker import (
@@ -513,14 +514,6 @@ def test_store_killed_while_being_created_is_not_left_half_built(
     assert default.artifact_location == made[0] and default.creation_time >= t0_ms
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_mlflow_server(db: Path, port: int, cwd: Path) -> Any:
     """A real ``mlflow server`` (one worker) on 127.0.0.1:port; returns once /health answers."""
     import os
@@ -570,7 +563,7 @@ def test_server_killed_and_restarted_mid_run_loses_nothing(tmp_path: Path) -> No
     study, spec = _study(40)
     trials = study.trials
     complete = [t.number for t in trials if t.state == TrialState.COMPLETE]
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "server.db"
     _create_sqlite_store(db)  # a copy of the store template: the server skips the migrations
     uri = f"http://127.0.0.1:{port}"

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,12 +34,6 @@ ARGS = [
 WAIT_MS = 60_000  # only to stop a hang: an element normally shows within seconds
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _dse(*args: str) -> list[str]:
@@ -60,7 +55,7 @@ def test_ui_shows_the_study_in_a_browser(tmp_path: Path, monkeypatch: pytest.Mon
 
     assert main(["run", str(spec), "--n-trials", "8", "--address", "inline", "--dir", str(root),
                  "--progress", "log"]) == 0
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen(
         _dse("ui", "zdt1", "--dir", str(root), "--port", str(port)),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
