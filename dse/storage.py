@@ -602,6 +602,19 @@ def _mysql_lock(c: Any, key: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _pg_lock(c: Any, key: int) -> Iterator[None]:
+    """Hold PostgreSQL session advisory lock ``key`` on connection ``c``."""
+    import sqlalchemy
+
+    c.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+    try:
+        yield
+    finally:
+        c.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        c.commit()
+
+
+@contextlib.contextmanager
 def _schema_lock(url: str, pg: bool) -> Iterator[None]:
     """A lock around Optuna's schema creation, which several clients at once fail
     (PostgreSQL: ``CREATE TABLE`` on its catalog; SQLite: the second ``INSERT`` of
@@ -628,14 +641,8 @@ def _schema_lock(url: str, pg: bool) -> Iterator[None]:
 
     engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10},
                                       poolclass=sqlalchemy.pool.NullPool)
-    key = {"k": _PG_LOCK_BASE - 1}
-    with engine.connect() as c:
-        c.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), key)
-        try:
-            yield
-        finally:
-            c.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), key)
-            c.commit()
+    with engine.connect() as c, _pg_lock(c, _PG_LOCK_BASE - 1):
+        yield
 
 
 class DriverRDBStorage(_CachedStorage):
@@ -833,9 +840,8 @@ class PostgresDriverStorage(DriverRDBStorage):
                         raise
                     self.close()
                     if attempt or not retry or self._held:
-                        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
                         raise StorageError(
-                            f"storage {redact(self._backend.url)}: connection lost ({why}); told "
+                            f"storage {redact(self._backend.url)}: connection lost ({_why(e)}); told "
                             "trials are committed; continue with `dse resume`") from None
         raise AssertionError("unreachable")
 
@@ -1352,8 +1358,6 @@ def exclusive(study: optuna.Study) -> Iterator[None]:
     if rdb is None:  # a plain journal or in-memory storage: one process
         yield
         return
-    import sqlalchemy
-
     dialect = rdb.engine.dialect.name
     if dialect == "sqlite":
         with _sqlite_lock(rdb.engine.url.database):
@@ -1364,18 +1368,10 @@ def exclusive(study: optuna.Study) -> Iterator[None]:
             yield
         return
     if dialect == "postgresql":
-        lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
-        key: Any = _PG_LOCK_BASE + study._study_id
-    else:
-        yield
-        return
-    with rdb.engine.connect() as c:
-        c.execute(sqlalchemy.text(lock), {"k": key})
-        try:
+        with rdb.engine.connect() as c, _pg_lock(c, _PG_LOCK_BASE + study._study_id):
             yield
-        finally:
-            c.execute(sqlalchemy.text(unlock), {"k": key})
-            c.commit()
+        return
+    yield
 
 
 def state_counts(study: optuna.Study) -> dict[TrialState, int]:
