@@ -28,16 +28,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clusters"))
 import netns  # noqa: E402  (clusters/netns.py)
+from peak_rss import PeakRSS  # noqa: E402  (bench/: on sys.path when run as a script)
 
 DRIVE = """
 import json, sys
@@ -51,34 +49,6 @@ print(json.dumps({"complete": s.complete, "running": s.running, "setup_s": s.set
 """
 
 
-class NamespacePeakRSS:
-    """Peak summed RSS (bytes) of every process in the given namespaces, every 0.2 s."""
-
-    def __init__(self, nodes: list[netns.Node]) -> None:
-        self.nodes, self.peak_bytes = nodes, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for pid in (p for n in self.nodes for p in n.pids()):
-                try:
-                    total += psutil.Process(pid).memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_bytes = max(self.peak_bytes, total)
-            time.sleep(0.2)
-
-    def __enter__(self) -> NamespacePeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def run_once(two_nodes: bool, n_trials: int, delay_s: float, work: Path) -> dict[str, Any]:
     """One study on a fresh 1- or 2-node cluster; its summary, throughput and peak RSS."""
     from dse.plugins.benchmarks import study_spec
@@ -90,7 +60,7 @@ def run_once(two_nodes: bool, n_trials: int, delay_s: float, work: Path) -> dict
                                options={"delay_s": delay_s}, tracking={"enabled": False}))
     with netns.TwoNodes(cpus=1, workers=two_nodes) as nodes:
         used = [nodes.head, nodes.worker] if two_nodes else [nodes.head]
-        with NamespacePeakRSS(used) as rss:
+        with PeakRSS(lambda: [p for n in used for p in n.pids()]) as rss:
             proc = nodes.popen([sys.executable, "-c", DRIVE, str(spec), str(work / "studies"),
                                 nodes.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=work)

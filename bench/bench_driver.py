@@ -34,44 +34,13 @@ import logging
 import resource
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+from peak_rss import PeakRSS  # bench/: on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class PeakRSS:
-    """Samples the summed RSS (bytes) of this process and all its descendants."""
-
-    def __init__(self, period_s: float = 0.2) -> None:
-        self.period_s = period_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_bytes = max(self.peak_bytes, total)
-            time.sleep(self.period_s)
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def spec_text(name: str, n_trials: int, delay_s: float, *, storage: str | None = None,

@@ -27,46 +27,15 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+from peak_rss import PeakRSS, tree  # bench/: on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-class Peak:
-    """Peak summed RSS (bytes) of some processes, sampled every ``period_s``."""
-
-    def __init__(self, pids: list[int], children: bool, period_s: float = 0.2) -> None:
-        self.pids, self.children, self.period_s = pids, children, period_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for pid in self.pids:
-                try:
-                    p = psutil.Process(pid)
-                    procs = [p, *p.children(recursive=True)] if self.children else [p]
-                    total += sum(q.memory_info().rss for q in procs)
-                except psutil.Error:
-                    pass
-            self.peak_bytes = max(self.peak_bytes, total)
-            self._stop.wait(self.period_s)
-
-    def __enter__(self) -> Peak:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 class Statements:
@@ -103,8 +72,8 @@ def run(tmp: Path, name: str, n_trials: int, storage: str | None, ray: bool,
     spec = parse_spec(spec_text(name, n_trials, 0.0, storage=storage, inline=not ray))
     count.orm = count.own = 0
     count.on = True
-    with Peak([os.getpid()], children=False) as drv, \
-            Peak([server_pid] if server_pid else [], children=True) as srv:
+    with PeakRSS(lambda: [os.getpid()]) as drv, \
+            PeakRSS(lambda: tree(server_pid) if server_pid else []) as srv:
         t0 = time.perf_counter()
         s = Driver(spec, tmp, progress=False).run()
         wall_s = time.perf_counter() - t0

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from bench_driver import PeakRSS  # run as `python bench/...`: bench/ is on sys.path
+from peak_rss import PeakRSS  # run as `python bench/...`: bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
