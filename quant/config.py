@@ -13,14 +13,20 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from quant.desc import FINETUNE_PARAMS, KV_LAYOUTS, RATIO_RULES, SALIENCES
-from quant.formats import Format, get_format
+from quant.desc import (
+    FINETUNE_PARAMS,
+    KV_LAYOUTS,
+    RATIO_RULES,
+    SALIENCES,
+    FormatDesc,
+    describe,
+)
 
 __all__ = ["QuantConfig", "SparsityConfig", "FinetuneConfig", "SALIENCES", "RATIO_RULES",
            "KV_LAYOUTS", "FINETUNE_PARAMS", "match_pattern"]
 
-FP32 = get_format("fp32")
-BF16 = get_format("bf16")
+FP32 = describe("fp32")
+BF16 = describe("bf16")
 
 
 def match_pattern(name: str, overrides: tuple[tuple[str, Any], ...]) -> Any | None:
@@ -39,11 +45,11 @@ def match_pattern(name: str, overrides: tuple[tuple[str, Any], ...]) -> Any | No
     return value
 
 
-def _fmt(param: str, v: Any) -> Format:
-    if isinstance(v, Format):
+def _fmt(param: str, v: Any) -> FormatDesc:
+    if isinstance(v, FormatDesc):
         return v
     try:
-        return get_format(v)
+        return describe(v)
     except ValueError as err:
         raise ValueError(f"{param}: {err}") from None
 
@@ -78,6 +84,11 @@ def _layer_key(param: str, prefix: str, fields: tuple[str, ...]) -> tuple[str, s
 class QuantConfig:
     """Which format every tensor gets (see docs/params.md, `quant.*`).
 
+    Formats are held as descriptions (:class:`quant.desc.FormatDesc`: name, bits, multiplier
+    cost; no torch), so a simulator reads a candidate's formats without importing torch;
+    ``quantize_model`` turns them into quantizers (``quant.formats.as_format``). A
+    ``quant.Format`` given here is kept as it is (it is a description too).
+
     Attributes:
         weights: default format of every Linear/Conv2d weight.
         acts: default format of every Linear/Conv2d input activation.
@@ -87,7 +98,7 @@ class QuantConfig:
             means "same as ``acts``".
         lqer_rank: LQER rank k for every quantized Linear (0 = off).
         lqer_format: format of the LQER factors A and B.
-        layer_weights / layer_acts: ``(pattern, Format)`` overrides by module name (fnmatch
+        layer_weights / layer_acts: ``(pattern, FormatDesc)`` overrides by module name (fnmatch
             glob; the longest matching pattern wins, later wins ties). ``layer_acts`` also
             applies to ``QMatmul`` modules (matmul granularity).
         kv_proj_patterns: modules whose *outputs* are quantized with ``kv`` when the model
@@ -110,18 +121,18 @@ class QuantConfig:
             (0 = none; needs causal attention through ``quant.kv_attention``).
     """
 
-    weights: Format = FP32
-    acts: Format = FP32
-    kv: Format = FP32
-    attn: Format | None = None
+    weights: FormatDesc = FP32
+    acts: FormatDesc = FP32
+    kv: FormatDesc = FP32
+    attn: FormatDesc | None = None
     lqer_rank: int = 0
-    lqer_format: Format = FP32
-    layer_weights: tuple[tuple[str, Format], ...] = ()
-    layer_acts: tuple[tuple[str, Format], ...] = ()
+    lqer_format: FormatDesc = FP32
+    layer_weights: tuple[tuple[str, FormatDesc], ...] = ()
+    layer_acts: tuple[tuple[str, FormatDesc], ...] = ()
     kv_proj_patterns: tuple[str, ...] = ("*k_proj", "*v_proj")
     ratio: float | None = None
     ratio_rule: str = "depth"
-    ratio_high: Format = BF16
+    ratio_high: FormatDesc = BF16
     seed: int = 0
     kv_k_layout: str = "token"
     kv_v_layout: str = "token"
@@ -150,21 +161,21 @@ class QuantConfig:
         object.__setattr__(self, "lqer_rank", _int("quant.lqer.rank", self.lqer_rank, 0))
 
     @property
-    def attn_format(self) -> Format:
+    def attn_format(self) -> FormatDesc:
         """Effective attention-matmul input format (``attn`` or, when unset, ``acts``)."""
         return self.attn if self.attn is not None else self.acts
 
-    def weight_format(self, name: str) -> Format:
+    def weight_format(self, name: str) -> FormatDesc:
         """Weight format of the module with qualified name ``name``."""
         f = match_pattern(name, self.layer_weights)
         return f if f is not None else self.weights
 
-    def act_format(self, name: str) -> Format:
+    def act_format(self, name: str) -> FormatDesc:
         """Input-activation format of the Linear/Conv2d module ``name``."""
         f = match_pattern(name, self.layer_acts)
         return f if f is not None else self.acts
 
-    def matmul_format(self, name: str) -> Format:
+    def matmul_format(self, name: str) -> FormatDesc:
         """Input format of the attention matmul module ``name`` (``QMatmul``)."""
         f = match_pattern(name, self.layer_acts)
         return f if f is not None else self.attn_format
@@ -179,8 +190,8 @@ class QuantConfig:
             ValueError: naming the parameter, for a bad value or an unknown ``quant.`` name.
         """
         kw: dict[str, Any] = {}
-        lw: list[tuple[str, Format]] = []
-        la: list[tuple[str, Format]] = []
+        lw: list[tuple[str, FormatDesc]] = []
+        la: list[tuple[str, FormatDesc]] = []
         simple = {"quant.weights": "weights", "quant.acts": "acts", "quant.kv": "kv",
                   "quant.attn": "attn", "quant.lqer.format": "lqer_format",
                   "quant.ratio_high": "ratio_high"}

@@ -51,6 +51,7 @@ __all__ = [
     "IntFormat",
     "LogFormat",
     "get_format",
+    "as_format",
     "multiplier_cost",
     "FAMILIES",
 ]
@@ -437,5 +438,20 @@ def get_format(name: str) -> Format:
     Raises:
         ValueError: unknown family or malformed arguments; the message lists the families.
     """
-    d = describe(name)
+    return as_format(describe(name))
+
+
+def as_format(fmt: FormatDesc | str) -> Format:
+    """The quantizing Format of a format name or :class:`quant.desc.FormatDesc` (a Format is
+    returned as it is). ``QuantConfig`` holds descriptions (no torch); the modules that
+    quantize tensors turn them into Formats with this."""
+    if isinstance(fmt, Format):
+        return fmt
+    if isinstance(fmt, str):
+        return get_format(fmt)
+    return _quantizer(fmt)
+
+
+@lru_cache(maxsize=512)
+def _quantizer(d: FormatDesc) -> Format:
     return _QUANTIZERS[type(d)](**{f.name: getattr(d, f.name) for f in dataclasses.fields(d)})

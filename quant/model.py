@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from quant.config import QuantConfig, match_pattern
-from quant.formats import Format, get_format
+from quant.desc import FormatDesc
+from quant.formats import as_format, get_format
 from quant.lqer import LQERCache, lqer_svd
 from quant.ratio import select_low
 
@@ -65,9 +66,9 @@ class QMatmul(nn.Module):
     ``quant.layer.<pattern>.acts`` override naming this module). Use it for QK^T and PV.
     """
 
-    def __init__(self, fmt: Format | str = FP32) -> None:
+    def __init__(self, fmt: FormatDesc | str = FP32) -> None:
         super().__init__()
-        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.fmt = as_format(fmt)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.fmt.is_identity:
@@ -97,9 +98,10 @@ class KVQuant(nn.Module):
 
     LAYOUTS = ("token", "channel")
 
-    def __init__(self, fmt: Format | str = FP32, layout: str = "token", window: int = 0) -> None:
+    def __init__(self, fmt: FormatDesc | str = FP32, layout: str = "token", window: int = 0
+                 ) -> None:
         super().__init__()
-        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.fmt = as_format(fmt)
         self.layout = layout
         self.window = int(window)
 
@@ -182,8 +184,8 @@ def kv_attention(
 class _KVOutputHook:
     """Forward hook quantizing a module's output with the KV format (HF k_proj / v_proj)."""
 
-    def __init__(self, fmt: Format) -> None:
-        self.fmt = fmt
+    def __init__(self, fmt: FormatDesc) -> None:
+        self.fmt = as_format(fmt)
 
     def __call__(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
         return self.fmt.quantize(out, -1)
@@ -231,9 +233,9 @@ def lqer_factors(
     weight_q: torch.Tensor,
     rank: int,
     act_scale: torch.Tensor | None = None,
-    fmt: Format = FP32,
+    fmt: FormatDesc = FP32,
     cache: LQERCache | None = None,
-    w_fmt: Format | None = None,
+    w_fmt: FormatDesc | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LQER factors ``A (in, k)``, ``B (k, out)`` with ``X A B ~= X (W - Wq)^T``.
 
@@ -253,7 +255,8 @@ def lqer_factors(
         a, b = cache.factors(weight, weight_q, w_fmt.name, act_scale, rank)
     else:
         a, b = lqer_svd(weight, weight_q, act_scale, rank)
-    return fmt.quantize(a, 0), fmt.quantize(b, 0)
+    q = as_format(fmt)
+    return q.quantize(a, 0), q.quantize(b, 0)
 
 
 def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -285,17 +288,17 @@ class QLinear(nn.Module):
     def __init__(
         self,
         linear: nn.Linear,
-        w_fmt: Format,
-        a_fmt: Format,
+        w_fmt: FormatDesc,
+        a_fmt: FormatDesc,
         lqer_rank: int = 0,
-        lqer_fmt: Format = FP32,
+        lqer_fmt: FormatDesc = FP32,
         act_scale: torch.Tensor | None = None,
         lqer_cache: LQERCache | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.w_fmt, self.a_fmt = w_fmt, a_fmt
+        self.w_fmt, self.a_fmt = w_fmt, a_fmt = as_format(w_fmt), as_format(a_fmt)
         w = linear.weight.detach()
         wq = w_fmt.quantize(w, -1)
         self.weight = nn.Parameter(_own_copy(wq, w), requires_grad=False)
@@ -352,14 +355,14 @@ class QConv2d(nn.Module):
     the im2col GEMM, channel-major.
     """
 
-    def __init__(self, conv: nn.Conv2d, w_fmt: Format, a_fmt: Format) -> None:
+    def __init__(self, conv: nn.Conv2d, w_fmt: FormatDesc, a_fmt: FormatDesc) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self.padding_mode = conv.padding_mode
         self._rpad = conv._reversed_padding_repeated_twice
-        self.w_fmt, self.a_fmt = w_fmt, a_fmt
+        self.w_fmt, self.a_fmt = w_fmt, a_fmt = as_format(w_fmt), as_format(a_fmt)
         w = conv.weight.detach()
         self.weight = nn.Parameter(_own_copy(w_fmt.quantize(w, 1), w), requires_grad=False)
         self.bias = conv.bias
@@ -525,14 +528,14 @@ def quantize_model(
             }
         elif isinstance(mod, QMatmul):
             f = config.matmul_format(name)
-            mod.fmt = f
+            mod.fmt = as_format(f)
             b = f.bits_per_element()
             act_bits += [b, b]
             n_mm += 1
             n_mm_low += int(b < 32)
             report.per_layer[name] = {"kind": "matmul", "act_format": f.name, "act_bits": b}
         elif isinstance(mod, KVQuant):
-            mod.fmt = config.kv
+            mod.fmt = as_format(config.kv)
             mod.layout = config.kv_k_layout if name.endswith("k_cache") else config.kv_v_layout
             mod.window = config.kv_window
             report.per_layer[name] = {"kind": "kv", "kv_format": config.kv.name,

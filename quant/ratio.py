@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from quant.config import QuantConfig
+from quant.formats import as_format
 
 __all__ = ["select_low", "sensitivity"]
 
@@ -39,7 +40,7 @@ def sensitivity(mod: nn.Module, config: QuantConfig, scale: torch.Tensor | None)
     (0 for an all-zero weight)."""
     w = mod.weight.detach().float()
     axis = 1 if isinstance(mod, nn.Conv2d) else -1
-    e = w - config.weights.quantize(w, axis)
+    e = w - as_format(config.weights).quantize(w, axis)
     if scale is not None:
         shape = [1] * w.dim()
         shape[axis] = -1

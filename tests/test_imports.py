@@ -71,6 +71,7 @@ from pathlib import Path
 from dse.cli import main
 from dse.spec import load_spec
 import dse.plugins.plena, dse.plugins.benchmarks, simulators.baselines, quant.desc
+import dse.plugins.dataflow, quant.config
 spec = load_spec(Path(sys.argv[1]))        # validates every format name (quant.desc)
 rc = main(["run", sys.argv[1], "--dir", sys.argv[2], "--n-trials", "2", "--no-tracking",
            "--progress", "log"])
@@ -78,17 +79,7 @@ print(json.dumps({"rc": rc, "torch": "torch" in sys.modules, "ray": "ray" in sys
 """
 
 
-def test_a_simulator_only_study_never_imports_torch(tmp_path: Path) -> None:
-    """The cheap path (the CLI, spec validation with format names, the PLENA simulator and
-    its baselines, a 2-trial run) in a fresh interpreter: torch (2.5 s to import) and Ray
-    are never imported; format descriptions come from quant.desc."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    spec = tmp_path / "p.toml"
-    spec.write_text("""
+PLENA_SPEC = """
 [study]
 name = "p"
 [[objectives]]
@@ -99,7 +90,39 @@ weights = { choices = ["mxint4", "int4(asym,group=128)", "bf16"] }
 kv = { choices = ["mxint8", "fp8_e4m3"] }
 [[evaluators]]
 name = "plena"
-""")
+"""
+
+# the dataflow simulator reads the candidate's formats and densities through
+# quant.QuantConfig / quant.SparsityConfig (quant.config: format descriptions, no torch)
+DATAFLOW_SPEC = """
+[study]
+name = "d"
+[[objectives]]
+metric = "images_per_s_per_dsp"
+direction = "maximize"
+[space.quant]
+weights = { choices = ["int8", "int4"] }
+acts = { value = "int8" }
+[space.sparsity]
+density = { type = "float", low = 0.3, high = 1.0 }
+[[evaluators]]
+name = "dataflow"
+options = { network = "mobilenetv3_small", device = "u250" }
+"""
+
+
+@pytest.mark.parametrize("spec_text", [PLENA_SPEC, DATAFLOW_SPEC], ids=["plena", "dataflow"])
+def test_a_simulator_only_study_never_imports_torch(tmp_path: Path, spec_text: str) -> None:
+    """The cheap path (the CLI, spec validation with format names, the PLENA simulator and
+    its baselines or the dataflow simulator, a 2-trial run) in a fresh interpreter: torch
+    (2.5 s to import) and Ray are never imported; format descriptions come from quant.desc."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "p.toml"
+    spec.write_text(spec_text)
     proc = subprocess.run([sys.executable, "-c", CHEAP_PATH, str(spec), str(tmp_path / "s")],
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
