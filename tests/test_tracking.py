@@ -514,6 +514,53 @@ def test_store_killed_while_being_created_is_not_left_half_built(
     assert default.artifact_location == made[0] and default.creation_time >= t0_ms
 
 
+def test_telemetry_off_unless_the_user_chose() -> None:
+    """MLflow's usage telemetry: switched off where the user set neither of its switches."""
+    from tracking.info import telemetry_off
+
+    for environ, expected in [({}, {"MLFLOW_DISABLE_TELEMETRY": "true"}),
+                              ({"MLFLOW_DISABLE_TELEMETRY": "false"}, {"MLFLOW_DISABLE_TELEMETRY": "false"}),
+                              ({"DO_NOT_TRACK": "false"}, {"DO_NOT_TRACK": "false"})]:
+        telemetry_off(environ)
+        assert environ == expected
+
+
+TELEMETRY_OF_THE_LOGGING_PROCESS = """
+import json, sys
+from pathlib import Path
+from dse.spec import parse_spec, study_info
+from tracking.mlflow_tracker import Tracker
+sdir = Path(sys.argv[2])
+tr = Tracker(study_info(parse_spec(Path(sys.argv[1]).read_text(), check_options=False), sdir), sdir)
+tr.start([])
+environ = Path(f"/proc/{tr._proc.pid}/environ").read_bytes().split(b"\\0")
+tr.finish([])
+print(json.dumps({"error": tr.error, "switches": sorted(e.decode() for e in environ
+                  if e.startswith((b"MLFLOW_DISABLE_TELEMETRY=", b"DO_NOT_TRACK=")))}))
+"""
+
+
+@pytest.mark.slow
+def test_the_logging_process_runs_without_telemetry(tmp_path: Path) -> None:
+    """The MLflow logging process, started by a driver whose user set no telemetry switch,
+    runs with MLFLOW_DISABLE_TELEMETRY=true (MLflow 3 would otherwise start its telemetry
+    client there). (Outside pytest: under pytest MLflow turns it off by itself.)"""
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "t.toml"
+    spec.write_text(SPEC)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST")}
+    proc = subprocess.run([sys.executable, "-c", TELEMETRY_OF_THE_LOGGING_PROCESS, str(spec),
+                           str(tmp_path)], env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "error": None, "switches": ["MLFLOW_DISABLE_TELEMETRY=true"]}
+
+
 def _start_mlflow_server(db: Path, port: int, cwd: Path) -> Any:
     """A real ``mlflow server`` (one worker) on 127.0.0.1:port; returns once /health answers."""
     import os

@@ -11,7 +11,7 @@ hypervolume) arrive as callables; they must be picklable (module-level functions
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,16 @@ from optuna.trial import FrozenTrial
 
 #: trial user attribute marking a spec ``enqueue`` point (a baseline), set by the driver
 BASELINE_ATTR = "dse:baseline"
+
+#: the switches of MLflow 3's usage telemetry (``mlflow.telemetry.utils.is_telemetry_disabled``)
+TELEMETRY_SWITCHES = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+
+
+def telemetry_off(environ: MutableMapping[str, str]) -> None:
+    """Turn MLflow's usage telemetry off in ``environ`` (``MLFLOW_DISABLE_TELEMETRY=true``)
+    unless the user set one of its switches (:data:`TELEMETRY_SWITCHES`) themselves."""
+    if not any(k in environ for k in TELEMETRY_SWITCHES):
+        environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 
 @dataclass(frozen=True)
