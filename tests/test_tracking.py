@@ -514,6 +514,38 @@ def test_store_killed_while_being_created_is_not_left_half_built(
     assert default.artifact_location == made[0] and default.creation_time >= t0_ms
 
 
+@pytest.mark.slow
+def test_a_damaged_store_template_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated store template (a full disk, a crash while the cache was copied) is
+    found by its cheap check and rebuilt in place: the next study's store works."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from tracking.mlflow_tracker import _create_sqlite_store, _template_problem, store_template
+
+    good = store_template()  # this machine's cache (built once), copied and damaged below
+    assert good is not None and _template_problem(good) is None
+    cache = tmp_path / "cache"
+    (cache / "mlflow").mkdir(parents=True)
+    damaged = cache / "mlflow" / good.name
+    shutil.copyfile(good, damaged)
+    with damaged.open("r+b") as f:
+        f.truncate(damaged.stat().st_size // 2)
+    assert _template_problem(damaged) is not None
+    monkeypatch.setenv("DSE_CACHE_DIR", str(cache))
+    with caplog.at_level("WARNING", logger="dse.tracking"):
+        _create_sqlite_store(tmp_path / "mlflow.db")
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"MLflow store template {damaged} is damaged"]
+    assert _template_problem(damaged) is None and not list(cache.glob("mlflow/*.init-*"))
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = c.create_run(c.create_experiment("after-damage"))
+    c.log_metric(run.info.run_id, "a", 1.0)
+    assert c.get_run(run.info.run_id).data.metrics == {"a": 1.0}
+
+
 def test_telemetry_off_unless_the_user_chose() -> None:
     """MLflow's usage telemetry: switched off where the user set neither of its switches."""
     from tracking.info import telemetry_off

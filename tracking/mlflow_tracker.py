@@ -174,47 +174,77 @@ def _sqlite_file(uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def _made_aside(db: Path) -> Iterator[Path]:
+def _made_aside(db: Path, replace: bool = False) -> Iterator[Path]:
     """A temporary path beside ``db`` (``<db>.init-<pid>``) for the caller to build a file
     in; linked to ``db`` when the block ends without an error (never replacing a ``db``
-    another process made meanwhile) and removed in every case, so ``db`` is never seen
-    half-built."""
+    another process made meanwhile; ``replace``: renamed over ``db``, atomically) and
+    removed in every case, so ``db`` is never seen half-built."""
     tmp = db.with_name(f"{db.name}.init-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, db)
+        if replace:
+            os.replace(tmp, db)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, db)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _build_sqlite_store(db: Path) -> None:
+def _build_sqlite_store(db: Path, replace: bool = False) -> None:
     """Have MLflow build a new SQLite store all at once: its schema (dozens of migrations,
     ~3 s of CPU) is made in ``<db>.init-<pid>``, which is then linked to ``db``. A process
     killed during that set-up used to leave a half-migrated store that MLflow refused for
     good ("table _alembic_tmp_trace_info already exists"); now it leaves only a temporary
-    file. If another process created ``db`` meanwhile, its store is kept."""
+    file. If another process created ``db`` meanwhile, its store is kept (``replace``: the
+    new store replaces ``db``)."""
     from mlflow.tracking import MlflowClient
 
-    with _made_aside(db) as tmp:
+    with _made_aside(db, replace) as tmp:
         store = MlflowClient(tracking_uri=f"sqlite:///{tmp}")._tracking_client.store
         store.engine.dispose()  # closes the file: nothing left in a journal
+
+
+def _template_problem(path: Path) -> str | None:
+    """What is wrong with a store template (``None``: nothing): SQLite's quick integrity
+    check, one schema version row, the Default experiment; milliseconds for the ~1 MB file."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            check = con.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                return f"integrity check: {check[0][0]}"
+            if len(con.execute("SELECT version_num FROM alembic_version").fetchall()) != 1:
+                return "expected one alembic_version row"
+            if not con.execute("SELECT 1 FROM experiments WHERE experiment_id = 0").fetchall():
+                return "no Default experiment"
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
 
 
 def store_template() -> Path | None:
     """An empty MLflow SQLite store of the installed MLflow version, built by MLflow once per
     machine (``<cache>/mlflow/empty-<version>.db``, cache = ``$DSE_CACHE_DIR`` or
-    ``~/.cache/dse``); ``None`` when the cache cannot be written."""
+    ``~/.cache/dse``) and rebuilt (replaced atomically) when it is found damaged
+    (:func:`_template_problem`); ``None`` when the cache cannot be written."""
     import mlflow
 
     from evaluators.cache import default_cache_root
 
     path = default_cache_root() / "mlflow" / f"empty-{mlflow.__version__}.db"
-    if not path.exists():
+    problem = _template_problem(path) if path.exists() else "missing"
+    if problem is not None:
+        if problem != "missing":
+            log.warning("MLflow store template %s is damaged (%s); rebuilding it", path, problem)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _build_sqlite_store(path)
+            _build_sqlite_store(path, replace=problem != "missing")
         except OSError as e:
             log.debug("no MLflow store template at %s (%s)", path, e)
             return None
