@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,8 +22,8 @@ from optuna.trial import TrialState
 
 from dse.plugins.benchmarks import study_spec
 from dse.storage import open_storage
+from tests.kills import Dse, mid_trial
 
-ROOT = Path(__file__).resolve().parents[1]
 BASELINES = [{"x.0": 0.25, "x.1": 0.0}, {"x.0": 0.75, "x.1": 0.5}]
 
 
@@ -40,10 +37,14 @@ def _spec(tmp: Path, name: str, n_trials: int, delay_s: float) -> Path:
     return path
 
 
-def _dse(args: list[str], host: str, **kw: object) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSE_HOST": host, "DSE_HEARTBEAT_S": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dse.cli", *args, "--progress", "log"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)  # type: ignore[call-overload]
+def _dse(args: list[str], host: str) -> Dse:
+    return Dse([*args, "--progress", "log"], env={"DSE_HOST": host, "DSE_HEARTBEAT_S": "1"},
+               watch=False)
+
+
+def _ended(d: Dse, timeout_s: float = 240) -> None:
+    """Wait for a driver to end; fails the test, with its last lines, unless it ends well."""
+    assert d.wait(timeout_s) == 0, "\n".join(d.err[-30:])
 
 
 def _trials(url: str, name: str, tmp: Path) -> list[optuna.trial.FrozenTrial]:
@@ -57,26 +58,19 @@ def _check(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> None:
     assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
     base = [t for t in trials if t.user_attrs.get("dse:baseline")]
     assert sorted(t.params["x.0"] for t in base) == sorted(b["x.0"] for b in BASELINES)
-    # every orphan failed once and re-run once
-    for t in trials:
-        if t.state == TrialState.FAIL:
-            assert "left RUNNING" in t.user_attrs.get("fail_reason", ""), t.user_attrs
-            retries = [r for r in trials if r.user_attrs.get("dse:retry_of") == t.number]
-            if not t.params:  # killed before its parameters were written: nothing to re-run
-                assert retries == []
-                continue
-            assert len(retries) == 1 and retries[0].params == t.params
 
 
 def _race(url: str, tmp: Path, name: str, n: int = 40) -> None:
     spec = _spec(tmp, name, n, delay_s=0.03)
     procs = [_dse(["run", str(spec), "--dir", str(tmp / f"host{i}"), "--storage", url], f"host{i}")
              for i in range(3)]
-    outs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out
+    for d in procs:
+        _ended(d)
     trials = _trials(url, name, tmp)
     _check(trials, n)
+    # no driver was killed: none took another, alive, for gone (its trial would be FAILed
+    # as "left RUNNING" and run again), so exactly n_trials trials were made
+    assert len(trials) == n, Counter(t.state for t in trials)
     # all three took part
     owners = Counter(t.system_attrs.get("dse:owner") for t in trials)
     assert len(owners) == 3, owners
@@ -113,22 +107,6 @@ def test_three_drivers_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     _race(postgres_url, tmp_path, "pgrace")
 
 
-def _wait_complete(url: str, name: str, tmp: Path, k: int, proc: subprocess.Popen[bytes]) -> None:
-    """Until ``k`` trials are COMPLETE and one is RUNNING (a kill then leaves an orphan; a
-    kill between one trial's tell and the next ask left none: a race in the test)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        try:
-            c = Counter(t.state for t in _trials(url, name, tmp))
-            if c[TrialState.COMPLETE] >= k and c[TrialState.RUNNING] >= 1:
-                return
-        except KeyError:  # not created yet
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{name}: {k} COMPLETE and one RUNNING not reached")
-
-
 @pytest.mark.slow
 def test_sigkilled_on_host_a_resumed_on_host_b(postgres_url: str, tmp_path: Path) -> None:
     """SIGKILL a driver mid-trial on "host A"; ``dse resume NAME --storage URL`` on "host B"
@@ -136,17 +114,28 @@ def test_sigkilled_on_host_a_resumed_on_host_b(postgres_url: str, tmp_path: Path
     n = 12
     spec = _spec(tmp_path, "hosts", n, delay_s=0.3)
     a = _dse(["run", str(spec), "--dir", str(tmp_path / "A"), "--storage", postgres_url], "hostA")
-    _wait_complete(postgres_url, "hosts", tmp_path, 4, a)
-    a.send_signal(signal.SIGKILL)
-    a.communicate(timeout=30)
+    try:
+        a.wait_until(mid_trial(tmp_path, "hosts", 4, postgres_url), "4 COMPLETE and one RUNNING",
+                     120, poll_s=0.05)
+    finally:
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(timeout=30)
     running = [t.number for t in _trials(postgres_url, "hosts", tmp_path) if t.state == TrialState.RUNNING]
     assert running, "the kill should leave the in-flight trial RUNNING"
     b = _dse(["resume", "hosts", "--dir", str(tmp_path / "B"), "--storage", postgres_url], "hostB")
-    out = b.communicate(timeout=240)[0].decode(errors="replace")
-    assert b.returncode == 0, out
+    _ended(b)
     assert not (tmp_path / "B" / "hosts" / "optuna.journal").exists()
     trials = _trials(postgres_url, "hosts", tmp_path)
     _check(trials, n)
+    # every orphan failed once and re-run once
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            assert "left RUNNING" in t.user_attrs.get("fail_reason", ""), t.user_attrs
+            retries = [r for r in trials if r.user_attrs.get("dse:retry_of") == t.number]
+            if not t.params:  # killed before its parameters were written: nothing to re-run
+                assert retries == []
+                continue
+            assert len(retries) == 1 and retries[0].params == t.params
     # A's orphans: run again as themselves by B (found at B's start, once A's heartbeat is
     # older than the grace period), or failed and re-enqueued once (found later)
     for n in running:
