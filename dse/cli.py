@@ -573,6 +573,7 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, for run-time failures
         from dse.driver import DriverError
+        from dse.schema import first_line
         from dse.storage import StorageError
 
         if isinstance(e, DriverError | StorageError):
@@ -580,7 +581,7 @@ def _main(args: argparse.Namespace) -> int:
             return 1
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):  # read-only, full, ...
             what = (f"{e.filename}: {e.strerror}" if e.filename and e.strerror
-                    else (str(e).strip().splitlines() or [type(e).__name__])[0])
+                    else first_line(e))
             print(f"dse {args.command}: {what}", file=sys.stderr)
             return 1
         raise

@@ -48,6 +48,12 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what
+    a one-line error shows of an error raised by a library (messages run to many lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def format_error(value: Any) -> str | None:
     """Why ``value`` is not a number format ``quant.get_format`` parses (``None``: it is)."""
     if not isinstance(value, str):

@@ -27,7 +27,7 @@ import optuna
 
 from dse import registry
 from dse.samplers import NSGAIIISampler, NSGAIISampler, default_sampler
-from dse.schema import EvaluatorSchema
+from dse.schema import EvaluatorSchema, first_line
 from dse.schema import Param as ParamDecl
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def storage_problem(url: str) -> str | None:
         make_url(url).get_dialect()
         return None
     except (ArgumentError, NoSuchModuleError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
     return (f"expected a path ending in .journal or .log, or a database URL "
             f"(sqlite:///path.db, postgresql://user@host/db), got {url!r} ({why})")
 
@@ -752,8 +752,8 @@ class _Validator:
             try:
                 _sampler_class(sampler)(seed=0, **opts)
             except (ValueError, TypeError) as e:
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                self.err("study.sampler_options", f"the {sampler} sampler rejects them: {why}")
+                self.err("study.sampler_options",
+                         f"the {sampler} sampler rejects them: {first_line(e)}")
 
     def objectives(self, data: Mapping[str, Any]) -> list[Objective]:
         items = self.array_of_tables(data, "objectives")
@@ -1038,8 +1038,7 @@ class _Validator:
                     try:
                         checked = schema.check_options(options)
                     except (ValueError, TypeError, KeyError) as e:
-                        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                        self.err(pre + "options", msg)
+                        self.err(pre + "options", first_line(e))
                         schema = None
                         checked = {}
                 schemas.append((name, schema, checked))

@@ -50,6 +50,8 @@ from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
+from dse.schema import first_line
+
 log = logging.getLogger("dse")
 
 _CHUNK_BYTES = 1 << 16  # backwards reads of a journal's tail
@@ -506,7 +508,7 @@ def redact(url: str | None) -> str:
 
 def _why(e: Exception) -> str:
     """The first line of a database error (the driver's own message where SQLAlchemy wraps one)."""
-    return (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+    return first_line(getattr(e, "orig", None) or e)
 
 
 def check_storage(url: str, timeout_s: float = 5.0) -> str | None:

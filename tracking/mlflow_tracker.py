@@ -224,7 +224,7 @@ def _template_problem(path: Path) -> str | None:
         finally:
             con.close()
     except sqlite3.Error as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return _why(e)
     return None
 
 
