@@ -269,13 +269,12 @@ def status(name: str, root: str, storage: str | None = None) -> dict[str, Any]:
     """The status of a study as a JSON-able dict (what ``dse status --json`` prints)."""
     from optuna.trial import TrialState
 
-    from dse.driver import RUN_ATTR
+    from dse.driver import run_options
     from dse.pareto import feasible_values, nondominated_mask, reference_point, study_hypervolume
 
     spec, study = _load_study(name, root, storage)
     trials = study.get_trials(deepcopy=False)
-    stored = study.user_attrs.get(RUN_ATTR)
-    n_trials = stored.get("n_trials", spec.n_trials) if isinstance(stored, dict) else spec.n_trials
+    n_trials = run_options(study).get("n_trials", spec.n_trials)
     counts = {s.name: 0 for s in TrialState}
     for t in trials:
         counts[t.state.name] += 1

@@ -90,7 +90,7 @@ SPEC_ATTR = "dse:spec"
 ENQUEUED_ATTR = "dse:baselines_enqueued"
 TIMEOUTS_ATTR = "dse:timeouts"  # trial user attribute: earlier timed-out runs of these parameters
 DUPLICATE_ATTR = "dse:duplicate_of"  # trial user attribute: the COMPLETE trial it was answered from
-RUN_ATTR = "dse:run"  # study user attribute: the overrides of its last run (stored_run_options)
+RUN_ATTR = "dse:run"  # study user attribute: the overrides of its last run (run_options)
 RUN_OPTIONS = ("n_trials", "workers", "seed", "deterministic", "batch")
 
 
@@ -273,6 +273,12 @@ def stored_run_options(spec: Spec, root: str | Path = DEFAULT_DIR) -> dict[str, 
         study = optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage, sdir))
     except KeyError:  # created, not yet in the storage
         return {}
+    return run_options(study)
+
+
+def run_options(study: optuna.Study) -> dict[str, Any]:
+    """The overrides (:data:`RUN_OPTIONS`) stored in a loaded ``study`` by its last run
+    (empty for none): the one reader of :data:`RUN_ATTR`."""
     stored = study.user_attrs.get(RUN_ATTR)
     return {k: stored[k] for k in RUN_OPTIONS if k in stored} if isinstance(stored, dict) else {}
 
