@@ -6,16 +6,21 @@ Entry points: ``get_format(name)``, ``multiplier_cost(a, b)``, ``QuantConfig`` /
 ``SparsityConfig`` (``from_params``), ``quantize_model``, ``apply_sparsity``, and the
 modules ``QMatmul`` / ``KVQuant`` a model uses for its attention matmuls and KV cache.
 
-Names are imported on first use (PEP 562), so ``import quant.desc`` (format descriptions:
+The public names are the ``TYPE_CHECKING`` imports below (their one list: type checkers
+read them, and ``__getattr__`` finds each name's module there). They are imported on first
+use (PEP 562), so ``import quant.desc`` (format descriptions:
 parsing, bits, multiplier cost; no torch) never imports torch; ``quant.get_format`` and the
 model-side names do.
 """
 
+# ruff: noqa: F401  (the TYPE_CHECKING imports are the public names: _exports() reads them)
 from __future__ import annotations
 
+import ast
 import importlib
 import sys
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
         IntFormat,
         LogFormat,
         MinifloatFormat,
+        as_format,
         get_format,
         multiplier_cost,
     )
@@ -55,76 +61,19 @@ if TYPE_CHECKING:
         salience_scores,
     )
 
-#: public name -> the module defining it
-_MODULES = {
-    "SALIENCES": "quant.config",
-    "FinetuneConfig": "quant.config",
-    "QuantConfig": "quant.config",
-    "SparsityConfig": "quant.config",
-    "finetune": "quant.finetune",
-    "FAMILIES": "quant.formats",
-    "BlockFormat": "quant.formats",
-    "FloatFormat": "quant.formats",
-    "Format": "quant.formats",
-    "IntFormat": "quant.formats",
-    "LogFormat": "quant.formats",
-    "MinifloatFormat": "quant.formats",
-    "get_format": "quant.formats",
-    "multiplier_cost": "quant.formats",
-    "LQERCache": "quant.lqer",
-    "KVQuant": "quant.model",
-    "QConv2d": "quant.model",
-    "QLinear": "quant.model",
-    "QMatmul": "quant.model",
-    "QuantReport": "quant.model",
-    "calibrate_input_scales": "quant.model",
-    "kv_attention": "quant.model",
-    "kv_recent_mask": "quant.model",
-    "lqer_factors": "quant.model",
-    "quantize_model": "quant.model",
-    "run_batch": "quant.model",
-    "ActThreshold": "quant.sparsity",
-    "SparsityReport": "quant.sparsity",
-    "activation_sparsity": "quant.sparsity",
-    "apply_sparsity": "quant.sparsity",
-    "prunable_modules": "quant.sparsity",
-    "salience_scores": "quant.sparsity",
-}
+def _exports() -> dict[str, str]:
+    """Public name -> the module defining it, read from the ``TYPE_CHECKING`` imports above
+    (the one list of the public names: type checkers read it there, ``__getattr__`` here)."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    return {a.asname or a.name: str(n.module) for n in block.body if isinstance(n, ast.ImportFrom)
+            for a in n.names}
 
-__all__ = [
-    "FAMILIES",
-    "SALIENCES",
-    "ActThreshold",
-    "BlockFormat",
-    "FinetuneConfig",
-    "FloatFormat",
-    "Format",
-    "IntFormat",
-    "KVQuant",
-    "LQERCache",
-    "LogFormat",
-    "MinifloatFormat",
-    "QConv2d",
-    "QLinear",
-    "QMatmul",
-    "QuantConfig",
-    "QuantReport",
-    "SparsityConfig",
-    "SparsityReport",
-    "activation_sparsity",
-    "apply_sparsity",
-    "calibrate_input_scales",
-    "finetune",
-    "get_format",
-    "kv_attention",
-    "kv_recent_mask",
-    "lqer_factors",
-    "multiplier_cost",
-    "prunable_modules",
-    "quantize_model",
-    "run_batch",
-    "salience_scores",
-]
+
+#: public name -> the module defining it
+_MODULES = _exports()
+
+__all__ = sorted(_MODULES)
 
 
 def __getattr__(name: str) -> Any:

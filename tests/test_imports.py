@@ -65,6 +65,23 @@ def test_import_direction(package: str) -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_quant_public_names() -> None:
+    """``quant``'s public names (its TYPE_CHECKING imports, read once) resolve lazily to the
+    objects of the modules named there, and importing a submodule named like one of them
+    (``quant.finetune``) does not replace the name."""
+    import importlib
+
+    import quant
+
+    assert {"QuantConfig", "as_format", "get_format", "finetune", "FAMILIES"} <= set(quant.__all__)
+    for name in quant.__all__:
+        module = importlib.import_module(quant._MODULES[name])
+        assert getattr(quant, name) is getattr(module, name), name
+    importlib.import_module("quant.finetune")
+    assert callable(quant.finetune)
+    assert set(quant.__all__) <= set(dir(quant))
+
+
 CHEAP_PATH = """
 import json, sys
 from pathlib import Path
