@@ -574,11 +574,18 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+#: what to do about a cluster that refuses this process's token (Ray's token authentication)
+TOKEN_HINT = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints "
+              "it; clusters/README.md)")
+
+
 def _check_answers(address: str, timeout_s: float = 10.0) -> None:
-    """Raise :class:`DriverError` when nothing accepts a connection at ``address``.
+    """Raise :class:`DriverError` when nothing accepts a connection at ``address``, or the
+    GCS there refuses this process's token.
 
     ``host:port`` (a GCS) or ``ray://host:port`` (a Ray Client server); ``auto`` and other
-    forms are left to Ray. Ray itself retries an unreachable GCS for ever, silently.
+    forms are left to Ray. Ray itself retries an unreachable GCS for ever, silently, and a
+    refused token for 20 s, with a warning a second (:func:`_check_token`).
     """
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
@@ -592,6 +599,34 @@ def _check_answers(address: str, timeout_s: float = 10.0) -> None:
             f"cannot join Ray at address {address!r}: nothing answers at {hostport} ({why}); "
             "is the head node up (`ray start --head`) and the port reachable?"
         ) from None
+    if not address.startswith("ray://"):
+        _check_token(address, timeout_s)
+
+
+def _check_token(address: str, timeout_s: float) -> None:
+    """Raise :class:`DriverError` when the GCS at ``address`` refuses the token this process
+    would send (Ray's own token loader: ``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ...): one gRPC
+    call, as Ray's Python clients make it. Anything else (no answer in time, TLS, a
+    token Ray cannot load) is left to ``ray.init``, which says what it is."""
+    import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import (
+        _get_authentication_metadata_tuple,
+    )
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    try:
+        metadata = _get_authentication_metadata_tuple()
+    except Exception:  # noqa: BLE001 - e.g. token mode without a token: ray.init says so
+        return
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                why = ((e.details() or "").strip().splitlines() or ["unauthenticated"])[0]
+                raise DriverError(f"cannot join Ray at address {address!r}: the cluster refuses this "
+                                  f"driver's token ({why}); {TOKEN_HINT}") from None
 
 
 def _is_cheap(e: EvaluatorSpec) -> bool:
@@ -1218,7 +1253,7 @@ class Driver:
             kwargs.update(address="local", num_cpus=cpus, object_store_memory=100 * 1024 * 1024)
         else:
             kwargs["address"] = self.address
-            with self._interruptible():  # a connection attempt (up to 10 s)
+            with self._interruptible():  # a connection attempt and a token check (10 s each at most)
                 _check_answers(self.address)
         from ray._private import worker
 
@@ -1250,9 +1285,7 @@ class Driver:
             elif self.address == "local":
                 hint = ""
             else:
-                hint = ("; a cluster with token authentication refuses a client without its token: "
-                        "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head "
-                        "prints it; clusters/README.md)")
+                hint = f"; a cluster with token authentication refuses a client without its token: {TOKEN_HINT}"
             raise DriverError(f"cannot start or join Ray at address {self.address!r}: {first}{hint}") from None
         self._ray_known = True
         return True

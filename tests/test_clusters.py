@@ -60,6 +60,32 @@ def test_unreachable_cluster_one_line_and_nothing_created(
     assert not (tmp_path / "studies").exists()
 
 
+def test_a_refused_token_is_one_line_at_once(ray_session: Any, tmp_path: Path) -> None:
+    """A cluster with token authentication (the session's, as every new local cluster) and
+    a driver with another token: one line naming the refusal, nothing created on disk (Ray
+    retried for 20 s, printing a warning a second, then said only that it could not
+    connect; measured on the netns head node, clusters/netns.py, too)."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    if not is_token_auth_enabled():
+        pytest.skip("the session's Ray cluster runs without token authentication (RAY_AUTH_MODE)")
+    spec = tmp_path / "tok.toml"
+    spec.write_text(study_spec("tok", n_trials=3, tracking={"enabled": False}))
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}
+    done = subprocess.run([sys.executable, "-m", "dse.cli", "run", str(spec), "--dir",
+                           str(tmp_path / "studies"), "--address", address],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        f"dse run: cannot join Ray at address {address!r}: the cluster refuses this driver's "
+        "token (InvalidAuthToken: Authentication token is missing or incorrect); set "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it; "
+        "clusters/README.md)"
+    ]
+    assert not (tmp_path / "studies").exists()
+
+
 def test_ray_initialised_in_the_process_is_used_and_said_once(
     ray_session: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
