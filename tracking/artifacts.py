@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,10 +231,20 @@ _STYLE: dict[str, dict[str, Any]] = {
 _LABEL = {"pareto": "Pareto front", "dominated": "dominated", "infeasible": "infeasible"}
 
 
-def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[Any, dict[str, str]]:
+#: figure margins in inches (a fixed layout: MLflow's constrained layout was half the cost
+#: of a plot): left of a panel its y tick labels and label, below it its x tick labels
+#: and label, above the panels the title, below them the legend
+_MARGIN_IN = {"left": 0.95, "right": 0.25, "top": 0.45, "bottom": 0.95, "wspace": 1.05, "hspace": 0.8}
+_TIP = re.compile(r'<a xlink:href="#(dse-(?:pt|base)-\d+-\d+)" target="_blank">(.*?)</a>', re.DOTALL)
+
+
+def _figure(pts: _Points, info: StudyInfo) -> tuple[Any, dict[str, str]]:
     """The Pareto views of a study: one panel per pair of objectives (the trial number
-    against the objective for a single one). Returns the figure and, when ``tooltips``,
-    a map from the SVG group id of each front/baseline point to its hover text."""
+    against the objective for a single one), one figure for both the PNG and the SVG of
+    the HTML page. Returns the figure and a map from the id of each front point and
+    baseline to its hover text: each such point carries ``#<id>`` as its URL, which only
+    the SVG writes (as a link around the point, :func:`_svg_with_tips` turns it into a
+    group with a title); in the SVG, dominated and infeasible points are one image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +259,14 @@ def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[A
         pairs = [(i, j) for i in range(shown) for j in range(i + 1, shown)]
     ncols = min(3, len(pairs))
     nrows = math.ceil(len(pairs) / ncols)
-    fig = Figure(figsize=(max(6.0, 4.6 * ncols), 4.0 * nrows + 0.7), dpi=100, layout="constrained")
+    width_in, height_in = max(6.0, 4.6 * ncols), 4.0 * nrows + 0.7
+    m = _MARGIN_IN
+    panel_w = (width_in - m["left"] - m["right"] - (ncols - 1) * m["wspace"]) / ncols
+    panel_h = (height_in - m["top"] - m["bottom"] - (nrows - 1) * m["hspace"]) / nrows
+    fig = Figure(figsize=(width_in, height_in), dpi=100)
+    fig.subplots_adjust(left=m["left"] / width_in, right=1 - m["right"] / width_in,
+                        bottom=m["bottom"] / height_in, top=1 - m["top"] / height_in,
+                        wspace=m["wspace"] / panel_w, hspace=m["hspace"] / panel_h)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(pairs):]:
         ax.set_visible(False)
@@ -256,12 +274,19 @@ def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[A
     kinds = np.array(pts.kind, dtype=object)
     log_axis = [_log_scale(pts.values[:, k]) for k in range(n_obj)]
     sign = [1.0 if d == "minimize" else -1.0 for d in pts.directions]
+    bases = np.flatnonzero(pts.baseline)
 
     def tip(r: int) -> str:
         vals = ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(pts.names, pts.values[r], strict=True))
         prm = ", ".join(f"{k} = {_fmt(v)}" for k, v in pts.params[r].items())
         base = " (baseline)" if pts.baseline[r] else ""
         return f"trial {pts.number[r]}{base}: {vals}; {prm}"
+
+    def with_tips(prefix: str, rows: np.ndarray) -> list[str]:
+        ids = [f"{prefix}-{pts.number[r]}" for r in rows]
+        for gid, r in zip(ids, rows, strict=True):
+            tips[gid] = tip(r)
+        return [f"#{gid}" for gid in ids]
 
     for p, (i, j) in enumerate(pairs):
         ax = axes[p]
@@ -271,15 +296,11 @@ def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[A
             sel = kinds == kind
             if not sel.any():
                 continue
-            style = dict(_STYLE[kind])
-            label = f"{_LABEL[kind]} ({int(sel.sum())})"
-            if tooltips and kind == "pareto" and sel.sum() <= MAX_TOOLTIPS:
-                for k, r in enumerate(np.flatnonzero(sel)):
-                    gid = f"dse-pt-{p}-{pts.number[r]}"
-                    ax.scatter([x[r]], [y[r]], gid=gid, label=label if k == 0 else None, **style)
-                    tips[gid] = tip(r)
-            else:
-                ax.scatter(x[sel], y[sel], label=label, rasterized=tooltips, **style)  # SVG: an image
+            hover = kind == "pareto" and sel.sum() <= MAX_TOOLTIPS
+            coll = ax.scatter(x[sel], y[sel], label=f"{_LABEL[kind]} ({int(sel.sum())})", rasterized=not hover,
+                              **_STYLE[kind])  # SVG: an image, or a point each with its hover text
+            if hover:
+                coll.set_urls(with_tips(f"dse-pt-{p}", np.flatnonzero(sel)))
         if i >= 0 and n_obj == 2:
             feas = kinds != "infeasible"
             if feas.any():
@@ -289,13 +310,10 @@ def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[A
             best = np.minimum.accumulate(sign[j] * np.where(kinds != "infeasible", y, np.inf)) * sign[j]
             ok = np.isfinite(best)
             ax.plot(x[ok], best[ok], drawstyle="steps-post", color="tab:red", lw=0.8, label="best so far")
-        for r in np.flatnonzero(pts.baseline):
-            gid = f"dse-base-{p}-{pts.number[r]}"
-            ax.scatter([x[r]], [y[r]], marker="*", s=180, c="gold", edgecolors="black", linewidths=0.8,
-                       zorder=4, label="baseline" if r == np.flatnonzero(pts.baseline)[0] else None,
-                       gid=gid if tooltips else None)
-            if tooltips:
-                tips[gid] = tip(r)
+        if len(bases):
+            coll = ax.scatter(x[bases], y[bases], marker="*", s=180, c="gold", edgecolors="black", linewidths=0.8,
+                              zorder=4, label="baseline")
+            coll.set_urls(with_tips(f"dse-base-{p}", bases))
         ax.set_xlabel("trial" if i < 0 else axis_label(pts.names[i], pts.directions[i], "x"))
         ax.set_ylabel(axis_label(pts.names[j], pts.directions[j], "y"))
         for axis, k in ((ax.xaxis, i), (ax.yaxis, j)):
@@ -309,14 +327,35 @@ def _figure(pts: _Points, info: StudyInfo, *, tooltips: bool = False) -> tuple[A
         ax.grid(True, lw=0.4, alpha=0.4)
     n_front = int((kinds == "pareto").sum())
     fig.suptitle(f"{info.name}: {len(pts.number)} complete trials, {n_front} on the Pareto front"
-                 + (f" (first 5 of {n_obj} objectives)" if n_obj > 5 else ""), fontsize=11)
+                 + (f" (first 5 of {n_obj} objectives)" if n_obj > 5 else ""), fontsize=11,
+                 y=1 - 0.12 / height_in, va="top")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(5 if ncols > 1 else 3, len(handles)), fontsize=8,
-                   frameon=False)
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height_in),
+                   ncols=min(5 if ncols > 1 else 3, len(handles)), fontsize=8, frameon=False)
     if not len(pts.number):
         axes[0].text(0.5, 0.5, "no complete trials yet", ha="center", va="center", transform=axes[0].transAxes)
     return fig, tips
+
+
+def _save_png(fig: Any, out: Path) -> Path:
+    fig.savefig(out, format="png", dpi=100, metadata={"Software": None})
+    return out
+
+
+def _svg_with_tips(fig: Any, tips: dict[str, str]) -> str:
+    """The figure as inline SVG (the ``<svg>`` element), each point with a hover text
+    (its ``<a xlink:href="#id">`` from :func:`_figure`) a ``<g id="id">`` with a title."""
+    import html
+
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dse"}):
+        fig.savefig(buf, format="svg", dpi=72, metadata={"Date": None, "Creator": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    return _TIP.sub(lambda mt: f'<g id="{mt[1]}"><title>{html.escape(tips[mt[1]])}</title>{mt[2]}</g>', svg)
 
 
 def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
@@ -324,9 +363,7 @@ def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     arrowed on each axis, units from the metric names, the front in red, dominated points
     faded, infeasible ones grey, baselines as stars, log axes where values span 100x."""
     fig, _ = _figure(_points(table, info), info)
-    out = Path(out)
-    fig.savefig(out, format="png", dpi=100, metadata={"Software": None})
-    return out
+    return _save_png(fig, Path(out))
 
 
 def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
@@ -334,19 +371,15 @@ def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
     renders offline and in MLflow's sandboxed artifact preview): the panels as inline SVG
     (dominated and infeasible points rasterised), each front point and baseline with its
     trial, objectives and parameters as hover text, and the front as a table."""
+    pts = _points(table, info)
+    fig, tips = _figure(pts, info)
+    return _save_html(pts, info, _svg_with_tips(fig, tips), Path(out))
+
+
+def _save_html(pts: _Points, info: StudyInfo, svg: str, out: Path) -> Path:
+    """pareto.html: the description, the SVG, the front (and baselines) as a table."""
     import html
 
-    import matplotlib
-
-    pts = _points(table, info)
-    fig, tips = _figure(pts, info, tooltips=True)
-    buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dse"}):
-        fig.savefig(buf, format="svg", dpi=72, metadata={"Date": None, "Creator": None})
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]
-    for gid, text in tips.items():
-        svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{html.escape(text)}</title>', 1)
     front = [r for r in range(len(pts.number)) if pts.kind[r] == "pareto" or pts.baseline[r]]
     front.sort(key=lambda r: tuple(s * v for s, v in zip(
         [1.0 if d == "minimize" else -1.0 for d in pts.directions], pts.values[r], strict=True)))
@@ -402,7 +435,10 @@ def write_artifacts(
         write_table(table, out_dir / "trials.parquet"),
         write_table(table.filter(table.column("pareto")), out_dir / "pareto.parquet"),
     ]
-    for name, draw in zip(PLOTS, (plot_png, plot_html), strict=True):
-        path = out_dir / name
-        paths.append(draw(table, info, path) if plots or not path.exists() else path)
-    return paths
+    png, page = (out_dir / name for name in PLOTS)
+    if plots or not png.exists() or not page.exists():  # one figure for both (as plot_png and plot_html draw it)
+        pts = _points(table, info)
+        fig, tips = _figure(pts, info)
+        _save_png(fig, png)
+        _save_html(pts, info, _svg_with_tips(fig, tips), page)
+    return [*paths, png, page]
