@@ -210,6 +210,18 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _decade(v: float, _pos: Any = None) -> str:
+    """A log axis's tick label: ``10⁻²`` at a power of ten (unicode superscripts, which
+    need no mathtext parsing, a third of a plot's time), ``""`` elsewhere."""
+    if v <= 0 or not math.isfinite(v):
+        return ""
+    e = round(math.log10(v))
+    return f"10{str(e).translate(_SUPERSCRIPT)}" if math.isclose(v, 10.0**e, rel_tol=1e-9) else ""
+
+
 def _front_steps(x: np.ndarray, y: np.ndarray, sx: float, sy: float) -> tuple[np.ndarray, np.ndarray]:
     """The 2-D non-dominated points of (x, y) sorted along x (signs ``sx``, ``sy``: +1
     minimise, -1 maximise), for a step line."""
@@ -249,7 +261,13 @@ def _figure(pts: _Points, info: StudyInfo) -> tuple[Any, dict[str, str]]:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import (
+        FuncFormatter,
+        LogLocator,
+        MaxNLocator,
+        NullFormatter,
+        ScalarFormatter,
+    )
 
     n_obj = len(pts.names)
     if n_obj == 1:
@@ -319,6 +337,9 @@ def _figure(pts: _Points, info: StudyInfo) -> tuple[Any, dict[str, str]]:
         for axis, k in ((ax.xaxis, i), (ax.yaxis, j)):
             if k >= 0 and log_axis[k]:
                 (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+                axis.set_major_formatter(FuncFormatter(_decade))  # plain text: no mathtext to parse
+                axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # fewer ticks to build and draw
+                axis.set_minor_formatter(NullFormatter())
             else:
                 axis.set_major_locator(MaxNLocator(nbins=5))
                 fmt = ScalarFormatter(useOffset=False)  # 12.002, not "+1.2e1" and 0.002
