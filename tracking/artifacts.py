@@ -20,7 +20,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,12 @@ def _column(name: str, values: list[Any]) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
-def trials_table(trials: Sequence[FrozenTrial], info: StudyInfo) -> pa.Table:
-    """One row per trial (every state), columns as in the module docstring."""
-    front = {t.number for t in info.front(trials)}
+def trials_table(
+    trials: Sequence[FrozenTrial], info: StudyInfo, front: Collection[int] | None = None
+) -> pa.Table:
+    """One row per trial (every state), columns as in the module docstring. ``front``: the
+    numbers of ``info.front(trials)`` when the caller has them already."""
+    front = {t.number for t in info.front(trials)} if front is None else set(front)
     param_names = info.param_names
     metric_names: list[str] = []
     con_keys = list(info.constraint_keys)
@@ -445,13 +448,14 @@ PLOTS = ("pareto.png", "pareto.html")
 
 
 def write_artifacts(
-    trials: Sequence[FrozenTrial], info: StudyInfo, out_dir: str | Path, *, plots: bool = True
+    trials: Sequence[FrozenTrial], info: StudyInfo, out_dir: str | Path, *, plots: bool = True,
+    front: Collection[int] | None = None,
 ) -> list[Path]:
     """Write trials.parquet, pareto.parquet and (``plots``, or when missing) pareto.png and
-    pareto.html into ``out_dir``; returns the four paths."""
+    pareto.html into ``out_dir``; returns the four paths. ``front``: as for :func:`trials_table`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = trials_table(trials, info)
+    table = trials_table(trials, info, front)
     paths = [
         write_table(table, out_dir / "trials.parquet"),
         write_table(table.filter(table.column("pareto")), out_dir / "pareto.parquet"),

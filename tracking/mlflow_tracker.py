@@ -34,7 +34,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,12 +112,15 @@ def parent_params(info: StudyInfo) -> dict[str, str]:
     return out
 
 
-def summary_metrics(trials: Sequence[FrozenTrial], info: StudyInfo) -> dict[str, float]:
+def summary_metrics(
+    trials: Sequence[FrozenTrial], info: StudyInfo, front: Collection[int] | None = None
+) -> dict[str, float]:
     """The parent run's summary: ``pareto_size``, ``n_complete``, ``n_failed`` and
-    ``best.<metric>`` (the best feasible value of each objective, in its direction)."""
+    ``best.<metric>`` (the best feasible value of each objective, in its direction).
+    ``front``: the numbers of ``info.front(trials)`` when the caller has them already."""
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
     out = {
-        "pareto_size": float(len(info.front(trials))),
+        "pareto_size": float(len(info.front(trials) if front is None else front)),
         "n_complete": float(len(done)),
         "n_failed": float(sum(t.state == TrialState.FAIL for t in trials)),
     }
@@ -530,7 +533,9 @@ class MlflowLink:
                 self.parent_id, metrics=[Metric("hypervolume", v, ts, step) for step, v, ts in points[k : k + 1000]]
             )
 
-    def log_artifacts(self, trials: Sequence[FrozenTrial], plots: bool = True) -> None:
+    def log_artifacts(
+        self, trials: Sequence[FrozenTrial], plots: bool = True, front: Collection[int] | None = None
+    ) -> None:
         """Write the tables (and, with ``plots``, the plots) to ``<sdir>/artifacts`` and log
         those whose bytes changed since this link last logged them on the parent run, with
         the summary metrics (:func:`summary_metrics`) and the front as an MLflow table
@@ -539,7 +544,9 @@ class MlflowLink:
         import pyarrow.parquet as pq
         from mlflow.entities import Metric
 
-        paths = write_artifacts(trials, self.info, self.sdir / "artifacts", plots=plots)
+        if front is None:
+            front = [t.number for t in self.info.front(trials)]
+        paths = write_artifacts(trials, self.info, self.sdir / "artifacts", plots=plots, front=front)
         for p in paths:
             self._log_file(p)
         front = pq.read_table(self.sdir / "artifacts" / "pareto.parquet")
@@ -547,7 +554,7 @@ class MlflowLink:
         # MLflow's table view reads a column name with a dot as a nested path (blank cells)
         data = {c.replace(".", "/"): v for c, v in front.select(cols).to_pydict().items()}
         self._log_table(data, "pareto_front.json")
-        summary = summary_metrics(trials, self.info)
+        summary = summary_metrics(trials, self.info, front)
         step = int(summary["n_complete"])
         ts = int(time.time() * 1000)
         self.client.log_batch(
@@ -615,10 +622,12 @@ class Tracker:
         self._q: Any = self._ctx.Queue()
         self._status: Any = self._ctx.Queue()
         self._proc: Any = None
+        self._sent: set[int] = set()  # finished trials the logging process has (none is sent twice)
 
     def start(self, existing: Sequence[FrozenTrial]) -> None:
         """Start the logging process; ``existing`` finished trials are backfilled if not logged."""
         self._q.put(("init", list(existing)))
+        self._sent.update(t.number for t in existing if t.state.is_finished())
         self._proc = self._ctx.Process(
             target=_worker_main,
             args=(self.info, self.sdir, self._q, self._status, os.getpid()),
@@ -644,14 +653,17 @@ class Tracker:
         write for all of them."""
         if trials:
             self._q.put(("trials", list(trials)))
+            self._sent.update(t.number for t in trials if t.state.is_finished())
 
     def log_hypervolume(self, step: int, value: float) -> None:
         """Queue a hypervolume point for the parent run's history (step = COMPLETE count)."""
         self._q.put(("hv", (step, value, int(time.time() * 1000))))
 
     def finish(self, trials: Sequence[FrozenTrial], timeout_s: float = 300.0) -> None:
-        """Write final artifacts, close the parent run and wait for the process (bounded)."""
-        self._q.put(("finish", list(trials)))
+        """Write final artifacts, close the parent run and wait for the process (bounded).
+        ``trials``: every trial of the study; those the process has (finished ones it was
+        handed) are not sent again."""
+        self._q.put(("finish", [t for t in trials if t.number not in self._sent]))
         self._q.put(None)
         aborted = False
         proc = self._proc
@@ -800,16 +812,17 @@ class _TrackerWorker:
                     log.warning("driver gone; MLflow logging stops (`dse sync %s` backfills)", self.info.name)
                     return
                 continue
-            if item is not None and item[0] == "trials":  # let a batch gather: one transaction
-                time.sleep(max(0.0, self._batch_at + self.BATCH_S - time.monotonic()))
-            self._batch_at = time.monotonic()
             items = [item]
-            while item is not None:  # drain what is queued: one batch
+            # let a batch of trials gather (one transaction), but not once the search is over
+            gather_until = self._batch_at + self.BATCH_S if item is not None and item[0] == "trials" else 0.0
+            while items[-1] is not None:  # take what is queued: one batch
+                left = 0.0 if items[-1][0] == "finish" else gather_until - time.monotonic()
                 try:
-                    item = q.get_nowait()
-                    items.append(item)
+                    items.append(q.get(timeout=left) if left > 0 else q.get_nowait())
                 except queue.Empty:
-                    break
+                    if left <= 0:
+                        break
+            self._batch_at = time.monotonic()
             done = False
             batch: list[FrozenTrial] = []  # the trials of this batch: logged together
             for it in items:
@@ -880,11 +893,11 @@ class _TrackerWorker:
         t0 = time.monotonic()
         plots = final or front != self._plotted
         self._plotted = front
-        ok = self._link is not None and self._guard("logging artifacts", self._link.log_artifacts, trials, plots)
+        ok = self._link is not None and self._guard("logging artifacts", self._link.log_artifacts, trials, plots, front)
         self._artifacts_due = time.monotonic() + max(self.ARTIFACTS_EVERY_S, 10 * (time.monotonic() - t0))
         if not ok:
             try:
-                write_artifacts(trials, self.info, self.sdir / "artifacts", plots=plots)
+                write_artifacts(trials, self.info, self.sdir / "artifacts", plots=plots, front=front)
             except OSError as e:  # e.g. a full disk: the journal has everything
                 log.warning("artifacts not written to %s (%s); `dse sync %s` writes them later",
                             self.sdir / "artifacts", e.strerror or e, self.info.name)
