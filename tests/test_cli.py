@@ -22,7 +22,9 @@ from optuna.trial import TrialState
 from dse.cli import main
 from dse.driver import open_storage
 from dse.plugins.benchmarks import study_spec
+from dse.spec import load_spec, study_info
 from tests.kills import sigkill_when
+from tracking.artifacts import write_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +101,13 @@ def test_run_status_pareto_export(ray_session: Any, tmp_path: Path, capsys: pyte
     runs = child_runs(uri, "cli")
     assert sorted(int(r.data.tags["dse.trial_number"]) for r in runs) == list(range(12))
     parent = parent_run(uri, "cli")
+    # the logging process built them from the trials it was handed: byte for byte what
+    # `dse sync` rebuilds from the study's storage; the copies on the parent run are the same
+    trials = optuna.load_study(study_name="cli", storage=open_storage(None, sdir)).trials
+    rebuilt = write_artifacts(trials, study_info(load_spec(spec), sdir), tmp_path / "rebuilt")
+    uploaded = sdir / "mlartifacts" / parent.info.run_id / "artifacts"
+    for f in rebuilt:
+        assert (sdir / "artifacts" / f.name).read_bytes() == f.read_bytes() == (uploaded / f.name).read_bytes(), f.name
     # a complete study: says so, imports no Ray, leaves the parent run untouched
     code = f"import sys; from dse.cli import main; main({['run', str(spec), '--dir', str(root)]!r}); print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
