@@ -456,6 +456,29 @@ def test_mlflow_key_is_legal_and_distinct() -> None:
     assert keys == [mlflow_key(n) for n in names]  # deterministic
 
 
+def test_validate_skips_only_the_key_checks_of_keys_found_valid() -> None:
+    """The bulk writer's validation rejects what MLflow's log_batch rejects, also for a
+    run whose keys an earlier valid run had (only the per-key checks are skipped then)."""
+    from mlflow.exceptions import MlflowException
+
+    from tracking.mlflow_sql import FinishedRun, validate
+
+    def run(params: dict[str, str], metrics: dict[str, Any], tags: dict[str, str] | None = None) -> FinishedRun:
+        return FinishedRun("r", 0, 1, tags or {"t": "v"}, params, metrics)
+
+    seen: set[tuple[tuple[str, ...], ...]] = set()
+    validate(run({"p": "1"}, {"m": 0.5}), seen)
+    assert seen == {(("m",), ("p",), ("t",))}
+    validate(run({"p": "2"}, {"m": float("nan")}), seen)  # same keys: values checked only
+    bad = [run({"p": "1"}, {"m": "high"}), run({"p": "1"}, {"m": True}), run({"p*": "1"}, {"m": 0.5}),
+           run({"p": "1"}, {"m//": 0.5})]
+    for r in bad:
+        with pytest.raises(MlflowException) as e:
+            validate(r, seen)
+        assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert len(seen) == 1
+
+
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--tracking-uri > the spec's [tracking] uri > MLFLOW_TRACKING_URI > <study dir>/mlflow.db."""
     spec = parse_spec(SPEC, check_options=False)

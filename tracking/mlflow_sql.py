@@ -55,17 +55,37 @@ def bulk_store(client: Any) -> Any | None:
     return store
 
 
-def validate(run: FinishedRun) -> None:
+def validate(run: FinishedRun, valid_keys: set[tuple[tuple[str, ...], ...]] | None = None) -> None:
     """Raise MLflow's own ``MlflowException`` (``INVALID_PARAMETER_VALUE``) for a run the
-    public ``log_batch`` would reject (illegal key, too long a value, over the batch limits)."""
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.utils.validation import _validate_batch_log_data, _validate_batch_log_limits
+    public ``log_batch`` would reject (illegal key, too long a value, over the batch limits).
 
+    ``valid_keys``: the key sets (metric, param and tag keys) of runs already found valid,
+    kept by the caller. MLflow's checks of a run's keys and counts depend on the keys
+    alone, and its checks of the values are the few below; a run whose keys were already
+    found valid and whose values pass those is valid without MLflow's per-key checks (a
+    trial's child run has the keys of the trials before it: ~1 ms of CPU per run saved)."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.validation import (
+        MAX_PARAM_VAL_LENGTH,
+        MAX_TAG_VAL_LENGTH,
+        _is_numeric,
+        _validate_batch_log_data,
+        _validate_batch_log_limits,
+    )
+
+    keys = (tuple(run.metrics), tuple(run.params), tuple(run.tags))
+    if (valid_keys is not None and keys in valid_keys and run.end_ms >= 0
+            and all(_is_numeric(v) for v in run.metrics.values())
+            and all(len(v) <= MAX_PARAM_VAL_LENGTH for v in run.params.values())
+            and all(len(v) <= MAX_TAG_VAL_LENGTH for v in run.tags.values())):
+        return
     metrics = [Metric(k, v, run.end_ms, 0) for k, v in run.metrics.items()]
     params = [Param(k, v) for k, v in run.params.items()]
     tags = [RunTag(k, v) for k, v in run.tags.items()]
     _validate_batch_log_data(metrics, params, tags)
     _validate_batch_log_limits(metrics, params, tags)
+    if valid_keys is not None:
+        valid_keys.add(keys)
 
 
 def insert_finished_runs(store: Any, experiment_id: str, runs: Sequence[FinishedRun]) -> list[str]:
@@ -97,9 +117,9 @@ def insert_finished_runs(store: Any, experiment_id: str, runs: Sequence[Finished
     if not runs:
         return []
     run_rows: list[dict[str, Any]] = []
-    tag_rows: list[dict[str, Any]] = []
-    param_rows: list[dict[str, Any]] = []
-    metric_rows: list[dict[str, Any]] = []
+    tag_rows: list[tuple[Any, ...]] = []  # in the column order of _insert_rows
+    param_rows: list[tuple[Any, ...]] = []
+    metric_rows: list[tuple[Any, ...]] = []
     with store.ManagedSessionMaker(read_only=False) as session:
         exp = session.query(SqlExperiment).filter(SqlExperiment.experiment_id == int(experiment_id)).one()
         if exp.lifecycle_stage != LifecycleStage.ACTIVE:
@@ -121,15 +141,37 @@ def insert_finished_runs(store: Any, experiment_id: str, runs: Sequence[Finished
                 "experiment_id": exp.experiment_id,
             })
             tags = {**r.tags, MLFLOW_RUN_NAME: r.name}
-            tag_rows += [{"run_uuid": run_id, "key": k, "value": v} for k, v in tags.items()]
-            param_rows += [{"run_uuid": run_id, "key": k, "value": v} for k, v in r.params.items()]
+            tag_rows += [(k, v, run_id) for k, v in tags.items()]
+            param_rows += [(k, v, run_id) for k, v in r.params.items()]
             for k, v in r.metrics.items():
                 is_nan, value = store.sanitize_metric_value(float(v))
-                metric_rows.append({"run_uuid": run_id, "key": k, "value": value, "timestamp": r.end_ms,
-                                    "step": 0, "is_nan": is_nan})
+                metric_rows.append((k, value, r.end_ms, 0, is_nan, run_id))
         session.execute(insert(SqlRun.__table__), run_rows)
         for table, rows in ((SqlTag, tag_rows), (SqlParam, param_rows), (SqlMetric, metric_rows),
                             (SqlLatestMetric, metric_rows)):
             if rows:
-                session.execute(insert(table.__table__), rows)
+                _insert_rows(session, table.__table__, rows)
     return ids
+
+
+#: the columns of the rows :func:`insert_finished_runs` builds, per table
+_COLUMNS = {
+    "tags": ("key", "value", "run_uuid"), "params": ("key", "value", "run_uuid"),
+    "metrics": ("key", "value", "timestamp", "step", "is_nan", "run_uuid"),
+    "latest_metrics": ("key", "value", "timestamp", "step", "is_nan", "run_uuid"),
+}
+
+
+def _insert_rows(session: Any, table: Any, rows: list[tuple[Any, ...]]) -> None:
+    """One ``INSERT`` of ``rows`` (tuples in the order of :data:`_COLUMNS`, which must be
+    every column of ``table``) in the session's transaction, straight to the SQLite
+    driver's ``executemany``: SQLAlchemy's ``insert()`` rebuilt each row's parameters (a
+    third of the CPU of a batch of child runs with a dozen params and metrics each), for
+    values the driver stores as they are (str, int, float; a bool as 0/1, as SQLAlchemy's
+    Boolean does)."""
+    cols = _COLUMNS[table.name]
+    if sorted(cols) != sorted(c.name for c in table.columns):
+        raise ValueError(f"MLflow's table {table.name} has columns {[c.name for c in table.columns]}, not {cols}")
+    names = ", ".join(f'"{c}"' for c in cols)
+    session.connection().exec_driver_sql(
+        f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" * len(cols))})', rows)

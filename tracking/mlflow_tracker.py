@@ -25,6 +25,7 @@ trials.parquet, pareto.parquet, pareto.png, pareto.html).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +68,7 @@ class TrackingError(RuntimeError):
     """MLflow failed; the message names the step and the cause in one line."""
 
 
+@functools.lru_cache(maxsize=4096)  # the same names come with every trial
 def mlflow_key(name: str) -> str:
     """The MLflow key of a parameter or metric ``name``: the name itself when MLflow
     accepts it; otherwise each illegal character becomes ``_`` and 8 hex digits of the
@@ -312,6 +314,7 @@ class MlflowLink:
         self.parent_id = ""
         self.logged: set[int] = set()
         self._uploaded: dict[str, str] = {}  # artifact name -> SHA-256 of the bytes logged
+        self._valid_keys: set[tuple[tuple[str, ...], ...]] = set()  # of child runs (mlflow_sql.validate)
 
     def connect(self) -> None:
         """Find or create the experiment and the parent run; list the logged trials."""
@@ -461,7 +464,7 @@ class MlflowLink:
         ok: list[int] = []
         for n, run in todo.items():
             try:
-                validate(run)
+                validate(run, self._valid_keys)
                 ok.append(n)
             except MlflowException as e:  # what the public log_batch would raise for it
                 rejected.append((n, e))
