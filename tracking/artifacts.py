@@ -183,23 +183,29 @@ class _Points:
     number: np.ndarray  # trial numbers
     kind: list[str]  # "pareto" | "dominated" | "infeasible"
     baseline: np.ndarray  # bool
-    params: list[dict[str, Any]]
+    param_values: dict[str, list[Any]]  # parameter -> its value at each point (None: inactive)
+
+    def params(self, r: int) -> dict[str, Any]:
+        """The active parameters of point ``r``, in space order."""
+        return {k: v[r] for k, v in self.param_values.items() if v[r] is not None}
 
 
 def _points(table: pa.Table, info: StudyInfo) -> _Points:
     names = [o.metric for o in info.objectives]
-    rows = [r for r in table.to_pylist() if r["state"] == "COMPLETE"
-            and all(r[f"values.{n}"] is not None and math.isfinite(r[f"values.{n}"]) for n in names)]
-    kind = ["pareto" if r["pareto"] else ("dominated" if r["feasible"] else "infeasible") for r in rows]
+    cols = table.select(["number", "state", "feasible", "pareto", "baseline", *(f"values.{n}" for n in names)])
+    d = cols.to_pydict()
+    vals = [d[f"values.{n}"] for n in names]
+    keep = [i for i, state in enumerate(d["state"]) if state == "COMPLETE"
+            and all(v[i] is not None and math.isfinite(v[i]) for v in vals)]
     return _Points(
         names=names,
         directions=[o.direction for o in info.objectives],
-        values=np.array([[r[f"values.{n}"] for n in names] for r in rows], dtype=float).reshape(-1, len(names)),
-        number=np.array([r["number"] for r in rows], dtype=int),
-        kind=kind,
-        baseline=np.array([bool(r.get("baseline")) for r in rows], dtype=bool),
-        params=[{k.removeprefix("params."): v for k, v in r.items() if k.startswith("params.") and v is not None}
-                for r in rows],
+        values=np.array([[v[i] for v in vals] for i in keep], dtype=float).reshape(-1, len(names)),
+        number=np.array([d["number"][i] for i in keep], dtype=int),
+        kind=["pareto" if d["pareto"][i] else ("dominated" if d["feasible"][i] else "infeasible") for i in keep],
+        baseline=np.array([bool(d["baseline"][i]) for i in keep], dtype=bool),
+        param_values={c.removeprefix("params."): [col[i] for i in keep] for c, col in
+                      ((c, table.column(c).to_pylist()) for c in table.column_names if c.startswith("params."))},
     )
 
 
@@ -299,7 +305,7 @@ def _figure(pts: _Points, info: StudyInfo) -> tuple[Any, dict[str, str]]:
 
     def tip(r: int) -> str:
         vals = ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(pts.names, pts.values[r], strict=True))
-        prm = ", ".join(f"{k} = {_fmt(v)}" for k, v in pts.params[r].items())
+        prm = ", ".join(f"{k} = {_fmt(v)}" for k, v in pts.params(r).items())
         base = " (baseline)" if pts.baseline[r] else ""
         return f"trial {pts.number[r]}{base}: {vals}; {prm}"
 
@@ -407,7 +413,7 @@ def _save_html(pts: _Points, info: StudyInfo, svg: str, out: Path) -> Path:
     front = [r for r in range(len(pts.number)) if pts.kind[r] == "pareto" or pts.baseline[r]]
     front.sort(key=lambda r: tuple(s * v for s, v in zip(
         [1.0 if d == "minimize" else -1.0 for d in pts.directions], pts.values[r], strict=True)))
-    pnames = [n for n in info.param_names if any(n in pts.params[r] for r in front)]
+    pnames = [n for n in info.param_names if any(pts.param_values[n][r] is not None for r in front)]
     head = ["trial"] + [
         f"{n} ({metric_unit(n)}) {'↓' if d == 'minimize' else '↑'}" if metric_unit(n) else
         f"{n} {'↓' if d == 'minimize' else '↑'}" for n, d in zip(pts.names, pts.directions, strict=True)
@@ -415,7 +421,7 @@ def _save_html(pts: _Points, info: StudyInfo, svg: str, out: Path) -> Path:
     rows = []
     for r in front[:MAX_TABLE_ROWS]:
         cells = [f"{pts.number[r]}{' (baseline)' if pts.baseline[r] else ''}"]
-        cells += [_fmt(v) for v in pts.values[r]] + [_fmt(pts.params[r].get(k, "")) for k in pnames]
+        cells += [_fmt(v) for v in pts.values[r]] + [_fmt(pts.params(r).get(k, "")) for k in pnames]
         cls = ' class="base"' if pts.baseline[r] else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     more = (f"<p>{len(front) - MAX_TABLE_ROWS} more rows in pareto.parquet.</p>"
