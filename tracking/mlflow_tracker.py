@@ -669,11 +669,12 @@ class Tracker:
         self._q.put(("finish", [t for t in trials if t.number not in self._sent]))
         self._q.put(None)
         aborted = False
+        done = False  # the process sent its status: everything is logged and its store closed
         proc = self._proc
         if proc is not None:
             deadline = time.monotonic() + timeout_s
             told = False
-            while proc.is_alive() and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
                 if not told and time.monotonic() > deadline - timeout_s + DRAIN_NOTICE_S:
                     told = True
                     log.info("waiting for the MLflow logging to finish (Ctrl-C twice stops it; "
@@ -681,20 +682,22 @@ class Tracker:
                 if self.stop is not None and self.stop():
                     aborted = True
                     break
-                proc.join(0.1)
-            if proc.is_alive():
+                try:  # (not its exit: tearing down the process's memory is not worth waiting for)
+                    self.error = self._status.get(timeout=0.1)
+                    done = True
+                    break
+                except queue.Empty:
+                    if not proc.is_alive():
+                        break
+            if not done and proc.is_alive():
                 proc.kill()  # it ignores SIGINT/SIGTERM; a half-logged child run is redone later
                 proc.join(5)
                 self._q.cancel_join_thread()  # queued items die with it: no hang at exit
                 self.error = ("MLflow logging stopped before it was complete (interrupted)" if aborted
                               else f"MLflow logging did not finish in {timeout_s:.0f} s")
-        wait_s = 0.1 if self.error else 0.5
-        try:
-            while True:
-                self.error = self._status.get(timeout=wait_s) or self.error
-                wait_s = 0.01  # the one status is in; the process is gone
-        except queue.Empty:
-            pass
+        if not done:
+            with contextlib.suppress(queue.Empty):  # a status sent just before it died
+                self.error = self._status.get(timeout=0.1) or self.error
         if self._proc is not None and self._proc.exitcode not in (0, None) and self.error is None:
             self.error = f"MLflow logging process exited with code {self._proc.exitcode}"
         if self.error is not None and not aborted:  # (an abort: the driver said so already)
@@ -717,14 +720,17 @@ def _worker_main(info: StudyInfo, sdir: Path, q: Any, status: Any, parent_pid: i
     w = _TrackerWorker(info, sdir)
     try:
         w.loop(q, parent_pid)
+    except BaseException as e:
+        w.error = w.error or f"the MLflow logging process failed ({_why(e)})"
+        raise
     finally:
-        status.put(w.error)
+        if w._link is not None:
+            with contextlib.suppress(Exception):  # the data is committed; closing is tidiness
+                w._link.dispose()
+        status.put(w.error)  # the driver stops waiting here
     # Done: the interpreter's teardown of MLflow, SQLAlchemy, matplotlib and pandas took
     # ~2 s here, all of it in the driver's final wait; skip it once the store is closed,
     # the status sent and the logs flushed.
-    if w._link is not None:
-        with contextlib.suppress(Exception):  # the data is committed; closing is tidiness
-            w._link.dispose()
     status.close()
     status.join_thread()
     logging.shutdown()
