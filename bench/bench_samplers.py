@@ -33,14 +33,13 @@ run can be stopped and its results still tabulated::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +53,6 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution  # noqa: E402
-from optuna.samplers import BaseSampler  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from dse.pareto import hypervolume, nondominated_mask  # noqa: E402
 from dse.plugins.benchmarks import (  # noqa: E402
@@ -66,7 +62,7 @@ from dse.plugins.benchmarks import (  # noqa: E402
     zdt2_objectives,
     zdt3_objectives,
 )
-from dse.samplers import warmup_trials  # noqa: E402
+from dse.samplers import ParEGOSampler, Ranked, warmup_trials  # noqa: E402
 
 CHECKPOINTS = (50, 100, 200, 500, 1000)
 CURVE_EVERY = 10  # hypervolume recorded every this many trials
@@ -253,129 +249,6 @@ PROBLEMS = ("zdt1", "zdt2", "zdt3", "dtlz2", "plena", "dataflow")
 
 
 # ----------------------------------------------------------------------------- samplers
-def is_ordered(dist: BaseDistribution) -> bool:
-    """Whether ``dist`` is a categorical of numbers (no bools), at least three: an ordered
-    choice (foldings, array sizes, bandwidths) that :class:`Ranked` searches by rank."""
-    return (isinstance(dist, CategoricalDistribution) and len(dist.choices) >= 3
-            and all(isinstance(c, int | float) and not isinstance(c, bool) for c in dist.choices))
-
-
-def _ranked(dist: CategoricalDistribution) -> list[Any]:
-    return sorted(dist.choices)  # type: ignore[type-var]
-
-
-def _encode(dist: BaseDistribution) -> BaseDistribution:
-    """The distribution the wrapped sampler sees: the rank 0..k-1 of an ordered choice."""
-    return IntDistribution(0, len(dist.choices) - 1) if is_ordered(dist) else dist  # type: ignore[attr-defined]
-
-
-class _RankedView:
-    """A study as the wrapped sampler sees it: each ordered choice's value replaced by its
-    rank and its distribution by :func:`_encode`'s. Everything else is the study itself
-    (storage, directions, system attributes: what the sampler writes goes to the study)."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-        self._done: dict[int, FrozenTrial] = {}  # finished trials (immutable), by trial id
-        self.orig: dict[str, BaseDistribution] = {}  # ranked parameter -> its own distribution
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def rank(self, trial: FrozenTrial) -> FrozenTrial:
-        """``trial`` with ranks for ordered choices (itself when it has none)."""
-        hit = self._done.get(trial._trial_id)
-        if hit is not None:
-            return hit
-        enc = {n: _encode(d) for n, d in trial.distributions.items()}
-        out = trial
-        if any(enc[n] is not d for n, d in trial.distributions.items()):
-            out = copy.copy(trial)
-            out._params = {n: (_ranked(trial.distributions[n]).index(v)  # type: ignore[arg-type]
-                               if enc[n] is not trial.distributions[n] else v)
-                           for n, v in trial.params.items()}
-            out._distributions = enc
-            self.orig.update((n, d) for n, d in trial.distributions.items() if enc[n] is not d)
-        if trial.state.is_finished():
-            self._done[trial._trial_id] = out
-        return out
-
-    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
-                    use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [self.rank(t) for t in trials]
-
-    def get_trials(self, deepcopy: bool = True,
-                   states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self._get_trials()
-
-
-class Ranked(BaseSampler):
-    """An Optuna sampler that searches ordered choices by rank (the ``*-rank`` variants).
-
-    A ``choices`` parameter whose values are all numbers (at least three: foldings 1, 2,
-    4, 8; array sizes; bandwidths) is shown to the wrapped sampler as an integer 0..k-1,
-    its rank among the sorted choices. Model-based samplers then see that 4 lies between
-    2 and 8 (TPE's and GP's kernels, NSGA-II's numeric crossover) instead of k unrelated
-    labels; the rank of powers of two is their log2, so the steps are log-scale. The
-    study stores what Optuna would without the wrapper (the choice's value and its
-    categorical distribution). Measured, not adopted as dse's default: it costs
-    multivariate TPE 10 points on the PLENA space and gains nothing on the dataflow space
-    (docs/benchmarks.md "Samplers").
-
-    Args:
-        inner: the sampler that proposes (seeded by its owner).
-    """
-
-    def __init__(self, inner: BaseSampler) -> None:
-        self.inner = inner
-        self._view: _RankedView | None = None
-
-    def _ranked(self, study: optuna.Study) -> _RankedView:
-        if self._view is None or self._view._study is not study:
-            self._view = _RankedView(study)
-        return self._view
-
-    def infer_relative_search_space(self, study: optuna.Study,
-                                    trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        view = self._ranked(study)
-        space = self.inner.infer_relative_search_space(view, view.rank(trial))  # type: ignore[arg-type]
-        # Optuna checks each suggestion against this space: the study's own distributions
-        return {name: view.orig.get(name, dist) for name, dist in space.items()}
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        view = self._ranked(study)
-        enc = {n: _encode(d) for n, d in search_space.items()}
-        got = self.inner.sample_relative(view, view.rank(trial), enc)  # type: ignore[arg-type]
-        return {n: (_ranked(search_space[n])[int(v)]  # type: ignore[arg-type]
-                    if enc[n] is not search_space[n] else v) for n, v in got.items()}
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        view = self._ranked(study)
-        enc = _encode(param_distribution)
-        v = self.inner.sample_independent(view, view.rank(trial), param_name, enc)  # type: ignore[arg-type]
-        return _ranked(param_distribution)[int(v)] if enc is not param_distribution else v  # type: ignore[arg-type]
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        view = self._ranked(study)
-        self.inner.before_trial(view, view.rank(trial))  # type: ignore[arg-type]
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        view = self._ranked(study)
-        self.inner.after_trial(view, view.rank(trial), state, values)  # type: ignore[arg-type]
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
-
-
-
 #: name -> (factory(seed, n_params) -> sampler, trials run, trials pending while asking).
 #: ``*-2w`` keep one trial running while the next is asked (two workers, constant liar); GP
 #: and the 2w ones run fewer trials (GP costs ~0.3-1 s per trial by 60 trials on one core).
@@ -399,6 +272,8 @@ SAMPLERS: dict[str, tuple[Callable[[int, int], optuna.samplers.BaseSampler], int
     "tpe-mv-w-rank": (lambda s, d: Ranked(optuna.samplers.TPESampler(
         seed=s, multivariate=True, n_startup_trials=warmup_trials(d))), 200, 0),
     "nsga2-p20-rank": (lambda s, d: Ranked(optuna.samplers.NSGAIISampler(seed=s, population_size=20)), 200, 0),
+    "parego": (lambda s, d: ParEGOSampler(seed=s, n_startup_trials=warmup_trials(d)), 200, 0),
+    "parego-onehot": (lambda s, d: ParEGOSampler(seed=s, n_startup_trials=warmup_trials(d), ordinal=False), 200, 0),
 }
 
 

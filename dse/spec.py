@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from dse import registry
-from dse.samplers import NSGAIIISampler, NSGAIISampler, default_sampler
+from dse.samplers import NSGAIIISampler, NSGAIISampler, ParEGOSampler, default_sampler
 from dse.schema import EvaluatorSchema, first_line
 from dse.schema import Param as ParamDecl
 
@@ -39,6 +39,7 @@ SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
     "nsga3": NSGAIIISampler,
     "tpe": optuna.samplers.TPESampler,
     "gp": optuna.samplers.GPSampler,
+    "parego": ParEGOSampler,  # GP on random Chebyshev scalarisations (dse.samplers)
     "random": optuna.samplers.RandomSampler,
     "qmc": optuna.samplers.QMCSampler,
 }

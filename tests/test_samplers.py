@@ -15,8 +15,8 @@ from dse.driver import Driver
 from dse.plugins.benchmarks import study_spec
 from dse.samplers import (
     GP_MAX_TRIALS,
+    PAREGO_MAX_TRIALS,
     SAMPLER_ATTR,
-    TPE_MAX_TRIALS,
     default_sampler,
     describe,
     warmup_trials,
@@ -34,11 +34,13 @@ def test_default_sampler_choice() -> None:
         for n_obj in (1, 2, 3):  # conditional spaces: grouped multivariate TPE
             assert default_sampler(n_obj, n_trials, conditional=True) == ("tpe", grouped)
             assert default_sampler(n_obj, n_trials, continuous=True, conditional=True) == ("tpe", grouped)
-        for n_obj in (2, 3, 5):  # spaces with choices: TPE, NSGA-II for large budgets
+        parego = ("parego", {"n_startup_trials": 10})
+        for n_obj in (2, 3, 5):  # spaces with choices: ParEGO, NSGA-II for large budgets
             assert default_sampler(n_obj, n_trials) == (
-                ("tpe", mv) if n_trials <= TPE_MAX_TRIALS else ("nsga2", {"population_size": pop}))
-        # continuous: GP for 2 objectives on small budgets, else independent TPE
-        assert default_sampler(2, n_trials, continuous=True) == (("gp", {}) if small else ("tpe", {}))
+                parego if n_trials <= PAREGO_MAX_TRIALS else ("nsga2", {"population_size": pop}))
+        # continuous: GP then ParEGO for 2 objectives on small budgets, else independent TPE
+        assert default_sampler(2, n_trials, continuous=True) == (
+            ("gp", {}) if small else parego if n_trials <= PAREGO_MAX_TRIALS else ("tpe", {}))
         assert default_sampler(3, n_trials, continuous=True) == ("tpe", {})
         for n_obj in (1, 2, 3):
             for cont in (False, True):
@@ -48,10 +50,10 @@ def test_default_sampler_choice() -> None:
                      ((2, 0), "n_trials: expected an integer >= 1, got 0")]:
         with pytest.raises(ValueError, match=msg):
             default_sampler(*bad)
-    # the TPE warm-up on spaces with choices: 2 (d + 1) random trials, at least Optuna's 10
+    # ParEGO's warm-up: 2 (d + 1) random trials, at least Optuna's 10
     assert [warmup_trials(d) for d in (0, 4, 5, 8, 12)] == [10, 10, 12, 18, 26]
-    assert default_sampler(3, 200, n_params=12) == ("tpe", {**mv, "n_startup_trials": 26})
-    assert default_sampler(3, 200, n_params=4) == ("tpe", mv)
+    assert default_sampler(3, 200, n_params=12) == ("parego", {"n_startup_trials": 26})
+    assert default_sampler(2, 150, continuous=True, n_params=4) == ("parego", {"n_startup_trials": 10})
     assert default_sampler(3, 500, n_params=12) == ("nsga2", {"population_size": 10})
     assert default_sampler(3, 200, continuous=True, n_params=12) == ("tpe", {})
     assert describe("tpe", grouped) == "tpe (group=True, multivariate=True)"
@@ -60,13 +62,13 @@ def test_default_sampler_choice() -> None:
 
 def test_spec_without_sampler_gets_the_default() -> None:
     s = parse_spec(study_spec("s", n_trials=200, sampler=None))  # 2 objectives, 2 floats
-    assert s.sampler_auto and (s.sampler, s.sampler_options) == ("tpe", {})
+    assert s.sampler_auto and (s.sampler, s.sampler_options) == ("parego", {"n_startup_trials": 10})
     s.choose_sampler(60)  # the run's budget decides
     assert (s.sampler, s.sampler_options) == ("gp", {})
     cat = study_spec("c", n_trials=60, sampler=None).replace(
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
     assert (parse_spec(cat).sampler, parse_spec(cat).sampler_options) == (
-        "tpe", {"multivariate": True})  # a space with choices
+        "parego", {"n_startup_trials": 10})  # a space with choices
     cat_big = parse_spec(cat.replace("n_trials = 60", "n_trials = 1000"))
     assert (cat_big.sampler, cat_big.sampler_options) == ("nsga2", {"population_size": 20})
     named = parse_spec(study_spec("s", n_trials=200, sampler="nsga2",
@@ -77,10 +79,10 @@ def test_spec_without_sampler_gets_the_default() -> None:
     # options without a sampler: on top of the default, checked against it, kept as chosen
     given = parse_spec(study_spec("s", n_trials=200, sampler=None,
                                   sampler_options={"n_startup_trials": 5}))
-    assert given.sampler == "tpe" and given.sampler_options == {"n_startup_trials": 5}
+    assert given.sampler == "parego" and given.sampler_options == {"n_startup_trials": 5}
     given.choose_sampler(60)
-    assert given.sampler == "tpe" and given.sampler_options["n_startup_trials"] == 5
-    with pytest.raises(SpecError, match="study.sampler_options.nope: unknown option of the tpe sampler"):
+    assert given.sampler == "parego" and given.sampler_options["n_startup_trials"] == 5
+    with pytest.raises(SpecError, match="study.sampler_options.nope: unknown option of the parego sampler"):
         parse_spec(study_spec("s", n_trials=200, sampler=None, sampler_options={"nope": 1}))
 
 
@@ -94,12 +96,12 @@ def test_study_without_sampler_records_and_keeps_the_default(
         return made[-1]
 
     monkeypatch.setattr(Spec, "make_sampler", recording)
-    text = study_spec("auto", n_trials=12, sampler=None, n_vars=2, tracking={"enabled": False})
+    text = study_spec("auto", n_trials=10, sampler=None, n_vars=2, tracking={"enabled": False})
     text = text.replace("[ray]\n", '[ray]\naddress = "inline"\n', 1).replace(
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
     root = tmp_path / "studies"
     res = api.run(text, root=root, progress=False)
-    name, opts = "tpe", {"multivariate": True}  # a space with choices (GP is slow to start)
+    name, opts = "parego", {"n_startup_trials": 10}  # a space with choices (its 10 trials random)
     assert res.study.user_attrs[SAMPLER_ATTR] == {"name": name, "options": opts, "auto": True}
     assert res.spec.sampler == name and res.spec.sampler_options == opts
     # the record wins over a fresh choice: make it say "random", resume with more trials
@@ -118,7 +120,7 @@ def test_study_without_sampler_records_and_keeps_the_default(
     done = [t for t in loaded.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 20
     # a study that names its sampler uses and records it, whatever the record said
-    named = text.replace("n_trials = 12\n", 'n_trials = 12\nsampler = "nsga2"\n', 1)
+    named = text.replace("n_trials = 10\n", 'n_trials = 10\nsampler = "nsga2"\n', 1)
     driver = Driver(parse_spec(named), root, n_trials=24, progress=False, allow_spec_change=True)
     driver.run()
     assert isinstance(made[-1], optuna.samplers.NSGAIISampler)
@@ -134,7 +136,7 @@ def test_study_without_record_keeps_the_old_default(tmp_path: Path) -> None:
         '1 = { type = "float", low = 0.0, high = 1.0 }', "1 = { choices = [0.0, 0.5, 1.0] }")
     root = tmp_path / "studies"
     res = api.run(text, root=root, progress=False)
-    assert res.study.user_attrs[SAMPLER_ATTR]["name"] == "tpe"
+    assert res.study.user_attrs[SAMPLER_ATTR]["name"] == "parego"
     res.study.set_user_attr(SAMPLER_ATTR, None)  # as a study from before the record
     assert api.load("old", root).spec.sampler == "nsga2"
     res2 = api.run(text, root=root, n_trials=6, progress=False)
