@@ -66,7 +66,7 @@ def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path, capsys: pytest.Cap
     out = tmp_path / "studies"
     assert main(["run", str(bad), "--dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"{bad}: study.sampler: expected one of nsga2, nsga3, tpe, gp, random, qmc, got 'simplex'"]
+    assert err == [f"{bad}: study.sampler: expected one of nsga2, nsga3, tpe, gp, parego, random, qmc, got 'simplex'"]
     assert not out.exists()
     assert main(["validate", str(bad)]) == 2
     assert main(["run", str(tmp_path / "none.toml"), "--dir", str(out)]) == 2

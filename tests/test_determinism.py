@@ -40,7 +40,7 @@ registry.register("test_jittery", Jittery)
 
 def _spec(name: str, *, n_trials: int, sampler: str, workers: int, problem: str = "zdt1",
           seed: int = 3, options: dict[str, Any] | None = None) -> str:
-    opts = {"n_startup_trials": 4} if sampler == "tpe" else {"population_size": 4}
+    opts = {"n_startup_trials": 4} if sampler in ("tpe", "parego") else {"population_size": 4}
     return study_spec(name, n_trials=n_trials, sampler=sampler, seed=seed, workers=workers,
                       problem=problem, sampler_options=opts if sampler != "random" else None,
                       options=options, tracking={"enabled": False})
@@ -111,7 +111,7 @@ def test_throughput_mode_still_completes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "parego"])
 def test_sigkill_and_resume_give_the_uninterrupted_study(tmp_path: Path, sampler: str) -> None:
     """A driver SIGKILLed twice mid-run, then resumed: the same trials, numbers, parameters
     and values as a run never interrupted (the trials left RUNNING run again as themselves)."""

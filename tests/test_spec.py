@@ -36,7 +36,7 @@ CASES: list[tuple[str, str]] = [
     (spec(study='[study]\nname = 3\n'), "study.name: expected a string, got 3"),
     (spec(study='[study]\nname = "s"\nseed = -1\n'), "study.seed: expected an integer >= 0, got -1"),
     (spec(study='[study]\nname = "s"\nseed = 1.5\n'), "study.seed: expected an integer, got 1.5"),
-    (spec(study='[study]\nname = "s"\nsampler = "cmaes"\n'), "study.sampler: expected one of nsga2, nsga3, tpe, gp, random, qmc, got 'cmaes'"),
+    (spec(study='[study]\nname = "s"\nsampler = "cmaes"\n'), "study.sampler: expected one of nsga2, nsga3, tpe, gp, parego, random, qmc, got 'cmaes'"),
     (spec(study='[study]\nname = "s"\nn_trials = 0\n'), "study.n_trials: expected an integer >= 1, got 0"),
     (spec(study='[study]\nname = "s"\ntimeout_s = -5\n'), "study.timeout_s: expected a number > 0, got -5"),
     (spec(study='[study]\nname = "s"\nstorage = 5\n'), "study.storage: expected a string, got 5"),
