@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
@@ -154,13 +159,48 @@ def is_ordered(dist: BaseDistribution) -> bool:
             and all(isinstance(c, int | float) and not isinstance(c, bool) for c in dist.choices))
 
 
-def _sorted_choices(dist: BaseDistribution) -> list[Any]:
-    return sorted(dist.choices)  # type: ignore[attr-defined]
+#: a stepped int or float range with more values than this is shown to the wrapped sampler
+#: as a continuous range (Optuna's GP enumerates every value of a stepped range at each
+#: acquisition step: a 16 MiB-256 MiB SRAM size in bytes would be 2.5e8 values)
+MAX_GRID = 256
+
+
+def _grid_size(dist: BaseDistribution) -> int:
+    """Values of a stepped int/float range (0 for anything else)."""
+    if isinstance(dist, IntDistribution) or (isinstance(dist, FloatDistribution) and dist.step):
+        step = dist.step or 1  # a log int range has step 1
+        return int(round((dist.high - dist.low) / step)) + 1
+    return 0
 
 
 def _encode(dist: BaseDistribution) -> BaseDistribution:
-    """The distribution the wrapped sampler sees: the rank 0..k-1 of an ordered choice."""
-    return IntDistribution(0, len(dist.choices) - 1) if is_ordered(dist) else dist  # type: ignore[attr-defined]
+    """The distribution the wrapped sampler sees: the rank 0..k-1 of an ordered choice; a
+    continuous range for a stepped range of more than :data:`MAX_GRID` values; else ``dist``."""
+    if is_ordered(dist):
+        return IntDistribution(0, len(dist.choices) - 1)  # type: ignore[attr-defined]
+    if _grid_size(dist) > MAX_GRID:
+        return FloatDistribution(dist.low, dist.high, log=dist.log)  # type: ignore[attr-defined]
+    return dist
+
+
+def _to_view(dist: BaseDistribution, value: Any) -> Any:
+    """``value`` of ``dist`` as the wrapped sampler sees it (see :func:`_encode`)."""
+    if is_ordered(dist):
+        return sorted(dist.choices).index(value)  # type: ignore[attr-defined]
+    return float(value) if _grid_size(dist) > MAX_GRID else value
+
+
+def _from_view(dist: BaseDistribution, value: Any) -> Any:
+    """The value of ``dist`` that the wrapped sampler's ``value`` stands for: the choice of
+    that rank, or the range's nearest grid value."""
+    if is_ordered(dist):
+        return sorted(dist.choices)[int(value)]  # type: ignore[attr-defined]
+    if _grid_size(dist) > MAX_GRID:
+        step = dist.step or 1  # type: ignore[attr-defined]
+        k = min(max(round((float(value) - dist.low) / step), 0), _grid_size(dist) - 1)  # type: ignore[attr-defined]
+        v = dist.low + k * step  # type: ignore[attr-defined]
+        return int(v) if isinstance(dist, IntDistribution) else float(v)
+    return value
 
 
 class _StudyView:
@@ -192,7 +232,8 @@ class _StudyView:
 
 
 class _RankedView(_StudyView):
-    """Each ordered choice's value replaced by its rank, its distribution by :func:`_encode`'s."""
+    """Each ordered choice's value replaced by its rank (a wide stepped range's by a float),
+    its distribution by :func:`_encode`'s."""
 
     def __init__(self, study: optuna.Study) -> None:
         super().__init__(study)
@@ -208,8 +249,7 @@ class _RankedView(_StudyView):
         out = trial
         if any(enc[n] is not d for n, d in trial.distributions.items()):
             out = copy.copy(trial)
-            out._params = {n: (_sorted_choices(trial.distributions[n]).index(v)
-                               if enc[n] is not trial.distributions[n] else v)
+            out._params = {n: (_to_view(trial.distributions[n], v) if enc[n] is not trial.distributions[n] else v)
                            for n, v in trial.params.items()}
             out._distributions = enc
             self.orig.update((n, d) for n, d in trial.distributions.items() if enc[n] is not d)
@@ -255,7 +295,7 @@ class Ranked(BaseSampler):
         view = self._ranked(study)
         enc = {n: _encode(d) for n, d in search_space.items()}
         got = self.inner.sample_relative(view, view.show(trial), enc)  # type: ignore[arg-type]
-        return {n: (_sorted_choices(search_space[n])[int(v)] if enc[n] is not search_space[n] else v)
+        return {n: (_from_view(search_space[n], v) if enc[n] is not search_space[n] else v)
                 for n, v in got.items()}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
@@ -263,7 +303,7 @@ class Ranked(BaseSampler):
         view = self._ranked(study)
         enc = _encode(param_distribution)
         v = self.inner.sample_independent(view, view.show(trial), param_name, enc)  # type: ignore[arg-type]
-        return _sorted_choices(param_distribution)[int(v)] if enc is not param_distribution else v
+        return _from_view(param_distribution, v) if enc is not param_distribution else v
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         view = self._ranked(study)

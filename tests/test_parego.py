@@ -46,6 +46,7 @@ def _run(sampler: optuna.samplers.BaseSampler, n: int, *, pending: int = 0,
             t = study.ask()
             for name in "abc":
                 t.suggest_categorical(name, X)
+            t.suggest_int("sram_bytes", 1 << 24, 1 << 28, log=True)  # 2.5e8 values: a float to the GP
             if feasible_a_le is not None:
                 t.set_constraint("a_le", t.params["a"] - feasible_a_le)
             queue.append(t)
@@ -64,13 +65,16 @@ def _hv(study: optuna.Study) -> float:
 def test_parego_models_the_study() -> None:
     """Seeded runs repeat; after its random warm-up ParEGO finds more of the front than
     random search, with one trial pending at each ask too; the study stores the choices'
-    values (the ranks the GP sees stay inside the sampler); constraints steer it."""
+    values and whole numbers (the ranks and floats the GP sees stay inside the sampler);
+    constraints steer it."""
     a = _run(ParEGOSampler(seed=0, n_startup_trials=6), 20)
     b = _run(ParEGOSampler(seed=0, n_startup_trials=6), 20)
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
     rnd = _run(optuna.samplers.RandomSampler(seed=0), 20)
     assert [t.params for t in a.trials[:6]] != [t.params for t in rnd.trials[:8]]  # its own seed
     assert all(t.params[n] in X for t in a.trials for n in "abc")
+    assert all(type(t.params["sram_bytes"]) is int and (1 << 24) <= t.params["sram_bytes"] <= (1 << 28)
+               for t in a.trials)
     assert all(t.distributions["a"] == optuna.distributions.CategoricalDistribution(X) for t in a.trials)
     hv_rnd = _hv(rnd)
     assert _hv(a) > hv_rnd + 1.0, (_hv(a), hv_rnd)
