@@ -433,6 +433,8 @@ def bench_key(name: str, options: dict[str, Any]) -> str | None:
         return "tpe-mv-w"  # the warm-up is warmup_trials(n_params) for the problem's space
     if name == "nsga2" and set(opts) <= {"population_size"}:
         return f"nsga2-p{opts.get('population_size', 50)}"
+    if name == "parego" and set(opts) <= {"n_startup_trials"}:
+        return "parego"  # the warm-up is warmup_trials(n_params) for the problem's space
     return None
 
 
