@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from quant.config import SALIENCES, FinetuneConfig, QuantConfig, SparsityConfig
+    from quant.desc import multiplier_cost
     from quant.finetune import finetune
     from quant.formats import (
         FAMILIES,
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
         MinifloatFormat,
         as_format,
         get_format,
-        multiplier_cost,
     )
     from quant.lqer import LQERCache
     from quant.model import (

@@ -88,7 +88,8 @@ from pathlib import Path
 from dse.cli import main
 from dse.spec import load_spec
 import dse.plugins.plena, dse.plugins.benchmarks, simulators.baselines, quant.desc
-import dse.plugins.dataflow, quant.config
+import dse.plugins.dataflow, quant.config, quant
+assert quant.multiplier_cost("mxint4", "mxint8") > 0  # quant.desc's, torch-free
 spec = load_spec(Path(sys.argv[1]))        # validates every format name (quant.desc)
 rc = main(["run", sys.argv[1], "--dir", sys.argv[2], "--n-trials", "2", "--no-tracking",
            "--progress", "log"])
