@@ -11,7 +11,7 @@ The tables are built from Optuna's frozen trials (the source of truth). Columns:
   ``baseline`` (a spec ``enqueue`` point)
 * ``fail_reason``, ``info`` (the non-float evaluator outputs as JSON)
 
-Plots (:func:`plot_png`, :func:`plot_html`): a panel per pair of objectives.
+Plots (pareto.png, pareto.html, :func:`write_artifacts`): a panel per pair of objectives.
 """
 
 from __future__ import annotations
@@ -369,6 +369,9 @@ def _figure(pts: _Points, info: StudyInfo) -> tuple[Any, dict[str, str]]:
 
 
 def _save_png(fig: Any, out: Path) -> Path:
+    """pareto.png: the panels of :func:`_figure` (the better direction arrowed on each axis,
+    units from the metric names, the front in red, dominated points faded, infeasible ones
+    grey, baselines as stars, log axes where values span 100x), 100 dpi."""
     fig.savefig(out, format="png", dpi=100, metadata={"Software": None})
     return out
 
@@ -388,26 +391,12 @@ def _svg_with_tips(fig: Any, tips: dict[str, str]) -> str:
     return _TIP.sub(lambda mt: f'<g id="{mt[1]}"><title>{html.escape(tips[mt[1]])}</title>{mt[2]}</g>', svg)
 
 
-def plot_png(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
-    """Pareto views as one PNG: a panel per pair of objectives, the better direction
-    arrowed on each axis, units from the metric names, the front in red, dominated points
-    faded, infeasible ones grey, baselines as stars, log axes where values span 100x."""
-    fig, _ = _figure(_points(table, info), info)
-    return _save_png(fig, Path(out))
-
-
-def plot_html(table: pa.Table, info: StudyInfo, out: str | Path) -> Path:
-    """The Pareto views as a small self-contained page (no script, no external file: it
-    renders offline and in MLflow's sandboxed artifact preview): the panels as inline SVG
-    (dominated and infeasible points rasterised), each front point and baseline with its
-    trial, objectives and parameters as hover text, and the front as a table."""
-    pts = _points(table, info)
-    fig, tips = _figure(pts, info)
-    return _save_html(pts, info, _svg_with_tips(fig, tips), Path(out))
-
-
 def _save_html(pts: _Points, info: StudyInfo, svg: str, out: Path) -> Path:
-    """pareto.html: the description, the SVG, the front (and baselines) as a table."""
+    """pareto.html, a small self-contained page (no script, no external file: it renders
+    offline and in MLflow's sandboxed artifact preview): the study's description, the
+    panels as inline SVG (:func:`_svg_with_tips`: dominated and infeasible points as one
+    image, each front point and baseline with its trial, objectives and parameters as
+    hover text), and the front (and baselines) as a table."""
     import html
 
     front = [r for r in range(len(pts.number)) if pts.kind[r] == "pareto" or pts.baseline[r]]
