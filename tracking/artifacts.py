@@ -259,6 +259,22 @@ _MARGIN_IN = {"left": 0.95, "right": 0.25, "top": 0.45, "bottom": 0.95, "wspace"
 _TIP = re.compile(r'<a xlink:href="#(dse-(?:pt|base)-\d+-\d+)" target="_blank">(.*?)</a>', re.DOTALL)
 
 
+def preload() -> None:
+    """Import and warm up what the plots use (matplotlib, its Agg and SVG backends, the
+    font cache): ~0.3 s once per process. The logging process calls it while it has
+    nothing queued, so the first artifact step (often the final one, while the driver
+    waits) does not pay it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().scatter([0.0], [1.0])
+    for fmt in ("png", "svg"):
+        fig.savefig(io.BytesIO(), format=fmt, dpi=20)
+
+
 def _figure(pts: _Points, info: StudyInfo) -> tuple[Any, dict[str, str]]:
     """The Pareto views of a study: one panel per pair of objectives (the trial number
     against the objective for a single one), one figure for both the PNG and the SVG of

@@ -42,7 +42,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from tracking.artifacts import write_artifacts
+from tracking.artifacts import preload, write_artifacts
 from tracking.info import StudyInfo
 from tracking.mlflow_sql import FinishedRun, bulk_store, insert_finished_runs, validate
 
@@ -603,6 +603,15 @@ class MlflowLink:
             engine.dispose()
 
 
+def _empty(q: Any) -> bool:
+    """Whether nothing is queued on ``q`` (a multiprocessing queue: approximate, which is
+    enough to put off an artifact step)."""
+    try:
+        return bool(q.empty())
+    except (OSError, ValueError):  # closed
+        return True
+
+
 class Tracker:
     """Background MLflow logging for a running driver (see the module docstring).
 
@@ -751,6 +760,11 @@ class _TrackerWorker:
 
     BACKOFF_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
     ARTIFACTS_EVERY_S = 10.0  # shortest time between two artifact steps (the last one always runs)
+    #: while trials are still queued, an artifact step due waits until the queue is empty or
+    #: this long past its time: the child runs first (a step costs 0.2-0.5 s; trials queued
+    #: behind it are the end-of-run drain when the search ends). The first step is due
+    #: ARTIFACTS_EVERY_S after connecting (a short run has only the final one).
+    ARTIFACTS_LATE_S = 30.0
     BATCH_S = 0.2  # shortest time between two batches of trials (fewer, larger transactions)
 
     def __init__(self, info: StudyInfo, sdir: Path) -> None:
@@ -763,6 +777,7 @@ class _TrackerWorker:
         self._hv: list[tuple[int, float, int]] = []  # points not yet logged
         self._plotted: list[int] | None = None  # the front (trial numbers) last plotted
         self._artifacts_due = 0.0  # monotonic time from which the next artifact step may run
+        self._preloaded = False  # tracking.artifacts.preload done
         self._down: str | None = None  # why MLflow is down
         self._down_since = 0.0
         self._retry_at = 0.0
@@ -862,7 +877,12 @@ class _TrackerWorker:
                     self._final()
             self._log_trials(batch)
             self._flush_hv()
-            if self._since_artifacts >= self.info.artifact_every and time.monotonic() >= self._artifacts_due:
+            if not self._preloaded and self._link is not None and _empty(q):
+                self._preloaded = True  # caught up: warm the plots up for the artifact steps
+                preload()
+            now = time.monotonic()
+            if (self._since_artifacts >= self.info.artifact_every and now >= self._artifacts_due
+                    and (_empty(q) or now >= self._artifacts_due + self.ARTIFACTS_LATE_S)):
                 self._since_artifacts = 0
                 self._artifacts()
             if done:
@@ -873,6 +893,7 @@ class _TrackerWorker:
     def _connect(self) -> None:
         self._link = MlflowLink(self.info, self.sdir)
         self._link.connect()
+        self._artifacts_due = max(self._artifacts_due, time.monotonic() + self.ARTIFACTS_EVERY_S)
 
     def _log_trials(self, trials: Sequence[FrozenTrial], pareto: bool = False) -> None:
         """Child runs of ``trials`` (``child_runs = "all"``; ``pareto``: the final front for
