@@ -261,8 +261,8 @@ _TIP = re.compile(r'<a xlink:href="#(dse-(?:pt|base)-\d+-\d+)" target="_blank">(
 
 def preload() -> None:
     """Import and warm up what the plots use (matplotlib, its Agg and SVG backends, the
-    font cache): ~0.3 s once per process. The logging process calls it while it has
-    nothing queued, so the first artifact step (often the final one, while the driver
+    font cache): 0.6-0.75 s once per process. The logging process calls it once
+    connected, so the first artifact step (in a short run the final one, while the driver
     waits) does not pay it."""
     import matplotlib
 
