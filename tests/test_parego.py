@@ -67,10 +67,10 @@ def test_parego_models_the_study() -> None:
     random search, with one trial pending at each ask too; the study stores the choices'
     values and whole numbers (the ranks and floats the GP sees stay inside the sampler);
     constraints steer it."""
-    a = _run(ParEGOSampler(seed=0, n_startup_trials=6), 20)
-    b = _run(ParEGOSampler(seed=0, n_startup_trials=6), 20)
+    a = _run(ParEGOSampler(seed=0, n_startup_trials=6), 16)
+    b = _run(ParEGOSampler(seed=0, n_startup_trials=6), 16)
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
-    rnd = _run(optuna.samplers.RandomSampler(seed=0), 20)
+    rnd = _run(optuna.samplers.RandomSampler(seed=0), 16)
     assert [t.params for t in a.trials[:6]] != [t.params for t in rnd.trials[:8]]  # its own seed
     assert all(t.params[n] in X for t in a.trials for n in "abc")
     assert all(type(t.params["sram_bytes"]) is int and (1 << 24) <= t.params["sram_bytes"] <= (1 << 28)
@@ -78,9 +78,9 @@ def test_parego_models_the_study() -> None:
     assert all(t.distributions["a"] == optuna.distributions.CategoricalDistribution(X) for t in a.trials)
     hv_rnd = _hv(rnd)
     assert _hv(a) > hv_rnd + 1.0, (_hv(a), hv_rnd)
-    two = _run(ParEGOSampler(seed=0, n_startup_trials=6), 20, pending=1)
+    two = _run(ParEGOSampler(seed=0, n_startup_trials=6), 16, pending=1)
     assert _hv(two) > hv_rnd + 1.0, (_hv(two), hv_rnd)
     # constrained: a <= 0.3 feasible (4 of 11 values); after the warm-up most asks comply
-    con = _run(ParEGOSampler(seed=0, n_startup_trials=6), 20, feasible_a_le=0.3)
+    con = _run(ParEGOSampler(seed=0, n_startup_trials=6), 16, feasible_a_le=0.3)
     late = [t.params["a"] <= 0.3 for t in con.trials[6:]]
     assert sum(late) >= 0.8 * len(late), late
