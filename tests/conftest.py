@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell that starts a job in the background without job control (`.ci/run &` from a
+# script) starts it with SIGINT ignored, and every process below inherits that: the
+# Ctrl-C tests' presses would then be ignored until dse installs its own handler. The tests
+# press Ctrl-C as a terminal does to a foreground job, so the suite starts from Python's
+# default handler (a child process then starts with SIGINT at its default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 
