@@ -588,6 +588,11 @@ from tracking.mlflow_tracker import Tracker
 sdir = Path(sys.argv[2])
 tr = Tracker(study_info(parse_spec(Path(sys.argv[1]).read_text(), check_options=False), sdir), sdir)
 tr.start([])
+import time
+deadline = time.monotonic() + 30  # /proc/PID/environ is the exec's: wait for the spawn's exec
+while b"--multiprocessing-fork" not in Path(f"/proc/{tr._proc.pid}/cmdline").read_bytes():
+    assert time.monotonic() < deadline, "the logging process never started"
+    time.sleep(0.01)
 environ = Path(f"/proc/{tr._proc.pid}/environ").read_bytes().split(b"\\0")
 tr.finish([])
 print(json.dumps({"error": tr.error, "switches": sorted(e.decode() for e in environ
