@@ -340,13 +340,14 @@ def chebyshev(values: np.ndarray, weights: np.ndarray, rho: float = 0.05) -> np.
 
 class _ScalarView(_StudyView):
     """A multi-objective study shown as one minimised objective: every COMPLETE trial's
-    values replaced by their :func:`chebyshev` scalar for one weight vector."""
+    values replaced by their :func:`chebyshev` scalar for one weight vector (``done``: the
+    study's COMPLETE trials, as the caller read them)."""
 
-    def __init__(self, study: optuna.Study, weights: np.ndarray, rho: float) -> None:
+    def __init__(self, study: optuna.Study, done: Sequence[FrozenTrial], weights: np.ndarray,
+                 rho: float) -> None:
         super().__init__(study)
         self.directions = [StudyDirection.MINIMIZE]
         self.direction = StudyDirection.MINIMIZE
-        done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)
         self._scalar: dict[int, float] = {}
         if done:
             sign = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
@@ -386,7 +387,7 @@ class _ParEGO(BaseSampler):
             return {}
         k = len(study.directions)
         weights = self._rng.rng.dirichlet(np.ones(k)) if k > 1 else np.ones(1)
-        view = _ScalarView(study, weights, self.rho) if k > 1 else study
+        view = _ScalarView(study, done, weights, self.rho) if k > 1 else study
         from evaluators.base import torch_threads  # torch only once the GP is needed
 
         with torch_threads(1):  # the GP's torch: 1 thread measured faster on small CPUs
